@@ -1,0 +1,93 @@
+"""Every default of a training job. A job config ``configs/NAME.py`` updates these.
+
+Keys and meanings follow arcface_torch's ``configs/base.py``; the ``otface`` and ``sampler``
+sections and a few keys marked "ours" are this project's additions. Every key is validated at
+start-up (``otface.config``): a misspelt or unknown key fails naming the closest valid ones.
+"""
+
+from easydict import EasyDict as edict
+
+config = edict()
+
+# Margin-based softmax: logit of the target class = s * (cos(m1 * theta + m2) - m3).
+config.margin_list = (1.0, 0.5, 0.0)
+# ours: False keeps arcface_torch's straight-through gradient for the ArcFace angle margin;
+# True differentiates cos(theta + m) exactly.
+config.margin_exact_grad = False
+config.network = "r50"
+config.resume = False
+config.save_all_states = False
+config.output = None  # None: work_dirs/<config name>
+
+config.embedding_size = 512
+
+# Partial FC
+config.sample_rate = 1.0
+config.interclass_filtering_threshold = 0.0
+
+config.fp16 = False
+config.batch_size = 128
+
+# SGD (optimizer="sgd") or AdamW (optimizer="adamw": lr 0.001, weight_decay 0.1 upstream)
+config.optimizer = "sgd"
+config.lr = 0.1
+config.momentum = 0.9
+config.weight_decay = 5e-4
+
+config.verbose = 2000  # verification every N steps
+config.frequent = 10  # log line every N steps
+
+# Data
+config.rec = "synthetic"  # folder with train.rec/train.idx, image folder, "synthetic" or "demo"
+config.num_classes = 93431
+config.num_image = 5179510
+config.num_epoch = 20
+config.warmup_epoch = 0
+config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
+config.dali = False  # NVIDIA DALI is not supported here; keep False
+config.dali_aug = False
+
+config.gradient_acc = 1
+config.seed = 2048
+config.num_workers = 2
+
+# ours: also write checkpoint_gpu_{rank}.pt every N steps (0 = only at the end of each epoch),
+# so that a killed run resumes close to where it stopped.
+config.save_every_steps = 0
+
+# Loss: a name registered in otface.registry.LOSSES ("arcface" or "otface").
+config.loss = "arcface"
+
+# ours: batch composition. "pk": P identities x K images per rank (OTFace needs positives in
+# the batch); "uniform": arcface_torch's uniform shuffling.
+config.sampler = edict()
+config.sampler.type = "pk"
+config.sampler.k = 4
+
+# ours: the OTFace term (used when loss == "otface"). The paper does not state these values;
+# they are our defaults.
+config.otface = edict()
+config.otface.lambda_ot = 1.0  # weight of the OT term
+config.otface.warmup_steps = 0  # linear warm-up of lambda_ot from 0
+config.otface.mode = "spatial"  # "spatial": per-sample H*W feature vectors; "group": pooled
+config.otface.variant = "hinge"  # "hinge": relu(W(a,p) - W(a,n) + ot_margin); "pull": W(a,p)
+config.otface.ot_margin = 0.05
+config.otface.mining_margin = 0.0  # anchor is hard iff S(a,n) + mining_margin > S(a,p)
+config.otface.max_triplets = 0  # 0: no cap; else keep the largest violations
+config.otface.epsilon = 0.05  # entropic regularisation of Sinkhorn (cost in [0, 2])
+config.otface.max_iter = 50
+config.otface.tol = 1e-3  # stop when the marginal error falls below this
+config.otface.layer = "auto"  # feature map to hook: "auto" or a module name of the backbone
+config.otface.solver = "auto"  # "auto", "torch" or "pot"
+
+# Weights & Biases (arcface_torch keys, accepted so upstream configs load; logging to W&B is
+# not implemented here and using_wandb=True is refused).
+config.using_wandb = False
+config.wandb_key = "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"
+config.suffix_run_name = None
+config.wandb_entity = "entity"
+config.wandb_project = "project"
+config.wandb_log_all = True
+config.save_artifacts = False
+config.wandb_resume = False
+config.notes = ""
