@@ -1,0 +1,133 @@
+"""Log file, console and TensorBoard output of a training run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import torch
+
+__all__ = ["init_logging", "MetricMeter", "StepLogger"]
+
+_FORMAT = "Training: %(asctime)s-%(message)s"
+
+
+def init_logging(rank: int, output: str) -> logging.Logger:
+    """Rank 0 logs to ``output/training.log`` and stdout; other ranks log warnings only."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    if rank == 0:
+        root.setLevel(logging.INFO)
+        formatter = logging.Formatter(_FORMAT)
+        file_handler = logging.FileHandler(os.path.join(output, "training.log"))
+        stream_handler = logging.StreamHandler(sys.stdout)
+        for handler in (file_handler, stream_handler):
+            handler.setFormatter(formatter)
+            root.addHandler(handler)
+    else:
+        root.setLevel(logging.WARNING)
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    return root
+
+
+class MetricMeter:
+    """Running sums of scalar tensors, kept on their device until read (no per-step sync)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def update(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float()
+            prev = self._sums.get(name)
+            self._sums[name] = value if prev is None else prev + value
+        self._count += 1
+
+    def averages(self) -> dict[str, float]:
+        if self._count == 0:
+            return {}
+        return {name: float(total) / self._count for name, total in self._sums.items()}
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._count = 0
+
+
+class StepLogger:
+    """One log line and TensorBoard scalars every ``frequent`` steps (rank 0 only).
+
+    The line keeps arcface_torch's fields (speed, loss, learning rate, epoch, step, ETA), followed
+    by the criterion's other metrics.
+    """
+
+    def __init__(
+        self,
+        *,
+        frequent: int,
+        total_step: int,
+        batch_size: int,
+        world_size: int,
+        start_step: int = 0,
+        writer: object | None = None,
+    ) -> None:
+        self.frequent = frequent
+        self.total_step = total_step
+        self.samples_per_step = batch_size * world_size
+        self.start_step = start_step
+        self.writer = writer
+        self.meter = MetricMeter()
+        self._t_start = time.time()
+        self._tic: float | None = None
+
+    def __call__(
+        self,
+        global_step: int,
+        metrics: dict[str, torch.Tensor],
+        *,
+        epoch: int,
+        lr: float,
+        grad_scale: float | None = None,
+    ) -> str | None:
+        self.meter.update(metrics)
+        if global_step % self.frequent != 0:
+            return None
+        now = time.time()
+        if self._tic is None:  # the first window includes start-up: time from the next one
+            self._tic = now
+            self.meter.reset()
+            return None
+        speed = self.frequent * self.samples_per_step / max(now - self._tic, 1e-9)
+        done = max(global_step - self.start_step, 1)
+        eta_hours = (now - self._t_start) / done * (self.total_step - global_step) / 3600
+        avg = self.meter.averages()
+        loss = avg.pop("loss", float("nan"))
+        msg = (
+            f"Speed {speed:.2f} samples/sec   Loss {loss:.4f}   LearningRate {lr:.6f}   "
+            f"Epoch: {epoch}   Global Step: {global_step}   "
+        )
+        if grad_scale is not None:
+            msg += f"Fp16 Grad Scale: {grad_scale:.0f}   "
+        msg += f"Required: {eta_hours:.2f} hours"
+        if avg:
+            msg += "   " + "   ".join(f"{k} {_fmt(v)}" for k, v in avg.items())
+        logging.info(msg)
+        if self.writer is not None:
+            self.writer.add_scalar("time_for_end", eta_hours, global_step)
+            self.writer.add_scalar("learning_rate", lr, global_step)
+            self.writer.add_scalar("loss", loss, global_step)
+            for name, value in avg.items():
+                self.writer.add_scalar(name, value, global_step)
+        self.meter.reset()
+        self._tic = now
+        return msg
+
+
+def _fmt(value: float) -> str:
+    if value == int(value) and abs(value) < 1e6:
+        return f"{value:.0f}"
+    return f"{value:.4g}"

@@ -1,0 +1,16 @@
+"""Train a face-recognition model: ``python train.py configs/NAME`` or
+``torchrun --nproc_per_node=N train.py configs/NAME``."""
+
+import argparse
+import os
+import sys
+
+# Run from a checkout without `pip install -e .`: the package lives under plugin/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin"))
+
+from otface.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="arcface_torch-style training with OTFace")
+    parser.add_argument("config", help="config to train, e.g. configs/demo_otface")
+    sys.exit(main(parser.parse_args().config))
