@@ -227,8 +227,8 @@ def validate_config(cfg: dict, *, source: str = "config") -> None:
             raise ConfigError(f"{source}: key '{key}' is missing (is configs/base.py complete?)")
     if cfg["sampler"]["type"] == "pk" and cfg["batch_size"] % cfg["sampler"]["k"] != 0:
         raise ConfigError(
-            f"{source}: batch_size = {cfg['batch_size']} is not a multiple of sampler.k = "
-            f"{cfg['sampler']['k']} (a P x K batch holds P identities x K images)"
+            f"{source}: key 'batch_size' = {cfg['batch_size']} is not a multiple of key "
+            f"'sampler.k' = {cfg['sampler']['k']} (a P x K batch holds P identities x K images)"
         )
 
 

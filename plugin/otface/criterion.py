@@ -8,7 +8,7 @@ A criterion is an ``nn.Module`` built by a function registered in
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ class LossOutput(NamedTuple):
     """
 
     loss: torch.Tensor
-    metrics: Dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
 
 
 def build_margin_loss(cfg) -> nn.Module:

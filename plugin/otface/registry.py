@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable, Dict, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Callable, TypeVar
 
 __all__ = ["Registry", "LOSSES", "HOOKS"]
 
@@ -28,7 +29,7 @@ class Registry:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._builders: Dict[str, Callable] = {}
+        self._builders: dict[str, Callable] = {}
         self._builtins_loaded = False
 
     def register(self, name: str) -> Callable[[F], F]:

@@ -1,0 +1,117 @@
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from otface.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(
+    os.path.splitext(os.path.basename(p))[0]
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith("__init__.py")
+)
+
+
+def _job(tmp_path, body: str, name: str = "job") -> str:
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
+    (folder / f"{name}.py").write_text(
+        "from easydict import EasyDict as edict\nconfig = edict()\n" + body
+    )
+    return str(folder / name)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_validate(name):
+    cfg = load_config(os.path.join(ROOT, "configs", name))
+    assert cfg.output == os.path.join("work_dirs", name)
+
+
+def test_upstream_dataset_sizes():
+    ms1 = load_config(os.path.join(ROOT, "configs", "ms1mv3_r100_arcface"))
+    glint = load_config(os.path.join(ROOT, "configs", "glint360k_r100_arcface"))
+    assert (ms1.num_classes, ms1.num_image) == (93431, 5179510)
+    assert (glint.num_classes, glint.num_image) == (360232, 17091657)
+
+
+def test_job_overlays_base_and_merges_sections(tmp_path):
+    cfg = load_config(_job(tmp_path, "config.batch_size = 64\nconfig.otface = edict(lambda_ot=0.5)\n"))
+    assert cfg.batch_size == 64
+    assert cfg.otface.lambda_ot == 0.5
+    assert cfg.otface.epsilon == 0.05  # the rest of the section keeps its defaults
+    assert cfg.lr == 0.1
+    assert cfg.output == os.path.join("work_dirs", "job")
+
+
+@pytest.mark.parametrize(
+    "body, must_name",
+    [
+        ("config.lamda_ot = 1.0\n", ["'lamda_ot'", "otface.lambda_ot"]),
+        ("config.batchsize = 64\n", ["'batchsize'", "batch_size"]),
+        ("config.otface = edict(epsilom=0.1)\n", ["otface.epsilom", "otface.epsilon"]),
+    ],
+)
+def test_misspelt_key_names_closest(tmp_path, body, must_name):
+    with pytest.raises(ConfigError) as info:
+        load_config(_job(tmp_path, body))
+    for text in must_name:
+        assert text in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "body, key",
+    [
+        ("config.batch_size = '64'\n", "batch_size"),
+        ("config.batch_size = 0\n", "batch_size"),
+        ("config.fp16 = 1\n", "fp16"),
+        ("config.sample_rate = 1.5\n", "sample_rate"),
+        ("config.optimizer = 'adam'\n", "optimizer"),
+        ("config.margin_list = (1.0, 0.5)\n", "margin_list"),
+        ("config.otface = edict(mode='pixels')\n", "otface.mode"),
+        ("config.otface = edict(epsilon=float('nan'))\n", "otface.epsilon"),
+        ("config.sampler = edict(k=3)\n", "sampler.k"),
+        ("config.dali = True\n", "dali"),
+        ("config.otface = 3\n", "otface"),
+    ],
+)
+def test_bad_value_names_key(tmp_path, body, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(_job(tmp_path, body))
+    assert f"'{key}'" in str(info.value)
+
+
+def test_choice_error_lists_choices(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(_job(tmp_path, "config.optimizer = 'adam'\n"))
+    assert "'sgd'" in str(info.value) and "'adamw'" in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "configs" / "nope"))
+
+
+def test_broken_python_in_config_names_file(tmp_path):
+    path = _job(tmp_path, "config.lr = 0.1 +\n")
+    with pytest.raises(ConfigError, match="job.py"):
+        load_config(path)
+
+
+def test_train_py_misspelt_key_is_one_line(tmp_path):
+    path = _job(tmp_path, "config.lamda_ot = 1.0\n")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), path],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "lamda_ot" in lines[0] and "otface.lambda_ot" in lines[0]
