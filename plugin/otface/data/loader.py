@@ -1,0 +1,190 @@
+"""From a config's ``rec`` to a training DataLoader.
+
+``rec`` is ``"synthetic"``, ``"demo"`` (the embedded data set, generated on first use), a folder
+with ``train.rec`` / ``train.idx``, or an image folder with one sub-folder per identity.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from otface.data.datasets import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    RecDataset,
+    read_rec_labels,
+    scan_image_folder,
+)
+from otface.data.recordio import IndexedRecordReader
+from otface.data.sampler import PKBatchSampler, UniformBatchSampler
+from otface.data.synthetic import SyntheticDataset
+
+__all__ = [
+    "DatasetInfo",
+    "SAMPLER_TYPES",
+    "build_dataset",
+    "build_train_loader",
+    "check_dataset_config",
+    "dataset_info",
+    "prepare_rec",
+]
+
+SAMPLER_TYPES = ("pk", "uniform")
+
+
+class DatasetInfo(NamedTuple):
+    """Sizes of a training set: ``num_classes = max(label) + 1`` and the number of images."""
+
+    num_classes: int
+    num_image: int
+
+
+def _is_rec_folder(path: Path) -> bool:
+    return (path / "train.rec").is_file() or (path / "train.idx").is_file()
+
+
+def prepare_rec(rec: str | os.PathLike) -> str:
+    """Resolves ``config.rec`` to something :func:`build_train_loader` reads.
+
+    ``"synthetic"`` is returned as is; ``"demo"`` generates the embedded demo set on first use
+    and returns its folder; a folder must hold ``train.rec`` + ``train.idx`` or identity
+    sub-folders with images.
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds neither layout (the message names it).
+    """
+    if rec == "synthetic":
+        return "synthetic"
+    if rec == "demo":
+        from otface.data.demo import ensure_demo
+
+        return str(ensure_demo())
+    path = Path(rec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"config.rec={str(rec)!r}: no such folder (expected a folder with train.rec/train.idx, "
+            "an image folder with one sub-folder per identity, 'synthetic' or 'demo')"
+        )
+    if _is_rec_folder(path):
+        for name in ("train.rec", "train.idx"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"config.rec={str(rec)!r}: {path / name} is missing")
+        return str(path)
+    for sub in path.iterdir():
+        if sub.is_dir() and any(
+            f.suffix.lower() in IMAGE_EXTENSIONS for f in sub.iterdir() if f.is_file()
+        ):
+            return str(path)
+    raise FileNotFoundError(
+        f"config.rec={str(rec)!r}: {path} holds neither train.rec/train.idx nor identity "
+        f"sub-folders with images ({'/'.join(IMAGE_EXTENSIONS)})"
+    )
+
+
+def dataset_info(rec_path: str | os.PathLike) -> DatasetInfo | None:
+    """Counts identities and images of a prepared ``rec`` without decoding images.
+
+    Returns ``None`` for ``"synthetic"`` (its sizes come from the config).
+    """
+    if rec_path == "synthetic":
+        return None
+    path = Path(prepare_rec(rec_path))
+    if _is_rec_folder(path):
+        reader = IndexedRecordReader(path / "train.rec", path / "train.idx")
+        try:
+            labels = read_rec_labels(reader).labels
+        finally:
+            reader.close()
+    else:
+        labels = scan_image_folder(path)[1]
+    return DatasetInfo(int(labels.max()) + 1, int(labels.size))
+
+
+def check_dataset_config(cfg: Any, info: DatasetInfo | None) -> None:
+    """Checks ``config.num_classes`` / ``config.num_image`` against the data.
+
+    Raises:
+        ValueError: ``num_classes`` smaller than the data's identities (labels out of range), or
+            ``num_image`` larger than the data's images; the message names the key and both values.
+    """
+    if info is None:
+        return
+    if int(cfg.num_classes) < info.num_classes:
+        raise ValueError(
+            f"config.num_classes={cfg.num_classes} but the data in {cfg.rec!r} has labels up to "
+            f"{info.num_classes - 1} (set num_classes >= {info.num_classes})"
+        )
+    if int(cfg.num_image) > info.num_image:
+        raise ValueError(
+            f"config.num_image={cfg.num_image} but the data in {cfg.rec!r} has "
+            f"{info.num_image} images (set num_image = {info.num_image})"
+        )
+
+
+def build_dataset(cfg: Any, *, flip: bool = True) -> Dataset:
+    """The training dataset named by ``cfg.rec`` (``labels`` attribute included)."""
+    rec = prepare_rec(cfg.rec)
+    if rec == "synthetic":
+        return SyntheticDataset(int(cfg.num_image), int(cfg.num_classes), seed=int(cfg.seed))
+    path = Path(rec)
+    if _is_rec_folder(path):
+        return RecDataset(path, flip=flip)
+    return ImageFolderDataset(path, flip=flip)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Decoding parallelism comes from the workers; one thread each avoids oversubscription.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def build_train_loader(cfg: Any, *, rank: int, world_size: int) -> DataLoader:
+    """The training DataLoader of one rank.
+
+    Yields ``(images float32 (B, 3, 112, 112) in [-1, 1], labels int64 (B,))`` with
+    ``B = cfg.batch_size``; ``len(loader) == cfg.num_image // (cfg.batch_size * world_size)``.
+    ``loader.batch_sampler.set_epoch(epoch, start_batch=s)`` selects the epoch's order and skips
+    its first ``s`` batches without reading them.
+
+    Config keys used: ``rec, batch_size, num_classes, num_image, seed, num_workers,
+    sampler.type ("pk" | "uniform"), sampler.k``.
+    """
+    dataset = build_dataset(cfg)
+    labels = np.asarray(dataset.labels)
+    if labels.size and int(labels.max()) >= int(cfg.num_classes):
+        raise ValueError(
+            f"config.num_classes={cfg.num_classes} but {cfg.rec!r} has label {int(labels.max())}"
+        )
+    sampler_cfg = cfg.get("sampler", None) or {}
+    kind = sampler_cfg.get("type", "pk")
+    common = dict(
+        batch_size=int(cfg.batch_size),
+        rank=int(rank),
+        world_size=int(world_size),
+        seed=int(cfg.seed),
+        num_image=int(cfg.num_image),
+    )
+    if kind == "pk":
+        batch_sampler = PKBatchSampler(labels, k=int(sampler_cfg.get("k", 4)), **common)
+    elif kind == "uniform":
+        batch_sampler = UniformBatchSampler(len(dataset), **common)
+    else:
+        raise ValueError(f"config.sampler.type={kind!r} is not one of {SAMPLER_TYPES}")
+    num_workers = int(cfg.get("num_workers", 0))
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + int(rank)),
+    )
