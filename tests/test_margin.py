@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from otface.margin import CombinedMarginLoss, margin_logits
 
 COS = torch.tensor(

@@ -103,9 +103,9 @@ class _DistSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         probs, rows, labels = ctx.saved_tensors
-        # d mean_i(-log p_i,y_i) / d z_ij = (p_ij - [j = y_i]) / N; computed in the saved buffer,
-        # so a second backward through this node fails loudly instead of reading garbage.
-        grad = probs
+        # d mean_i(-log p_i,y_i) / d z_ij = (p_ij - [j = y_i]) / N. A copy (not the saved
+        # buffer, as arcface_torch does) so that retain_graph / gradcheck still work.
+        grad = probs.clone()
         grad[rows, labels[rows]] -= 1.0
         grad.mul_(grad_out / probs.shape[0])
         return grad, None
