@@ -1,0 +1,256 @@
+"""The OTFace criterion: partial-FC margin softmax plus an OT loss on hard triplets.
+
+``L = L_margin + lambda(step) * L_OT`` (design spec §2). ``L_OT`` compares, for every hard
+triplet ``(a, p, n)`` mined from the embeddings, the entropic transport cost ``W`` between the
+anchor's feature distribution and its hardest positive's and hardest negative's:
+
+* ``variant="hinge"``: ``mean relu(W(a, p) - W(a, n) + ot_margin)``;
+* ``variant="pull"``: ``mean W(a, p)``.
+
+Distributions (``mode``): ``"spatial"`` — each sample is the uniform distribution over its
+``H*W`` L2-normalised feature vectors (all ``(a, p)`` and ``(a, n)`` problems go to one batched
+solve); ``"group"`` — the hard anchors, their positives and their negatives each form one
+uniform distribution over pooled, L2-normalised descriptors (two problems of ``h x h``).
+
+Mining is local to the rank and the OT term makes no collective call, so ranks that mine
+different numbers of triplets (or none) stay in step; the only collectives are Partial FC's,
+which every rank makes on every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from otface.criterion import LossOutput, MarginCriterion
+from otface.mining import mine_hard_triplets
+from otface.ot import cosine_cost, solve_ot
+from otface.registry import HOOKS, LOSSES
+
+__all__ = [
+    "MODES",
+    "VARIANTS",
+    "OTLossOutput",
+    "OTFaceCriterion",
+    "hard_triplet_ot_loss",
+    "lambda_at",
+]
+
+MODES = ("spatial", "group")
+VARIANTS = ("hinge", "pull")
+
+
+class OTLossOutput(NamedTuple):
+    """The OT term and what it logs.
+
+    Attributes:
+        loss: scalar ``L_OT`` (connected to the feature map even when zero).
+        metrics: detached scalars: ``loss_ot``, ``n_hard``, ``w_ap``, ``w_an``,
+            ``sinkhorn_iters``, ``sinkhorn_err``, ``ot_nonfinite``.
+    """
+
+    loss: torch.Tensor
+    metrics: Dict[str, torch.Tensor]
+
+
+def lambda_at(step: int, *, lambda_ot: float, warmup_steps: int) -> float:
+    """``lambda_ot * min(1, step / warmup_steps)``; ``lambda_ot`` when ``warmup_steps <= 0``."""
+    if warmup_steps <= 0:
+        return float(lambda_ot)
+    return float(lambda_ot) * min(1.0, max(0, step) / warmup_steps)
+
+
+def _points(features: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` map → ``(B, H*W, C)``; ``(B, N, C)`` tokens as they are."""
+    if features.dim() == 4:
+        return features.flatten(2).transpose(1, 2)
+    if features.dim() == 3:
+        return features
+    if features.dim() == 2:
+        return features.unsqueeze(1)
+    raise ValueError(
+        f"the captured feature map must be (B, C, H, W), (B, N, C) or (B, C); got shape "
+        f"{tuple(features.shape)}"
+    )
+
+
+def hard_triplet_ot_loss(
+    features: torch.Tensor,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mode: str = "spatial",
+    variant: str = "hinge",
+    ot_margin: float = 0.05,
+    mining_margin: float = 0.0,
+    max_triplets: int = 0,
+    eps: float = 0.05,
+    max_iter: int = 50,
+    tol: float = 1e-3,
+    solver: str = "auto",
+) -> OTLossOutput:
+    """OT loss between the feature distributions of hard triplets (design spec §2, steps 1-4).
+
+    Rows whose embedding or feature map holds a NaN/Inf are left out of mining and of the loss
+    and counted in ``ot_nonfinite``; they never reach the result.
+
+    Args:
+        features: ``(B, C, H, W)`` high-level feature map (or ``(B, N, C)`` tokens), with grad.
+        embeddings: ``(B, D)`` embeddings (used for mining only, no gradient).
+        labels: ``(B,)`` identity labels.
+        mode: ``"spatial"`` or ``"group"``.
+        variant: ``"hinge"`` or ``"pull"``.
+        ot_margin: margin of the hinge.
+        mining_margin: see :func:`otface.mining.mine_hard_triplets`.
+        max_triplets: cap on hard triplets (0: none).
+        eps: Sinkhorn entropic regularisation.
+        max_iter: Sinkhorn iterations at most.
+        tol: Sinkhorn marginal-error tolerance.
+        solver: ``"auto"``, ``"torch"`` or ``"pot"`` (:func:`otface.ot.solve_ot`).
+
+    Returns:
+        :class:`OTLossOutput`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"otface.mode must be one of {MODES}, got {mode!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"otface.variant must be one of {VARIANTS}, got {variant!r}")
+    batch = embeddings.shape[0]
+    if features.shape[0] != batch:
+        raise ValueError(
+            f"the hooked feature map holds {features.shape[0]} samples but the embeddings "
+            f"{batch}: was the backbone's forward for this batch the last one?"
+        )
+    with torch.no_grad():
+        finite = torch.isfinite(features.detach().flatten(1)).all(dim=1)
+        finite &= torch.isfinite(embeddings.detach()).all(dim=1)
+    triplets = mine_hard_triplets(
+        embeddings.detach(),
+        labels,
+        mining_margin=mining_margin,
+        max_triplets=max_triplets,
+        valid=finite,
+    )
+    # Non-finite rows are zeroed before any use, so neither their values nor a NaN gradient
+    # can leak. The zero term keeps the feature map in the graph when nothing is hard; it is
+    # built from one element so that a half-precision sum cannot overflow.
+    safe = features
+    if not bool(finite.all()):
+        keep = finite.view(-1, *([1] * (features.dim() - 1)))
+        safe = torch.where(keep, features, features.new_zeros(()))
+    zero = safe.reshape(-1)[:1].float().sum() * 0.0
+    n_hard = triplets.anchor.numel()
+    device = features.device
+    metrics = {
+        "n_hard": torch.tensor(float(n_hard), device=device),
+        "ot_nonfinite": (~finite).sum().float(),
+    }
+    if n_hard == 0:
+        z = torch.zeros((), device=device)
+        metrics.update(loss_ot=z, w_ap=z, w_an=z, sinkhorn_iters=z, sinkhorn_err=z)
+        return OTLossOutput(zero.float(), metrics)
+
+    a, p, n = triplets
+    if mode == "spatial":
+        pts = _points(safe)
+        x = pts[torch.cat([a, a])]
+        y = pts[torch.cat([p, n])]
+    else:
+        pooled = F.normalize(_points(safe).float().mean(dim=1), dim=-1)
+        x = torch.stack([pooled[a], pooled[a]])
+        y = torch.stack([pooled[p], pooled[n]])
+    res = solve_ot(cosine_cost(x, y), eps=eps, max_iter=max_iter, tol=tol, solver=solver)
+    w = res.cost
+    half = w.shape[0] // 2
+    w_ap, w_an = w[:half], w[half:]
+    if variant == "hinge":
+        loss = F.relu(w_ap - w_an + ot_margin).mean()
+    else:
+        loss = w_ap.mean()
+    loss = loss + zero
+    metrics.update(
+        loss_ot=loss.detach(),
+        w_ap=w_ap.detach().mean(),
+        w_an=w_an.detach().mean(),
+        sinkhorn_iters=torch.tensor(float(res.n_iter), device=device),
+        sinkhorn_err=res.marginal_error.detach().float(),
+    )
+    return OTLossOutput(loss, metrics)
+
+
+class OTFaceCriterion(MarginCriterion):
+    """Margin softmax (Partial FC, as ``"arcface"``) plus ``lambda(step) * L_OT``.
+
+    Subclasses :class:`otface.criterion.MarginCriterion`, so the class centres live in
+    ``self.partial_fc`` exactly as for ``"arcface"`` and checkpoints are interchangeable. The
+    feature hook (``HOOKS["hard_triplet"]``) is a plain attribute, not a submodule: it adds
+    nothing to any ``state_dict``.
+
+    Args:
+        cfg: the job config (uses the ``otface`` section and the Partial-FC keys).
+        backbone: the (unwrapped or DDP-wrapped) backbone whose feature map is hooked.
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(self, cfg, *, backbone: nn.Module, rank: int, world_size: int) -> None:
+        super().__init__(cfg, rank=rank, world_size=world_size)
+        o = cfg.otface
+        if o.mode not in MODES:
+            raise ValueError(f"config otface.mode must be one of {MODES}, got {o.mode!r}")
+        if o.variant not in VARIANTS:
+            raise ValueError(f"config otface.variant must be one of {VARIANTS}, got {o.variant!r}")
+        self.ot_cfg = dict(o)
+        self.capture = HOOKS.build("hard_triplet", backbone, layer=o.layer)
+        self._warned_no_grad = False
+
+    def remove_hook(self) -> None:
+        """Detach the feature hook from the backbone."""
+        self.capture.remove()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, step: int) -> LossOutput:
+        margin = super().forward(embeddings, labels, step=step)
+        features = self.capture.pop()
+        if features is None:
+            raise RuntimeError(
+                f"OTFace: the hook on backbone module {self.capture.layer!r} captured nothing; "
+                "call the backbone on this batch before the criterion"
+            )
+        if embeddings.requires_grad and not features.requires_grad and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"OTFace: the feature map of {self.capture.layer!r} has no gradient (reentrant "
+                "gradient checkpointing?); the OT term will not train the backbone (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        o = self.ot_cfg
+        ot = hard_triplet_ot_loss(
+            features,
+            embeddings,
+            labels,
+            mode=o["mode"],
+            variant=o["variant"],
+            ot_margin=o["ot_margin"],
+            mining_margin=o["mining_margin"],
+            max_triplets=o["max_triplets"],
+            eps=o["epsilon"],
+            max_iter=o["max_iter"],
+            tol=o["tol"],
+            solver=o["solver"],
+        )
+        lam = lambda_at(step, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])
+        loss = margin.loss + lam * ot.loss.to(margin.loss.dtype)
+        metrics = dict(margin.metrics)
+        metrics.update(ot.metrics)
+        metrics["lambda_ot"] = torch.tensor(lam, device=ot.loss.device)
+        return LossOutput(loss, metrics)
+
+
+@LOSSES.register("otface")
+def _build_otface(cfg, *, backbone: nn.Module, rank: int, world_size: int) -> nn.Module:
+    return OTFaceCriterion(cfg, backbone=backbone, rank=rank, world_size=world_size)

@@ -1,0 +1,147 @@
+"""Sinkhorn solver, cosine cost and solver front, checked against POT and finite differences."""
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from otface.ot import cosine_cost, entropic_objective, sinkhorn, solve_ot
+
+
+def _costs(batch, n, m, *, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 16, generator=g, dtype=dtype)
+    y = torch.randn(batch, m, 16, generator=g, dtype=dtype) + 0.5 * x.mean(1, keepdim=True)
+    return cosine_cost(x, y)
+
+
+def test_cosine_cost_matches_numpy():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g)
+    c = cosine_cost(x, y)
+    xn = x.numpy() / np.linalg.norm(x.numpy(), axis=-1, keepdims=True)
+    yn = y.numpy() / np.linalg.norm(y.numpy(), axis=-1, keepdims=True)
+    ref = 1.0 - np.einsum("bic,bjc->bij", xn, yn)
+    np.testing.assert_allclose(c.numpy(), ref, atol=1e-6)
+    assert c.min() >= 0 and c.max() <= 2
+
+
+@pytest.mark.parametrize("kernel", ["torch", "matmul"])
+def test_batched_equals_loop_of_single_solves(kernel):
+    c = _costs(6, 7, 9)
+    batched = sinkhorn(c, eps=0.1, max_iter=200, tol=1e-9, kernel=kernel, check_every=1)
+    for i in range(c.shape[0]):
+        single = sinkhorn(c[i : i + 1], eps=0.1, max_iter=200, tol=1e-9, kernel=kernel)
+        torch.testing.assert_close(batched.plan[i], single.plan[0], atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(batched.cost[i], single.cost[0])
+
+
+def test_kernels_agree():
+    c = _costs(5, 10, 12, dtype=torch.float32)
+    ref = sinkhorn(c, eps=0.05, max_iter=50, tol=0.0, kernel="torch")
+    fast = sinkhorn(c, eps=0.05, max_iter=50, tol=0.0, kernel="matmul")
+    torch.testing.assert_close(fast.plan, ref.plan, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:sinkhorn did not reach")
+def test_small_eps_approaches_exact_emd():
+    # -C/eps spans ~1000 here: only the log domain survives (auto picks the reference kernel).
+    c = _costs(4, 10, 12, seed=3)
+    res = sinkhorn(c, eps=1e-3, max_iter=3000, tol=1e-4, check_every=20)
+    assert res.marginal_error.item() < 1e-3
+    assert torch.isfinite(res.plan).all()
+    for i in range(c.shape[0]):
+        a, b = np.full(10, 1 / 10), np.full(12, 1 / 12)
+        exact = ot.emd2(a, b, c[i].numpy())
+        assert abs(res.cost[i].item() - exact) / exact < 1e-2
+
+
+def test_plan_matches_pot_sinkhorn_log():
+    c = _costs(3, 8, 11, seed=4)
+    eps = 0.05
+    res = sinkhorn(c, eps=eps, max_iter=5000, tol=1e-12, check_every=1)
+    for i in range(c.shape[0]):
+        a, b = np.full(8, 1 / 8), np.full(11, 1 / 11)
+        ref = ot.sinkhorn(
+            a, b, c[i].numpy(), eps, method="sinkhorn_log", numItermax=100000, stopThr=1e-14
+        )
+        np.testing.assert_allclose(res.plan[i].numpy(), ref, atol=1e-5)
+
+
+def test_marginals_hold_to_tol_with_given_weights():
+    c = _costs(4, 6, 5, seed=5)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 6, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(4, 5, generator=g, dtype=torch.float64) + 0.1
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    tol = 1e-6
+    res = sinkhorn(c, a=a, b=b, eps=0.05, max_iter=1000, tol=tol)
+    assert res.n_iter < 1000
+    row = (res.plan.sum(-1) - a).abs().sum(-1).max().item()
+    col = (res.plan.sum(-2) - b).abs().sum(-1).max().item()
+    assert row < tol and col < tol
+    assert res.marginal_error.item() == pytest.approx(max(row, col), rel=1e-6, abs=1e-15)
+
+
+def test_early_stop_and_fixed_iterations():
+    c = _costs(2, 6, 6, seed=6)
+    assert sinkhorn(c, eps=0.1, max_iter=37, tol=0.0).n_iter == 37
+    assert sinkhorn(c, eps=0.5, max_iter=1000, tol=1e-3, check_every=5).n_iter % 5 == 0
+
+
+def test_envelope_gradient_of_entropic_objective_gradcheck():
+    eps = 0.2
+    c0 = _costs(2, 4, 5, seed=7).clone().requires_grad_(True)
+
+    def objective(cost):
+        res = sinkhorn(cost, eps=eps, max_iter=10000, tol=1e-13, check_every=1)
+        return entropic_objective(res.plan, cost, eps=eps)
+
+    assert torch.autograd.gradcheck(objective, (c0,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_transport_cost_gradient_is_the_plan():
+    c = _costs(3, 5, 6, seed=8).requires_grad_(True)
+    res = sinkhorn(c, eps=0.1, max_iter=300, tol=1e-9)
+    assert res.plan.grad_fn is None and not res.plan.requires_grad
+    res.cost.sum().backward()
+    torch.testing.assert_close(c.grad, res.plan)
+
+
+def test_fp32_under_autocast():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    y = torch.randn(3, 7, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = (x * 1.0).to(torch.bfloat16)
+        cost = cosine_cost(xb, y.to(torch.bfloat16))
+        cost_bf16 = cost.to(torch.bfloat16)
+        res = sinkhorn(cost_bf16, eps=0.05, max_iter=50, tol=1e-4)
+    assert cost.dtype == torch.float32
+    assert res.plan.dtype == torch.float32 and res.cost.dtype == torch.float32
+    # The same numbers solved in float32 outside autocast give the same plan.
+    ref = sinkhorn(cost_bf16.detach().float(), eps=0.05, max_iter=50, tol=1e-4)
+    torch.testing.assert_close(res.plan, ref.plan, atol=1e-7, rtol=1e-5)
+    res.cost.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_solve_ot_pot_agrees_and_bad_solver_is_named():
+    c = _costs(4, 9, 9, seed=10, dtype=torch.float32)
+    ours = solve_ot(c, eps=0.05, max_iter=500, tol=1e-7, solver="torch")
+    pot = solve_ot(c, eps=0.05, max_iter=500, tol=1e-7, solver="pot")
+    torch.testing.assert_close(pot.plan, ours.plan, atol=1e-5, rtol=1e-3)
+    assert solve_ot(c, eps=0.05, max_iter=50, tol=1e-3).plan.shape == (4, 9, 9)
+    with pytest.raises(ValueError, match="'cuda'.*auto, torch, pot"):
+        solve_ot(c, eps=0.05, max_iter=50, tol=1e-3, solver="cuda")
+    with pytest.raises(ValueError, match="kernel 'fast'"):
+        sinkhorn(c, eps=0.05, max_iter=5, tol=0.0, kernel="fast")
+
+
+def test_empty_batch_and_bad_shapes():
+    res = sinkhorn(torch.zeros(0, 4, 4), eps=0.05, max_iter=10, tol=1e-3)
+    assert res.plan.shape == (0, 4, 4) and res.cost.shape == (0,) and res.n_iter == 0
+    with pytest.raises(ValueError, match=r"\(B, n, m\)"):
+        sinkhorn(torch.zeros(4, 4), eps=0.05, max_iter=10, tol=1e-3)
+    with pytest.raises(ValueError, match="eps"):
+        sinkhorn(torch.zeros(1, 4, 4), eps=0.0, max_iter=10, tol=1e-3)
