@@ -40,7 +40,9 @@ def test_upstream_dataset_sizes():
 
 
 def test_job_overlays_base_and_merges_sections(tmp_path):
-    cfg = load_config(_job(tmp_path, "config.batch_size = 64\nconfig.otface = edict(lambda_ot=0.5)\n"))
+    cfg = load_config(
+        _job(tmp_path, "config.batch_size = 64\nconfig.otface = edict(lambda_ot=0.5)\n")
+    )
     assert cfg.batch_size == 64
     assert cfg.otface.lambda_ot == 0.5
     assert cfg.otface.epsilon == 0.05  # the rest of the section keeps its defaults

@@ -208,24 +208,12 @@ class Trainer:
 
 
 def _check_data(cfg, rec_path: str) -> None:
-    from otface.data import dataset_info
+    from otface.data import check_dataset_config, dataset_info
 
-    if rec_path == "synthetic":
-        return
-    info = dataset_info(rec_path)
-    if info.num_classes > cfg.num_classes:
-        raise ConfigError(
-            f"key 'num_classes' = {cfg.num_classes} but {rec_path} holds {info.num_classes} "
-            "identities; set num_classes to at least that"
-        )
-    if info.num_image != cfg.num_image:
-        logging.warning(
-            "num_image = %d in the config but %s holds %d images; the step count and LR "
-            "schedule follow the config, as in arcface_torch",
-            cfg.num_image,
-            rec_path,
-            info.num_image,
-        )
+    try:
+        check_dataset_config(cfg, dataset_info(rec_path))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _log_config(cfg) -> None:

@@ -1,0 +1,243 @@
+"""Trainer: a short run writes arcface_torch's outputs, resume continues at the saved step with
+the same learning rate, and 2 ranks over gloo give the losses of 1 process on the same batch."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from otface.config import load_config
+from otface.train import loop
+from otface.train.checkpoint import load_checkpoint
+from otface.train.distributed import DistEnv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = """
+from easydict import EasyDict as edict
+config = edict()
+config.network = "r18_lite"
+config.rec = "synthetic"
+config.num_classes = 16
+config.batch_size = 8
+config.num_image = {num_image}
+config.num_epoch = {num_epoch}
+config.warmup_epoch = 0.5
+config.lr = 0.05
+config.frequent = 2
+config.verbose = 100000
+config.val_targets = []
+config.num_workers = 0
+config.save_every_steps = {save_every}
+config.save_all_states = True
+config.sampler = edict(type="uniform")
+config.output = {output!r}
+"""
+
+
+def _config(tmp_path, *, num_image=96, num_epoch=2, save_every=5, name="tiny"):
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
+    out = str(tmp_path / "work_dirs" / name)
+    (folder / f"{name}.py").write_text(
+        TINY.format(num_image=num_image, num_epoch=num_epoch, save_every=save_every, output=out)
+    )
+    return str(folder / name), out
+
+
+def _hand_lr(step_index, *, base, warmup, total):
+    """LR used by the batch after `step_index` finished batches (linear warm-up, linear decay)."""
+    if step_index < warmup:
+        return base * (step_index + 1) / warmup
+    return base * (1 - (step_index - warmup) / (total - warmup))
+
+
+class _Stop(Exception):
+    pass
+
+
+_ORIGINAL_STEP = loop.Trainer.train_step
+
+
+def _record_steps(monkeypatch, record, stop_at=None):
+    original = _ORIGINAL_STEP
+
+    def wrapped(self, img, labels):
+        if stop_at is not None and self.global_step + 1 == stop_at:
+            raise _Stop()
+        lr_used = self.lr
+        out = original(self, img, labels)
+        record.append((self.global_step, lr_used, out.loss.item()))
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "train_step", wrapped)
+
+
+def _env():
+    return DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def test_short_run_writes_outputs_and_follows_schedule(tmp_path, monkeypatch):
+    path, out = _config(tmp_path)
+    cfg = load_config(path)
+    os.makedirs(out, exist_ok=True)
+    record = []
+    _record_steps(monkeypatch, record)
+    loop.fit(cfg, _env())
+    steps = [s for s, _, _ in record]
+    assert steps == list(range(1, 25))  # 96 // 8 = 12 steps per epoch, 2 epochs
+    for s, lr, _ in record:
+        assert lr == pytest.approx(_hand_lr(s - 1, base=0.05, warmup=6, total=24), abs=1e-12)
+    assert os.path.isfile(os.path.join(out, "model.pt"))
+    assert os.path.isdir(os.path.join(out, "tensorboard"))
+    state = torch.load(os.path.join(out, "model.pt"))
+    assert "bn2.weight" in state and not any(k.startswith("weight") for k in state)
+
+
+def test_resume_continues_at_saved_step_with_same_lr(tmp_path, monkeypatch):
+    path, out = _config(tmp_path)
+    os.makedirs(out, exist_ok=True)
+    full = []
+    _record_steps(monkeypatch, full)
+    loop.fit(load_config(path), _env())
+
+    shutil.rmtree(out)
+    os.makedirs(out)
+    first = []
+    _record_steps(monkeypatch, first, stop_at=14)  # "killed" while computing step 14
+    with pytest.raises(_Stop):
+        loop.fit(load_config(path), _env())
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint_gpu_0.pt"))
+    assert ckpt["global_step"] == 12  # end of epoch 0 (save_every_steps=5 saved 5 and 10 before)
+
+    resumed = []
+    _record_steps(monkeypatch, resumed)
+    cfg = load_config(path)
+    cfg.resume = True
+    loop.fit(cfg, _env())
+    assert [s for s, _, _ in resumed] == list(range(13, 25))
+    full_lr = {s: lr for s, lr, _ in full}
+    for s, lr, _ in resumed:
+        assert lr == pytest.approx(full_lr[s], abs=1e-12)
+
+
+def test_resume_mid_epoch_from_save_every_steps(tmp_path, monkeypatch):
+    path, out = _config(tmp_path, num_epoch=1)
+    os.makedirs(out, exist_ok=True)
+    first = []
+    _record_steps(monkeypatch, first, stop_at=8)
+    with pytest.raises(_Stop):
+        loop.fit(load_config(path), _env())
+    assert load_checkpoint(os.path.join(out, "checkpoint_gpu_0.pt"))["global_step"] == 5
+    resumed = []
+    _record_steps(monkeypatch, resumed)
+    cfg = load_config(path)
+    cfg.resume = True
+    loop.fit(cfg, _env())
+    assert [s for s, _, _ in resumed] == list(range(6, 13))
+    assert resumed[0][1] == pytest.approx(_hand_lr(5, base=0.05, warmup=6, total=12), abs=1e-12)
+
+
+def test_sigkill_then_resume_finishes(tmp_path):
+    path, out = _config(tmp_path, num_image=8 * 40, num_epoch=1, save_every=4)
+    train = [sys.executable, os.path.join(ROOT, "train.py"), path]
+    proc = subprocess.Popen(train, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt_file = os.path.join(out, "checkpoint_gpu_0.pt")
+    deadline = time.time() + 120
+    while not os.path.exists(ckpt_file) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_checkpoint(ckpt_file)["global_step"]  # intact whatever the moment of the kill
+    with open(path + ".py", "a") as f:
+        f.write("config.resume = True\n")
+    done = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = open(os.path.join(out, "training.log")).read()
+    assert f"global step {saved}," in log
+    assert "finished: 40 steps" in log
+
+
+# -- 2 ranks over gloo vs 1 process ---------------------------------------------------------
+
+
+class _PerRankForward(torch.nn.Module):
+    """1-process reference for DDP: BatchNorm statistics are per rank, so forward the global
+    batch in the same per-rank chunks and concatenate."""
+
+    def __init__(self, backbone, chunks):
+        super().__init__()
+        self.backbone = backbone
+        self.chunks = chunks
+
+    def forward(self, x):
+        return torch.cat([self.backbone(c) for c in x.chunk(self.chunks)])
+
+
+def _batches(steps, global_batch, num_classes):
+    g = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.rand(global_batch, 3, 112, 112, generator=g) * 2 - 1,
+            torch.randint(0, num_classes, (global_batch,), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _ddp_cfg(path, batch_size):
+    cfg = load_config(path)
+    cfg.batch_size = batch_size
+    cfg.num_image = 10000
+    return cfg
+
+
+def _ddp_worker(rank, world_size, port, path, result_file):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    env = loop.init_distributed()
+    cfg = _ddp_cfg(path, 4)
+    loop.seed_everything(cfg.seed)
+    trainer = loop.Trainer(cfg, env)
+    losses = []
+    for img, labels in _batches(3, 8, cfg.num_classes):
+        sl = slice(4 * rank, 4 * rank + 4)
+        losses.append(trainer.train_step(img[sl], labels[sl]).loss.item())
+    if rank == 0:
+        torch.save(losses, result_file)
+    loop.shutdown_distributed()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    path, _ = _config(tmp_path)
+    result = str(tmp_path / "losses.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), path, result), nprocs=2, join=True)
+    ddp_losses = torch.load(result)
+
+    cfg = _ddp_cfg(path, 8)
+    loop.seed_everything(cfg.seed)
+    trainer = loop.Trainer(cfg, _env())
+    trainer.model = _PerRankForward(trainer.backbone, 2)
+    ref = [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
+    assert ddp_losses == pytest.approx(ref, abs=1e-4)
+    assert ref[0] != pytest.approx(ref[2], abs=1e-4)  # the steps did train
