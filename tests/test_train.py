@@ -147,7 +147,7 @@ def test_resume_mid_epoch_from_save_every_steps(tmp_path, monkeypatch):
 
 
 def test_sigkill_then_resume_finishes(tmp_path):
-    path, out = _config(tmp_path, num_image=8 * 40, num_epoch=1, save_every=4)
+    path, out = _config(tmp_path, num_image=8 * 24, num_epoch=1, save_every=3)
     train = [sys.executable, os.path.join(ROOT, "train.py"), path]
     proc = subprocess.Popen(train, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_file = os.path.join(out, "checkpoint_gpu_0.pt")
@@ -163,7 +163,7 @@ def test_sigkill_then_resume_finishes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     log = open(os.path.join(out, "training.log")).read()
     assert f"global step {saved}," in log
-    assert "finished: 40 steps" in log
+    assert "finished: 24 steps" in log
 
 
 # -- 2 ranks over gloo vs 1 process ---------------------------------------------------------

@@ -68,7 +68,7 @@ class MarginCriterion(nn.Module):
         self.partial_fc = build_partial_fc(cfg, rank=rank, world_size=world_size)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, step: int) -> LossOutput:
-        loss = self.partial_fc(embeddings, labels)
+        loss = self.partial_fc(embeddings, labels, step=step)
         return LossOutput(loss, {"loss_margin": loss.detach()})
 
 
