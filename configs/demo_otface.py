@@ -1,4 +1,4 @@
-"""OTFace (ArcFace margin softmax + OT loss on hard triplets) on the embedded demo faces, on a laptop CPU in a few minutes.
+"""OTFace (ArcFace + OT loss on hard triplets) on the embedded demo faces, on a laptop CPU.
 
 The demo data (``rec = "demo"``) is a synthetic stand-in for real face images, generated on
 first use; numbers measured on it say nothing about real benchmarks.
