@@ -1,0 +1,81 @@
+"""IJB-B / IJB-C 1:1 verification (TAR at FAR 1e-6 … 1e-1) of a finished model.
+
+    python eval/ijb.py --model work_dirs/NAME/model.pt --network r100 \
+        --data /data/IJBC --target IJBC
+    python eval/ijb.py --model work_dirs/NAME/model.onnx --data /data/IJBB --target IJBB
+
+``--data`` is InsightFace's release layout (``meta/`` + ``loose_crop/``). Writes into
+``--output`` (default: ``<model folder>/ijb_<target>``) the table, the scores (``.npy``), the ROC
+plot (PNG and PDF, with matplotlib) and a feature cache, so a second run with the same model and
+flip setting scores without re-extracting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from otface.evaluation.ijb import evaluate_ijb, feature_cache_key, format_table, save_roc_plot
+from otface.evaluation.ijb_meta import IJBLayoutError, ijb_layout
+from otface.evaluation.models import open_embedder, resolve_model_path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model.pt (with --network) or model.onnx")
+    parser.add_argument("--network", default=None, help="backbone name for a model.pt, e.g. r100")
+    parser.add_argument("--data", required=True, help="IJB folder with meta/ and loose_crop/")
+    parser.add_argument("--target", default="IJBC", help="IJBB or IJBC (meta file prefix)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=4, help="image loading threads")
+    parser.add_argument("--no-flip", action="store_true", help="skip the flip test")
+    parser.add_argument("--faceness", action="store_true", help="weight faces by detector score")
+    parser.add_argument("--output", default=None, help="result folder")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    flip = not args.no_flip
+    try:
+        model_file = resolve_model_path(args.model)
+        layout = ijb_layout(args.data, args.target)
+        out_dir = Path(args.output or model_file.parent / f"ijb_{args.target.lower()}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        key = feature_cache_key(model_file, layout.name_5pts_score, flip=flip)
+        cache = out_dir / f"{args.target.lower()}_features_{key}.npy"
+        embedder = None
+        if not cache.is_file():
+            embedder = open_embedder(
+                model_file, network=args.network, batch_size=args.batch_size, device=args.device
+            )
+        result = evaluate_ijb(
+            embedder,
+            args.data,
+            args.target,
+            flip=flip,
+            faceness=args.faceness,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            cache_file=cache,
+        )
+    except (FileNotFoundError, ValueError, IJBLayoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    name = model_file.parent.name if model_file.stem == "model" else model_file.stem
+    stem = out_dir / args.target.lower()
+    np.save(f"{stem}_scores.npy", result.scores)
+    table = format_table({name: result})
+    Path(f"{stem}_tar_at_far.txt").write_text(table + "\n", encoding="utf-8")
+    plots = save_roc_plot({name: result}, stem)
+    print(table)
+    print(f"{result.num_faces} faces, {result.num_templates} templates, {len(result.scores)} pairs")
+    print(f"results in {out_dir}" + (f" (ROC: {plots[0].name})" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""IJB-B / IJB-C 1:1 template verification (TAR at fixed FAR), as in arcface_torch.
+
+Pipeline: five-point similarity alignment of each loose crop to 112×112 (insightface's
+``face_align.norm_crop``, the standard ArcFace template); embedding, plus that of the mirror
+image (flip test); optional faceness weighting; mean over the faces of a media (photo or video),
+sum over the medias of a template, L2 normalisation; cosine score for every template pair,
+in chunks; TAR at FAR 1e-6 ... 1e-1 and the ROC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import cv2
+import numpy as np
+
+from otface.evaluation.ijb_meta import IJBMeta, read_ijb_meta
+from otface.evaluation.metrics import DEFAULT_FARS, l2_normalize, roc_curve, tar_at_far
+from otface.evaluation.models import Embedder
+
+__all__ = [
+    "TemplateFeatures",
+    "IJBResult",
+    "align_face",
+    "extract_features",
+    "pool_templates",
+    "score_pairs",
+    "feature_cache_key",
+    "evaluate_ijb",
+    "format_table",
+    "save_roc_plot",
+]
+
+logger = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+
+
+class TemplateFeatures(NamedTuple):
+    """Template ids ``(T,)`` (sorted) and their unit-norm features ``(T, D)``."""
+
+    templates: np.ndarray
+    features: np.ndarray
+
+
+class IJBResult(NamedTuple):
+    """Result of one IJB run.
+
+    Attributes:
+        target: e.g. ``"IJBC"``.
+        fars: ``(K,)`` FARs of the table; tars: ``(K,)`` TAR at each (fractions).
+        auc: area under the ROC.
+        scores: ``(P,)`` cosine score of every template pair; labels: ``(P,)`` 0/1.
+        num_faces, num_templates: counts in the meta files.
+    """
+
+    target: str
+    fars: np.ndarray
+    tars: np.ndarray
+    auc: float
+    scores: np.ndarray
+    labels: np.ndarray
+    num_faces: int
+    num_templates: int
+
+
+def align_face(image_bgr: np.ndarray, landmarks: np.ndarray, *, image_size: int = 112):
+    """Warps a face to ``image_size``² with the similarity transform that maps its five landmarks
+    ``(5, 2)`` onto the ArcFace template (insightface ``utils.face_align.norm_crop``).
+
+    Returns:
+        ``(image_size, image_size, 3)`` uint8, same channel order as the input.
+    """
+    try:
+        from insightface.utils import face_align
+    except ImportError as exc:
+        raise ImportError(
+            "IJB alignment uses the insightface package (pip install insightface)"
+        ) from exc
+    return face_align.norm_crop(
+        image_bgr, landmark=np.asarray(landmarks, np.float32), image_size=image_size
+    )
+
+
+def _load_aligned(path: Path, landmarks: np.ndarray) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise FileNotFoundError(f"cannot read IJB image {path} (missing or not an image)")
+    aligned = align_face(img, landmarks)
+    return np.ascontiguousarray(aligned[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC → RGB CHW
+
+
+def extract_features(
+    embedder: Embedder,
+    meta: IJBMeta,
+    *,
+    flip: bool = True,
+    batch_size: int = 128,
+    num_workers: int = 4,
+) -> np.ndarray:
+    """Embeds every face of ``meta``: ``f(x)`` or, with ``flip``, ``f(x) + f(mirror(x))``.
+
+    Returns:
+        ``(N, D)`` float32 raw (unnormalised) image features, in meta order.
+    """
+    n = len(meta.image_names)
+    feats: Optional[np.ndarray] = None
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(start + batch_size, n))
+            batch = np.stack(
+                list(
+                    pool.map(
+                        lambda i: _load_aligned(
+                            meta.image_dir / meta.image_names[i], meta.landmarks[i]
+                        ),
+                        idx,
+                    )
+                )
+            )
+            out = embedder(batch)
+            if flip:
+                out = out + embedder(np.ascontiguousarray(batch[..., ::-1]))
+            if feats is None:
+                feats = np.empty((n, out.shape[1]), np.float32)
+            feats[start : start + len(idx)] = out
+            if (start // batch_size) % 50 == 0:
+                logger.info("IJB features: %d / %d faces", start + len(idx), n)
+    assert feats is not None  # n >= 1 is checked when the meta files are read
+    return feats
+
+
+def pool_templates(
+    image_features: np.ndarray, templates: np.ndarray, medias: np.ndarray
+) -> TemplateFeatures:
+    """Media pooling, then template pooling.
+
+    For each template: the mean of the features of each of its medias, summed over its medias,
+    L2-normalised.
+
+    Args:
+        image_features: ``(N, D)`` per-face features (faceness weighting already applied).
+        templates: ``(N,)`` template ids; medias: ``(N,)`` media ids.
+    """
+    feats = np.asarray(image_features, np.float64)
+    keys = np.stack([np.asarray(templates), np.asarray(medias)], axis=1)
+    groups, group_of_face = np.unique(keys, axis=0, return_inverse=True)
+    group_of_face = group_of_face.reshape(-1)
+    order = np.argsort(group_of_face, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(group_of_face[order]) != 0])
+    media_sum = np.add.reduceat(feats[order], starts, axis=0)
+    media_mean = media_sum / np.bincount(group_of_face)[:, None]
+    # groups are sorted by (template, media): consecutive rows of one template are contiguous.
+    uniq_templates, t_starts = np.unique(groups[:, 0], return_index=True)
+    template_sum = np.add.reduceat(media_mean, t_starts, axis=0)
+    return TemplateFeatures(uniq_templates, l2_normalize(template_sum).astype(np.float32))
+
+
+def score_pairs(
+    features: TemplateFeatures, pair_templates: np.ndarray, *, chunk_size: int = 65536
+) -> np.ndarray:
+    """Cosine score ``(P,)`` of each template pair ``(P, 2)``, ``chunk_size`` pairs at a time."""
+    index = np.searchsorted(features.templates, pair_templates)
+    index = np.clip(index, 0, len(features.templates) - 1)
+    if not np.array_equal(features.templates[index], pair_templates):
+        missing = pair_templates[features.templates[index] != pair_templates][0]
+        raise ValueError(f"pair template {int(missing)} has no pooled feature")
+    scores = np.empty(len(pair_templates), np.float32)
+    for start in range(0, len(index), chunk_size):
+        chunk = index[start : start + chunk_size]
+        a, b = features.features[chunk[:, 0]], features.features[chunk[:, 1]]
+        scores[start : start + len(chunk)] = np.einsum("ij,ij->i", a, b)
+    return scores
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def feature_cache_key(model_path: PathLike, meta_file: PathLike, *, flip: bool) -> str:
+    """Key of a feature cache: model content hash, face list size and mtime, flip setting."""
+    meta_stat = Path(meta_file).stat()
+    parts = [_file_digest(Path(model_path)), str(meta_stat.st_size), str(meta_stat.st_mtime_ns)]
+    parts.append(f"flip={int(flip)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def evaluate_ijb(
+    embedder: Optional[Embedder],
+    data_dir: PathLike,
+    target: str,
+    *,
+    flip: bool = True,
+    faceness: bool = False,
+    batch_size: int = 128,
+    num_workers: int = 4,
+    fars: Sequence[float] = DEFAULT_FARS,
+    cache_file: Optional[PathLike] = None,
+    chunk_size: int = 65536,
+) -> IJBResult:
+    """Runs the IJB 1:1 protocol on ``data_dir`` for ``target``.
+
+    Args:
+        embedder: maps ``uint8`` RGB faces ``(N, 3, 112, 112)`` to ``(N, D)``; may be None when
+            ``cache_file`` already exists.
+        data_dir: folder in InsightFace's IJB release layout.
+        target: ``"IJBB"``, ``"IJBC"`` (or any name with matching meta files).
+        flip: add the embedding of the mirrored face.
+        faceness: multiply each face's feature by its detector score before pooling.
+        cache_file: ``.npy`` of the raw image features; read when present, written otherwise.
+    """
+    meta = read_ijb_meta(data_dir, target)
+    n = len(meta.image_names)
+    feats = None
+    if cache_file is not None and Path(cache_file).is_file():
+        feats = np.load(cache_file)
+        if feats.ndim != 2 or len(feats) != n:
+            logger.warning(
+                "ignoring feature cache %s: shape %s, %d faces", cache_file, feats.shape, n
+            )
+            feats = None
+        else:
+            logger.info("IJB features read from cache %s", cache_file)
+    if feats is None:
+        if embedder is None:
+            raise ValueError("no embedder given and no feature cache to read")
+        feats = extract_features(
+            embedder, meta, flip=flip, batch_size=batch_size, num_workers=num_workers
+        )
+        if cache_file is not None:
+            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(cache_file).with_suffix(".tmp.npy")
+            np.save(tmp, feats)
+            tmp.replace(cache_file)
+    if faceness:
+        feats = feats * meta.faceness[:, None]
+    pooled = pool_templates(feats, meta.templates, meta.medias)
+    scores = score_pairs(pooled, meta.pair_templates, chunk_size=chunk_size)
+    roc = roc_curve(scores, meta.pair_labels)
+    return IJBResult(
+        target=target,
+        fars=np.asarray(fars, np.float64),
+        tars=tar_at_far(scores, meta.pair_labels, fars=fars),
+        auc=float(np.sum(np.diff(roc.far) * (roc.tar[1:] + roc.tar[:-1]) / 2)),
+        scores=scores,
+        labels=meta.pair_labels,
+        num_faces=n,
+        num_templates=len(pooled.templates),
+    )
+
+
+def format_table(results: Dict[str, IJBResult]) -> str:
+    """Text table of TAR (%) at each FAR, one row per named result."""
+    first = next(iter(results.values()))
+    header = ["Methods"] + [f"{far:.0e}" for far in first.fars]
+    rows: List[List[str]] = [header]
+    for name, res in results.items():
+        rows.append([f"{name}-{res.target}"] + [f"{100 * t:.2f}" for t in res.tars])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def line(row: List[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |"
+
+    return "\n".join([rule, line(rows[0]), rule, *map(line, rows[1:]), rule])
+
+
+def save_roc_plot(results: Dict[str, IJBResult], path_stem: PathLike) -> List[Path]:
+    """Writes ``<stem>.png`` and ``<stem>.pdf`` (log-FAR ROC); returns [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no ROC plot (pip install matplotlib)")
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, res in results.items():
+        roc = roc_curve(res.scores, res.labels)
+        ax.plot(roc.far, roc.tar, lw=1, label=f"{name} (AUC {100 * res.auc:.2f}%)")
+    target = next(iter(results.values())).target
+    ax.set(xscale="log", xlim=(1e-6, 1), ylim=(0, 1), xlabel="FAR", ylabel="TAR")
+    ax.set_title(f"ROC on {target}")
+    ax.grid(linestyle="--", linewidth=0.5)
+    ax.legend(loc="lower right")
+    paths = [Path(f"{path_stem}.png"), Path(f"{path_stem}.pdf")]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return paths

@@ -1,0 +1,196 @@
+"""Verification metrics: k-fold pair accuracy (LFW protocol) and TAR at fixed FAR (IJB protocol).
+
+Both are plain NumPy and work on embeddings or scores already computed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "KFoldAccuracy",
+    "RocCurve",
+    "DEFAULT_FARS",
+    "l2_normalize",
+    "kfold_accuracy",
+    "mean_norm",
+    "roc_curve",
+    "tar_at_far",
+]
+
+#: The FAR columns of the IJB-B/IJB-C table.
+DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class KFoldAccuracy(NamedTuple):
+    """Result of :func:`kfold_accuracy`.
+
+    Attributes:
+        mean: mean test-fold accuracy.
+        std: population standard deviation of the fold accuracies.
+        fold_accuracy: ``(n_folds,)`` accuracy on each test fold.
+        fold_threshold: ``(n_folds,)`` squared-distance threshold chosen on the training folds.
+    """
+
+    mean: float
+    std: float
+    fold_accuracy: np.ndarray
+    fold_threshold: np.ndarray
+
+
+class RocCurve(NamedTuple):
+    """ROC points sorted by increasing FAR: ``far``, ``tar``, ``threshold`` (each ``(K,)``)."""
+
+    far: np.ndarray
+    tar: np.ndarray
+    threshold: np.ndarray
+
+
+def l2_normalize(x: np.ndarray, *, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation of ``(N, D)``; all-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def mean_norm(*embeddings: np.ndarray) -> float:
+    """Mean L2 norm of the rows of all given ``(N, D)`` arrays (arcface_torch's ``XNorm``)."""
+    norms = np.concatenate([np.linalg.norm(np.asarray(e, np.float64), axis=1) for e in embeddings])
+    return float(norms.mean())
+
+
+def _fold_slices(n: int, n_folds: int) -> list:
+    # Contiguous folds, the first ``n % n_folds`` one larger (sklearn KFold without shuffling).
+    sizes = np.full(n_folds, n // n_folds)
+    sizes[: n % n_folds] += 1
+    ends = np.cumsum(sizes)
+    return [np.arange(end - size, end) for size, end in zip(sizes, ends)]
+
+
+def _correct_counts(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    # Pairs predicted "same" when dist < threshold; correct = TP + TN for every threshold.
+    pos = np.sort(dist[issame])
+    neg = np.sort(dist[~issame])
+    tp = np.searchsorted(pos, thresholds, side="left")
+    tn = len(neg) - np.searchsorted(neg, thresholds, side="left")
+    return tp + tn
+
+
+def kfold_accuracy(
+    embeddings1: np.ndarray,
+    embeddings2: np.ndarray,
+    issame: np.ndarray,
+    *,
+    n_folds: int = 10,
+    thresholds: Optional[np.ndarray] = None,
+) -> KFoldAccuracy:
+    """LFW-protocol accuracy: threshold picked on ``n_folds - 1`` folds, scored on the rest.
+
+    Embeddings are L2-normalised; a pair is called "same" when the squared distance
+    ``||e1 - e2||^2 < threshold``. For each test fold the threshold with the highest accuracy on
+    the other folds (the first one on ties) is applied to the test fold. Folds are contiguous
+    and unshuffled, as in arcface_torch.
+
+    Args:
+        embeddings1: ``(P, D)`` first image of each pair.
+        embeddings2: ``(P, D)`` second image of each pair.
+        issame: ``(P,)`` bool labels.
+        n_folds: number of folds (2 ≤ n_folds ≤ P).
+        thresholds: candidate squared-distance thresholds; default ``0, 0.01, ..., 3.99``.
+    """
+    e1, e2 = l2_normalize(embeddings1), l2_normalize(embeddings2)
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    if e1.shape != e2.shape or e1.shape[0] != issame.shape[0]:
+        raise ValueError(
+            f"shapes disagree: embeddings1 {e1.shape}, embeddings2 {e2.shape}, "
+            f"issame {issame.shape}"
+        )
+    if not 2 <= n_folds <= len(issame):
+        raise ValueError(f"n_folds must be in [2, {len(issame)}] (number of pairs), got {n_folds}")
+    if thresholds is None:
+        thresholds = np.arange(0.0, 4.0, 0.01)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    dist = np.sum((e1 - e2) ** 2, axis=1)
+    fold_acc = np.zeros(n_folds)
+    fold_thr = np.zeros(n_folds)
+    for k, test in enumerate(_fold_slices(len(dist), n_folds)):
+        train = np.ones(len(dist), dtype=bool)
+        train[test] = False
+        best = int(np.argmax(_correct_counts(dist[train], issame[train], thresholds)))
+        fold_thr[k] = thresholds[best]
+        correct = _correct_counts(dist[test], issame[test], thresholds[best : best + 1])[0]
+        fold_acc[k] = correct / len(test)
+    return KFoldAccuracy(float(fold_acc.mean()), float(fold_acc.std()), fold_acc, fold_thr)
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
+    """ROC of similarity scores (higher = more alike), one point per distinct threshold.
+
+    A pair is accepted when ``score >= threshold``. The first point is ``(0, 0)`` at threshold
+    ``+inf``.
+
+    Args:
+        scores: ``(P,)`` similarity scores.
+        labels: ``(P,)`` 1 for genuine (same identity), 0 for impostor pairs.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in length")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"need genuine and impostor pairs, got {n_pos} and {n_neg}")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last_of_run = np.r_[s[1:] != s[:-1], True]
+    tp = np.cumsum(y)[last_of_run]
+    fp = np.cumsum(~y)[last_of_run]
+    far = np.r_[0.0, fp / n_neg]
+    tar = np.r_[0.0, tp / n_pos]
+    return RocCurve(far=far, tar=tar, threshold=np.r_[np.inf, s[last_of_run]])
+
+
+def tar_at_far(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    fars: Sequence[float] = DEFAULT_FARS,
+    method: str = "interp",
+) -> np.ndarray:
+    """True-accept rate at each false-accept rate in ``fars``.
+
+    ``method="interp"``: the ROC polyline read at each FAR, linearly between its points; where
+    the ROC rises vertically at that FAR, its top. ``method="nearest"``: the TAR of the ROC
+    point whose FAR is closest (the highest such TAR on ties), the rule of arcface_torch's
+    ``eval_ijbc.py``.
+
+    Args:
+        scores: ``(P,)`` similarity scores; labels: ``(P,)`` 1 genuine / 0 impostor.
+
+    Returns:
+        ``(len(fars),)`` TAR values in [0, 1].
+    """
+    roc = roc_curve(scores, labels)
+    fars = np.asarray(fars, dtype=np.float64).reshape(-1)
+    if np.any((fars < 0) | (fars > 1)):
+        raise ValueError(f"fars must lie in [0, 1], got {fars.tolist()}")
+    if method == "interp":
+        # First ROC point beyond each target; the one before it is the top of the run at or
+        # left of the target, and the segment between them is the polyline there.
+        right = np.searchsorted(roc.far, fars, side="right")
+        out = np.empty(len(fars))
+        for i, (target, j) in enumerate(zip(fars, right)):
+            if j >= len(roc.far) or roc.far[j - 1] == target:
+                out[i] = roc.tar[j - 1]
+                continue
+            x0, x1, y0, y1 = roc.far[j - 1], roc.far[j], roc.tar[j - 1], roc.tar[j]
+            out[i] = y0 + (y1 - y0) * (target - x0) / (x1 - x0)
+        return out
+    if method == "nearest":
+        out = np.empty(len(fars))
+        for i, target in enumerate(fars):
+            gap = np.abs(roc.far - target)
+            out[i] = roc.tar[gap == gap.min()].max()
+        return out
+    raise ValueError(f"method must be 'interp' or 'nearest', got {method!r}")
