@@ -1,0 +1,248 @@
+"""Tests for otface.evaluation.{bin_io, metrics (k-fold), verification} and eval/verification.py.
+
+References: pixels the test encodes itself, a hand-assembled Python-2 style pickle, a plain
+loop over sklearn's KFold splits and thresholds.
+"""
+
+import importlib.util
+import logging
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.model_selection import KFold
+from torch import nn
+
+from otface.evaluation.bin_io import read_bin, write_bin
+from otface.evaluation.metrics import kfold_accuracy
+from otface.evaluation.models import TorchEmbedder
+from otface.evaluation.verification import (
+    VerificationCallback,
+    evaluate_embeddings,
+    evaluate_pairs,
+    read_pairs_list,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference_accuracy(emb1, emb2, issame, n_folds=10):
+    """Plain loop: normalise, squared distance, best training threshold per fold."""
+    e1 = emb1 / np.linalg.norm(emb1, axis=1, keepdims=True)
+    e2 = emb2 / np.linalg.norm(emb2, axis=1, keepdims=True)
+    dist = ((e1 - e2) ** 2).sum(1)
+    thresholds = np.arange(0, 4, 0.01)
+    accs = []
+    for train, test in KFold(n_splits=n_folds, shuffle=False).split(np.arange(len(dist))):
+        best_acc, best_thr = -1.0, None
+        for thr in thresholds:
+            acc = np.mean((dist[train] < thr) == issame[train])
+            if acc > best_acc:
+                best_acc, best_thr = acc, thr
+        accs.append(np.mean((dist[test] < best_thr) == issame[test]))
+    return np.mean(accs), np.std(accs)
+
+
+def _pairs(n_pairs, dim=16, seed=0, noise=0.9):
+    rng = np.random.default_rng(seed)
+    issame = rng.random(n_pairs) < 0.5
+    a = rng.normal(size=(n_pairs, dim))
+    b = np.where(issame[:, None], a + noise * rng.normal(size=a.shape), rng.normal(size=a.shape))
+    emb = np.empty((2 * n_pairs, dim))
+    emb[0::2], emb[1::2] = a * 3.0, b * 0.5  # raw norms differ: XNorm and normalisation matter
+    return emb, issame
+
+
+@pytest.mark.parametrize("n_pairs", [600, 605, 37])
+def test_kfold_accuracy_equals_plain_loop(n_pairs):
+    emb, issame = _pairs(n_pairs)
+    got = kfold_accuracy(emb[0::2], emb[1::2], issame, n_folds=10)
+    ref_mean, ref_std = _reference_accuracy(emb[0::2], emb[1::2], issame)
+    assert got.mean == pytest.approx(ref_mean, abs=1e-12)
+    assert got.std == pytest.approx(ref_std, abs=1e-12)
+    assert 0.5 < got.mean < 1.0  # a non-trivial case
+
+
+def test_kfold_perfectly_separable_is_one():
+    emb, issame = _pairs(100, noise=0.0)
+    assert kfold_accuracy(emb[0::2], emb[1::2], issame).mean == 1.0
+
+
+def test_kfold_rejects_bad_shapes():
+    emb, issame = _pairs(20)
+    with pytest.raises(ValueError, match="shapes"):
+        kfold_accuracy(emb[0::2], emb[1::2], issame[:-1])
+    with pytest.raises(ValueError, match="n_folds"):
+        kfold_accuracy(emb[0::2], emb[1::2], issame, n_folds=21)
+
+
+def test_evaluate_embeddings_flip_and_xnorm():
+    emb, issame = _pairs(200, seed=1)
+    rng = np.random.default_rng(2)
+    flipped = emb + 0.7 * rng.normal(size=emb.shape)
+    res = evaluate_embeddings(emb, issame, flipped=flipped)
+    fused = emb + flipped
+    ref_flip = _reference_accuracy(fused[0::2], fused[1::2], issame)
+    ref_plain = _reference_accuracy(emb[0::2], emb[1::2], issame)
+    assert (res.accuracy, res.accuracy_std) == pytest.approx(ref_plain, abs=1e-12)
+    assert (res.accuracy_flip, res.accuracy_flip_std) == pytest.approx(ref_flip, abs=1e-12)
+    norms = [np.linalg.norm(v) for v in np.concatenate([emb, flipped])]
+    assert res.xnorm == pytest.approx(sum(norms) / len(norms), rel=1e-12)
+    assert res.num_pairs == 200
+
+
+def _random_faces(n, seed=0, size=112):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_bin_round_trip_exact(tmp_path):
+    faces = _random_faces(6)
+    issame = [True, False, True]
+    path = write_bin(tmp_path / "t.bin", faces, issame)
+    got = read_bin(path)
+    assert got.issame.tolist() == issame
+    assert got.images.shape == (6, 3, 112, 112) and got.images.dtype == np.uint8
+    for k, face in enumerate(faces):  # RGB HWC in, RGB CHW out, bit-exact (PNG)
+        np.testing.assert_array_equal(got.images[k], face.transpose(2, 0, 1))
+
+
+def _py2_pickle(bins, issame):
+    """A pickle as Python 2 writes it: images as 8-bit ``str`` (BINSTRING), protocol 2."""
+    out = bytearray(b"\x80\x02]q\x00(")  # PROTO 2, EMPTY_LIST, BINPUT, MARK
+    for b in bins:
+        out += b"T" + len(b).to_bytes(4, "little") + b
+    out += b"e]q\x01("  # APPENDS, EMPTY_LIST, BINPUT, MARK
+    out += b"".join(b"\x88" if s else b"\x89" for s in issame)  # NEWTRUE / NEWFALSE
+    out += b"e\x86q\x02."  # APPENDS, TUPLE2, BINPUT, STOP
+    return bytes(out)
+
+
+def test_bin_python2_pickle_needs_bytes_encoding(tmp_path):
+    faces = _random_faces(4, seed=3)
+    bins = [cv2.imencode(".png", f[:, :, ::-1])[1].tobytes() for f in faces]
+    path = tmp_path / "py2.bin"
+    path.write_bytes(_py2_pickle(bins, [False, True]))
+    with pytest.raises(UnicodeDecodeError):  # the case the reader must handle
+        pickle.loads(path.read_bytes())
+    got = read_bin(path)
+    assert got.issame.tolist() == [False, True]
+    for k, face in enumerate(faces):
+        np.testing.assert_array_equal(got.images[k], face.transpose(2, 0, 1))
+
+
+def test_bin_resizes_and_reports_bad_records(tmp_path):
+    faces = _random_faces(2, size=120)
+    got = read_bin(write_bin(tmp_path / "big.bin", faces, [True]))
+    assert got.images.shape == (2, 3, 112, 112)
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(pickle.dumps(([b"not an image", b"x"], [True])))
+    with pytest.raises(ValueError, match=r"bad\.bin image #0"):
+        read_bin(bad)
+    uneven = tmp_path / "uneven.bin"
+    uneven.write_bytes(pickle.dumps(([b"x"] * 3, [True])))
+    with pytest.raises(ValueError, match=r"uneven\.bin: 3 images for 1 pairs"):
+        read_bin(uneven)
+
+
+class _TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 5, stride=4)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc = nn.Linear(4 * 27 * 27, 32)
+
+    def forward(self, x):
+        return self.bn(self.fc(torch.relu(self.conv(x)).flatten(1)))
+
+
+def _reference_embed(net, images):
+    with torch.no_grad():
+        x = (torch.from_numpy(images).float() / 255 - 0.5) / 0.5
+        return net(x).numpy(), net(torch.flip(x, dims=[3])).numpy()
+
+
+def test_callback_matches_independent_computation(tmp_path, caplog):
+    faces = _random_faces(40, seed=5)
+    issame = [bool(i % 2) for i in range(20)]
+    write_bin(tmp_path / "t1.bin", faces, issame)
+    net = _TinyNet()
+    net.train()
+    calls = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+    with caplog.at_level(logging.INFO, logger="otface.evaluation.verification"):
+        cb = VerificationCallback(["t1", "absent"], tmp_path, summary_writer=Writer(), batch_size=7)
+        out = cb(5, net)
+    assert net.training  # train mode restored
+    assert sum("absent" in r.getMessage() for r in caplog.records) == 1
+    net.eval()
+    e, f = _reference_embed(net, np.stack([x.transpose(2, 0, 1) for x in faces]))
+    ref_acc, ref_std = _reference_accuracy((e + f)[0::2], (e + f)[1::2], np.array(issame))
+    assert list(out) == ["t1"]
+    assert out["t1"] == pytest.approx(ref_acc, abs=1e-9)
+    assert calls == [("t1", out["t1"], 5)]
+    text = caplog.text
+    assert f"[t1][5]Accuracy-Flip: {ref_acc:1.5f}+-{ref_std:1.5f}" in text
+    assert "[t1][5]XNorm: " in text and f"[t1][5]Accuracy-Highest: {ref_acc:1.5f}" in text
+    net.eval()
+    cb(6, net)
+    assert not net.training  # eval mode kept when it was in eval mode
+
+
+def test_pairs_list_mode(tmp_path):
+    faces = _random_faces(4, seed=7)
+    for k, face in enumerate(faces):
+        cv2.imwrite(str(tmp_path / f"{k}.png"), face[:, :, ::-1])
+    (tmp_path / "pairs.txt").write_text("# a b label\n0.png 1.png 1\n\n2.png 3.png 0\n")
+    pairs = read_pairs_list(tmp_path / "pairs.txt")
+    assert pairs.issame.tolist() == [True, False]
+    np.testing.assert_array_equal(pairs.images[2], faces[2].transpose(2, 0, 1))
+    net = _TinyNet().eval()
+    res = evaluate_pairs(TorchEmbedder(net), pairs, n_folds=2)
+    e, f = _reference_embed(net, pairs.images)
+    assert res.accuracy_flip == pytest.approx(
+        _reference_accuracy((e + f)[0::2], (e + f)[1::2], pairs.issame, n_folds=2)[0]
+    )
+    (tmp_path / "bad.txt").write_text("0.png 1.png 1\n0.png 1.png yes\n")
+    with pytest.raises(ValueError, match=r"bad\.txt line 2"):
+        read_pairs_list(tmp_path / "bad.txt")
+    (tmp_path / "missing.txt").write_text("0.png 1.png 1\n0.png 9.png 0\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt line 2: .*9\.png"):
+        read_pairs_list(tmp_path / "missing.txt")
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", REPO / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_on_model_pt(tmp_path, capsys):
+    from otface.backbones import get_model
+
+    torch.manual_seed(0)
+    net = get_model("r18_lite").eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    faces = _random_faces(20, seed=9)
+    issame = np.array([bool(i % 2) for i in range(10)])
+    write_bin(tmp_path / "mini.bin", faces, issame)
+    script = _load_script("verification")
+    argv = ["--model", str(tmp_path / "model.pt"), "--network", "r18_lite", "--data"]
+    rc = script.main(argv + [str(tmp_path), "--targets", "mini,lfw", "--device", "cpu"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    e, f = _reference_embed(net, np.stack([x.transpose(2, 0, 1) for x in faces]))
+    acc, std = _reference_accuracy((e + f)[0::2], (e + f)[1::2], issame)
+    assert f"[mini]Accuracy-Flip: {acc:1.5f}+-{std:1.5f}" in out
+    assert "[lfw] skipped" in out
+    assert script.main(["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path)]) == 1
+    assert "--network" in capsys.readouterr().err
