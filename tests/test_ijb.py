@@ -1,0 +1,261 @@
+"""Tests for otface.evaluation.{metrics (ROC, TAR@FAR), ijb_meta, ijb} and eval/ijb.py.
+
+References: sklearn's roc_curve read as a polyline by a plain loop, hand-pooled templates on a
+hand-made layout, a known similarity warp, and the PyTorch model against its ONNX export.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from otface.evaluation import ijb as ijb_mod
+from otface.evaluation.ijb import align_face, evaluate_ijb, pool_templates, score_pairs
+from otface.evaluation.ijb_meta import IJBLayoutError, read_ijb_meta
+from otface.evaluation.metrics import roc_curve, tar_at_far
+
+REPO = Path(__file__).resolve().parents[1]
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+ARCFACE_TEMPLATE = np.array(  # the standard 112×112 five-point template (a published fact)
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+     [70.7299, 92.2041]], dtype=np.float32,
+)  # fmt: skip
+
+
+def _sk_polyline_tar(scores, labels, fars):
+    """TAR read off sklearn's ROC as a polyline; the top where it rises vertically."""
+    fpr, tpr, _ = sk_roc_curve(labels, scores)
+    out = []
+    for far in fars:
+        best = 0.0
+        for k in range(len(fpr) - 1):
+            x0, x1, y0, y1 = fpr[k], fpr[k + 1], tpr[k], tpr[k + 1]
+            if x0 <= far <= x1:
+                y = max(y0, y1) if x1 == x0 else y0 + (y1 - y0) * (far - x0) / (x1 - x0)
+                best = max(best, y)
+        out.append(best)
+    return np.array(out)
+
+
+def _scores(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.2).astype(int)
+    scores = np.round(rng.normal(size=n) + 2.5 * labels, 2)  # rounding makes ties
+    return scores, labels
+
+
+def test_roc_curve_equals_sklearn():
+    scores, labels = _scores()
+    ours = roc_curve(scores, labels)
+    fpr, tpr, thr = sk_roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(ours.far, fpr)
+    np.testing.assert_allclose(ours.tar, tpr)
+    np.testing.assert_allclose(ours.threshold[1:], thr[1:])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tar_at_far_equals_sklearn_interpolation(seed):
+    scores, labels = _scores(seed=seed)
+    n_neg = int((labels == 0).sum())
+    fars = list(FARS) + [3 / n_neg, 0.25, 1.0]  # some exactly on ROC vertices
+    got = tar_at_far(scores, labels, fars=fars)
+    np.testing.assert_allclose(got, _sk_polyline_tar(scores, labels, fars), atol=1e-12)
+
+
+def test_tar_at_far_nearest_rule():
+    scores, labels = _scores(seed=2)
+    fpr, tpr, _ = sk_roc_curve(labels, scores)
+    ref = [max(t for f, t in zip(fpr, tpr) if abs(f - far) == min(abs(fpr - far))) for far in FARS]
+    np.testing.assert_allclose(tar_at_far(scores, labels, fars=FARS, method="nearest"), ref)
+    with pytest.raises(ValueError, match="'interp' or 'nearest'"):
+        tar_at_far(scores, labels, method="closest")
+
+
+def test_pool_templates_by_hand():
+    f = np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 2], [3, 4, 0], [1, 1, 1]])
+    templates = np.array([7, 7, 7, 3, 7])
+    medias = np.array([10, 10, 11, 5, 10])
+    pooled = pool_templates(f, templates, medias)
+    assert pooled.templates.tolist() == [3, 7]
+    t7 = (f[0] + f[1] + f[4]) / 3 + f[2]  # media 10 averaged, media 11 alone, then summed
+    expected = np.stack([f[3] / 5.0, t7 / np.linalg.norm(t7)])
+    np.testing.assert_allclose(pooled.features, expected, rtol=1e-6)
+
+
+def test_score_pairs_chunked_cosine():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(5, 8))
+    pooled = pool_templates(feats, np.array([4, 9, 2, 8, 1]), np.arange(5))
+    pairs = np.array([[4, 9], [2, 2], [1, 8], [9, 1], [8, 4]])
+    got = score_pairs(pooled, pairs, chunk_size=2)
+    unit = {t: v / np.linalg.norm(v) for t, v in zip([4, 9, 2, 8, 1], feats)}
+    np.testing.assert_allclose(got, [unit[a] @ unit[b] for a, b in pairs], rtol=1e-5)
+    with pytest.raises(ValueError, match="template 5"):
+        score_pairs(pooled, np.array([[4, 5]]))
+
+
+def _write_layout(root, names, templates, medias, pairs, *, target="tiny", scores=None):
+    meta, crops = root / "meta", root / "loose_crop"
+    meta.mkdir(parents=True, exist_ok=True)
+    crops.mkdir(exist_ok=True)
+    scores = scores if scores is not None else [0.9] * len(names)
+    lmk = " ".join(f"{v:.4f}" for v in ARCFACE_TEMPLATE.reshape(-1))
+    (meta / f"{target}_face_tid_mid.txt").write_text(
+        "".join(f"{n} {t} {m}\n" for n, t, m in zip(names, templates, medias))
+    )
+    (meta / f"{target}_name_5pts_score.txt").write_text(
+        "".join(f"{n} {lmk} {s}\n" for n, s in zip(names, scores))
+    )
+    (meta / f"{target}_template_pair_label.txt").write_text(
+        "".join(f"{a} {b} {y}\n" for a, b, y in pairs)
+    )
+    return root
+
+
+def test_evaluate_ijb_on_known_features(tmp_path):
+    rng = np.random.default_rng(3)
+    n_faces, n_templates = 40, 12
+    templates = np.repeat(np.arange(1, n_templates + 1), [4, 3, 3, 3, 4, 3, 3, 4, 3, 3, 4, 3])
+    medias = np.arange(n_faces) // 2 + 100
+    identity = (templates - 1) // 2  # templates 2k+1 and 2k+2 show one person
+    feats = rng.normal(size=(6, 16))[identity] + 0.8 * rng.normal(size=(n_faces, 16))
+    faceness = rng.uniform(0.3, 1.0, n_faces).round(3)
+    pairs = [
+        (a, b, int((a - 1) // 2 == (b - 1) // 2))
+        for a in range(1, n_templates + 1)
+        for b in range(a + 1, n_templates + 1)
+    ]
+    names = [f"{i}.jpg" for i in range(n_faces)]
+    root = _write_layout(tmp_path / "ijb", names, templates, medias, pairs, scores=faceness)
+    cache = tmp_path / "feats.npy"
+    np.save(cache, feats.astype(np.float32))
+    labels = np.array([p[2] for p in pairs])
+    for weighted in (False, True):
+        res = evaluate_ijb(None, root, "tiny", faceness=weighted, cache_file=cache)
+        w = feats * faceness[:, None] if weighted else feats
+        tfeat = {}
+        for t in np.unique(templates):  # hand pooling: media means, summed, normalised
+            sel = templates == t
+            v = sum(w[sel & (medias == m)].mean(0) for m in np.unique(medias[sel]))
+            tfeat[t] = v / np.linalg.norm(v)
+        ref_scores = np.array([tfeat[a] @ tfeat[b] for a, b, _ in pairs])
+        np.testing.assert_allclose(res.scores, ref_scores, atol=1e-5)
+        np.testing.assert_allclose(res.tars, _sk_polyline_tar(res.scores, labels, FARS))
+        assert (res.num_faces, res.num_templates) == (n_faces, n_templates)
+
+
+def test_layout_errors_name_file_and_line(tmp_path):
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    root = _write_layout(tmp_path / "d", names, [1, 1, 2], [1, 2, 3], [(1, 2, 0)])
+    assert len(read_ijb_meta(root, "TINY").image_names) == 3  # target case does not matter
+    with pytest.raises(IJBLayoutError, match=r"missing .*ijbc_face_tid_mid\.txt.*\['tiny'\]"):
+        read_ijb_meta(root, "IJBC")
+    meta = root / "meta"
+    pairs_file = meta / "tiny_template_pair_label.txt"
+    pairs_file.write_text("1 2 0\n1 2 x\n")
+    with pytest.raises(IJBLayoutError, match=r"tiny_template_pair_label\.txt line 2"):
+        read_ijb_meta(root, "tiny")
+    pairs_file.write_text("1 2 0\n2 1 2\n")
+    with pytest.raises(IJBLayoutError, match="line 2: label must be 0 or 1"):
+        read_ijb_meta(root, "tiny")
+    pairs_file.write_text("1 2 0\n1 9 1\n")
+    with pytest.raises(IJBLayoutError, match="line 2: template 9 has no face"):
+        read_ijb_meta(root, "tiny")
+    pairs_file.write_text("1 2 0\n")
+    tid = meta / "tiny_face_tid_mid.txt"
+    tid.write_text("a.jpg 1 1\nx.jpg 1 2\nc.jpg 2 3\n")
+    with pytest.raises(IJBLayoutError, match=r"tiny_face_tid_mid\.txt line 2: image differs"):
+        read_ijb_meta(root, "tiny")
+    tid.write_text("a.jpg 1 1\nb.jpg 1 2\n")
+    with pytest.raises(IJBLayoutError, match="2 lines but .* has 3"):
+        read_ijb_meta(root, "tiny")
+    tid.write_text("a.jpg 1 1\nb.jpg 1 2\nc.jpg 2 3\n")
+    pts = meta / "tiny_name_5pts_score.txt"
+    pts.write_text(pts.read_text().replace("0.9\nc.jpg", "\nc.jpg"))
+    with pytest.raises(IJBLayoutError, match=r"tiny_name_5pts_score\.txt line 2"):
+        read_ijb_meta(root, "tiny")
+    with pytest.raises(IJBLayoutError, match="does not exist"):
+        read_ijb_meta(tmp_path / "nowhere", "tiny")
+
+
+def test_align_face_undoes_a_known_similarity():
+    rng = np.random.default_rng(0)
+    face = cv2.GaussianBlur(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), (0, 0), 3)
+    angle, scale, shift = 12.0, 1.4, np.array([40.0, 25.0])
+    m = cv2.getRotationMatrix2D((0, 0), angle, scale)
+    m[:, 2] = shift
+    loose = cv2.warpAffine(face, m, (240, 240), flags=cv2.INTER_CUBIC)
+    landmarks = ARCFACE_TEMPLATE @ m[:, :2].T + m[:, 2]
+    aligned = align_face(loose, landmarks)
+    assert aligned.shape == (112, 112, 3)
+    inner = (slice(8, 104), slice(8, 104))
+    err = np.abs(aligned[inner].astype(float) - face[inner].astype(float)).mean()
+    assert err < 2.0  # only resampling error left
+    identity = align_face(face, ARCFACE_TEMPLATE)
+    assert np.abs(identity.astype(float) - face.astype(float)).max() <= 1
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", REPO / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_values(path):
+    row = path.read_text().splitlines()[3]
+    return np.array([float(v) for v in row.strip("| ").split("|")[1:]])
+
+
+def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
+    from otface.backbones import get_model
+    from otface.data.demo import generate_demo
+    from otface.export import export_model
+
+    data = generate_demo(
+        tmp_path / "demo",
+        train_identities=2,
+        images_per_identity=1,
+        val_identities=2,
+        val_images_per_identity=2,
+        val_pairs=2,
+        ijb_identities=6,
+        ijb_images_per_identity=4,
+        ijb_impostor_pairs=30,
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.manual_seed(0)
+    torch.save(get_model("r18_lite").state_dict(), work / "model.pt")
+    onnx_path = export_model(work, network="r18_lite", package=False).onnx_path
+    script = _load_script("ijb")
+    common = ["--data", str(data / "ijb"), "--target", "demo", "--num-workers", "2"]
+    pt_args = ["--model", str(work / "model.pt"), "--network", "r18_lite", "--device", "cpu"]
+    assert script.main(pt_args + common + ["--output", str(tmp_path / "pt")]) == 0
+    assert script.main(["--model", str(onnx_path)] + common + ["--output", str(tmp_path / "ox")]) == 0
+    pt_scores = np.load(tmp_path / "pt" / "demo_scores.npy")
+    ox_scores = np.load(tmp_path / "ox" / "demo_scores.npy")
+    np.testing.assert_allclose(pt_scores, ox_scores, atol=1e-4)
+    pt_table = _table_values(tmp_path / "pt" / "demo_tar_at_far.txt")
+    np.testing.assert_allclose(pt_table, _table_values(tmp_path / "ox" / "demo_tar_at_far.txt"))
+    labels = np.loadtxt(data / "ijb" / "meta" / "demo_template_pair_label.txt", dtype=int)[:, 2]
+    ref = 100 * _sk_polyline_tar(pt_scores, labels, FARS)
+    np.testing.assert_allclose(pt_table, ref, atol=0.006)  # the table prints 2 decimals
+    assert len(list((tmp_path / "pt").glob("demo_features_*.npy"))) == 1
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "pt" / "demo.png").is_file() and (tmp_path / "pt" / "demo.pdf").is_file()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(script, "open_embedder", no_model)
+    monkeypatch.setattr(ijb_mod, "extract_features", no_model)
+    assert script.main(pt_args + common + ["--output", str(tmp_path / "pt")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "pt" / "demo_scores.npy"), pt_scores)
+    # the flip setting is part of the cache key: --no-flip must extract again
+    with pytest.raises(AssertionError, match="cache"):
+        script.main(pt_args + common + ["--output", str(tmp_path / "pt"), "--no-flip"])
