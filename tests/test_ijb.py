@@ -236,7 +236,8 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
     common = ["--data", str(data / "ijb"), "--target", "demo", "--num-workers", "2"]
     pt_args = ["--model", str(work / "model.pt"), "--network", "r18_lite", "--device", "cpu"]
     assert script.main(pt_args + common + ["--output", str(tmp_path / "pt")]) == 0
-    assert script.main(["--model", str(onnx_path)] + common + ["--output", str(tmp_path / "ox")]) == 0
+    ox_args = ["--model", str(onnx_path), "--output", str(tmp_path / "ox")]
+    assert script.main(ox_args + common) == 0
     pt_scores = np.load(tmp_path / "pt" / "demo_scores.npy")
     ox_scores = np.load(tmp_path / "ox" / "demo_scores.npy")
     np.testing.assert_allclose(pt_scores, ox_scores, atol=1e-4)

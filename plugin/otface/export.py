@@ -167,10 +167,15 @@ def check_onnx_parity(
             raise ExportParityError(
                 f"{onnx_path}: batch {n} gives output {got.shape}, PyTorch gives {ref.shape}"
             )
-        cos = np.sum(got * ref, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
-        worst_cos = min(worst_cos, float(cos.min()))
-        worst_abs = max(worst_abs, float(np.abs(got - ref).max()))
-    if worst_cos < min_cosine:
+        if not (np.isfinite(ref).all() and np.isfinite(got).all()):
+            raise ExportParityError(f"{onnx_path}: non-finite embeddings for batch {n}")
+        got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+        cos = np.sum(got64 * ref64, 1) / (
+            np.linalg.norm(got64, axis=1) * np.linalg.norm(ref64, axis=1)
+        )
+        worst_cos = min(worst_cos, float(np.nan_to_num(cos, nan=-1.0).min()))
+        worst_abs = max(worst_abs, float(np.abs(got64 - ref64).max()))
+    if not worst_cos >= min_cosine:
         raise ExportParityError(
             f"{onnx_path}: onnxruntime and PyTorch embeddings differ (worst cosine "
             f"{worst_cos:.6f} < {min_cosine}); the export is not usable"
