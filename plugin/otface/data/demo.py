@@ -169,10 +169,11 @@ _README = """\
 OTFace embedded demo data (format version {version}, seed {seed})
 ==================================================================
 
-THIS IS NOT REAL FACE DATA. Every image here is a cartoon-like face drawn procedurally by
-otface.data.demo from random numbers: no photograph of any person was used. It is a small,
-deterministic stand-in so that training, verification and IJB-style evaluation can be run
-end to end on a CPU. Numbers measured on it say nothing about accuracy on real benchmarks.
+THIS IS NOT REAL FACE DATA. It is a small, deterministic, synthetic stand-in for real face
+data: every image is a cartoon-like face drawn procedurally by otface.data.demo from random
+numbers, and no photograph of any person was used. It exists so that training, verification
+and IJB-style evaluation can be run end to end on a CPU. Numbers measured on it say nothing
+about accuracy on real benchmarks.
 
 Each identity has its own head shape, eye/brow/nose/mouth geometry, hair style, colours and
 skin texture; each image adds its own pose, expression, lighting, colour cast, blur, noise,

@@ -1,0 +1,330 @@
+"""Tests of the embedded demo data generator (otface.data.demo and its render helpers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import otface.data.demo as demo
+from otface.data.demo_identity import sample_identity, sample_scene, sample_shot
+from otface.data.demo_render import render_face
+from otface.data.recordio import IndexedRecordReader, unpack_payload
+
+# The ArcFace 112×112 reference landmarks, as published with InsightFace's alignment code.
+TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+     [70.7299, 92.2041]]
+)  # fmt: skip
+TINY = dict(
+    train_identities=3,
+    images_per_identity=2,
+    val_identities=4,
+    val_images_per_identity=3,
+    val_pairs=20,
+    ijb_identities=4,
+    ijb_images_per_identity=5,
+    ijb_impostor_pairs=10,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return demo.generate_demo(tmp_path_factory.mktemp("demo") / "d", seed=3, **TINY)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _decode(buf: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None
+    return img
+
+
+def _photo(i: int, *, loose_size=None, seed: int = 0):
+    idn = sample_identity(np.random.default_rng([seed, 0, i]))
+    rng = np.random.default_rng([seed, 1, i])
+    return render_face(idn, sample_shot(rng), sample_scene(rng), rng, loose_size=loose_size)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def test_render_is_deterministic_and_seed_dependent():
+    a, b, c = _photo(7), _photo(7), _photo(7, seed=1)
+    assert a.image.dtype == np.uint8 and a.image.shape == (112, 112, 3)
+    assert a.landmarks.dtype == np.float32 and a.landmarks.shape == (5, 2)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.landmarks, b.landmarks)
+    assert np.abs(a.image.astype(int) - c.image.astype(int)).mean() > 5
+    assert not np.allclose(a.landmarks, c.landmarks)
+
+
+def test_aligned_landmarks_near_template_with_pose_jitter():
+    lmk = np.stack([_photo(i).landmarks for i in range(60)])
+    err = np.hypot(*(lmk - TEMPLATE).transpose(2, 0, 1))  # (60, 5) pixels
+    assert (lmk >= 0).all() and (lmk < 112).all()
+    assert err.max() < 13.0 and err.mean() < 4.5
+    assert err.mean() > 0.5  # per-image jitter is applied, not a copy of the template
+    # left/right order as in the template
+    assert (lmk[:, 0, 0] < lmk[:, 1, 0]).all() and (lmk[:, 3, 0] < lmk[:, 4, 0]).all()
+
+
+def test_loose_crops_are_unaligned_and_landmarks_inside():
+    faces = [_photo(i, loose_size=176) for i in range(20)]
+    assert all(f.image.shape == (176, 176, 3) and f.image.dtype == np.uint8 for f in faces)
+    lmk = np.stack([f.landmarks for f in faces])
+    assert (lmk > 0).all() and (lmk < 176).all()
+    offsets = np.linalg.norm(lmk.mean(axis=1) - TEMPLATE.mean(axis=0), axis=1)
+    assert offsets.mean() > 10.0  # not at the aligned positions
+    angles = np.degrees(np.arctan2(*(lmk[:, 1] - lmk[:, 0]).T[::-1]))
+    assert np.ptp(angles) > 8.0  # in-plane rotation varies
+
+
+@pytest.mark.parametrize("loose_size", [None, 176])
+def test_landmarks_agree_with_pixels(loose_size):
+    """Colour-codes iris (pure green) and lips (pure blue) and finds them in the image."""
+    for i in range(6):
+        idn = sample_identity(np.random.default_rng([9, 0, i]))
+        idn = dataclasses.replace(
+            idn, iris=np.array([0.0, 255.0, 0.0]), lips=np.array([0.0, 0.0, 255.0]),
+            moustache=False, beard=False, glasses=False,
+        )  # fmt: skip
+        rng = np.random.default_rng([9, 1, i])
+        shot = sample_shot(rng)._replace(
+            gaze=np.zeros(2), eye_open=1.0, mouth_open=0.0, occlusion="", blur_sigma=0.0,
+            noise_sigma=0.0, brightness=1.0, contrast=1.0, gamma=1.0,
+        )  # fmt: skip
+        grey = np.full((2, 3), 128.0, np.float32)
+        scene = sample_scene(rng)._replace(
+            background=grey, clothes=grey[0], light_strength=0.0, white_balance=np.ones(3)
+        )
+        face = render_face(idn, shot, scene, rng, loose_size=loose_size)
+        img = face.image.astype(int)
+        r, g, b = img[..., 0], img[..., 1], img[..., 2]
+        ys, xs = np.mgrid[: img.shape[0], : img.shape[1]]
+        for eye in face.landmarks[:2]:
+            near = np.hypot(xs - eye[0], ys - eye[1]) < 6
+            green = near & (g > 150) & (r < 100) & (b < 100)
+            assert green.sum() >= 4
+            centroid = np.array([xs[green].mean(), ys[green].mean()])
+            assert np.linalg.norm(centroid - eye) < 1.0
+        left, right = face.landmarks[3].astype(float), face.landmarks[4].astype(float)
+        centre, axis = 0.5 * (left + right), (right - left) / np.linalg.norm(right - left)
+        near = np.hypot(xs - centre[0], ys - centre[1]) < 0.75 * np.linalg.norm(right - left)
+        blue = near & (b > 90) & (r < 60) & (g < 60)
+        pts = np.stack([xs[blue], ys[blue]], axis=1).astype(float)
+        proj = (pts - centre) @ axis
+        assert np.linalg.norm(pts[proj.argmin()] - left) < 2.5
+        assert np.linalg.norm(pts[proj.argmax()] - right) < 2.5
+
+
+# --- the generated folder ---------------------------------------------------------------------
+
+
+def test_generate_is_deterministic_and_seed_dependent(tiny, tmp_path):
+    again = _files(demo.generate_demo(tmp_path / "same", seed=3, **TINY))
+    assert again == _files(tiny)
+    other = _files(demo.generate_demo(tmp_path / "other", seed=4, **TINY))
+    assert other.keys() == again.keys()
+    for name in ["train.rec", "demo_lfw.bin", "ijb/loose_crop/1.jpg"]:
+        assert other[name] != again[name], name
+    assert other["ijb/meta/demo_name_5pts_score.txt"] != again["ijb/meta/demo_name_5pts_score.txt"]
+
+
+def test_train_rec_labels_and_images(tiny):
+    assert (tiny / "property").read_text().strip() == "3,112,112"
+    reader = IndexedRecordReader(tiny / "train.rec", tiny / "train.idx")
+    header, _ = unpack_payload(reader.read(0))
+    first_identity = int(np.asarray(header.label).ravel()[0])
+    labels = []
+    for key in range(1, first_identity):
+        h, img = unpack_payload(reader.read(key))
+        labels.append(int(np.asarray(h.label).ravel()[0]))
+        assert _decode(img).shape == (112, 112, 3)
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2]
+    readme = " ".join((tiny / "README.txt").read_text().split())
+    assert "synthetic stand-in for real face data" in readme
+    assert "seed 3" in (tiny / "README.txt").read_text()
+
+
+def test_bin_is_plain_lfw_pickle(tiny):
+    with open(tiny / "demo_lfw.bin", "rb") as f:
+        bins, issame = pickle.load(f)
+    assert isinstance(bins, list) and isinstance(issame, list)
+    assert len(issame) == 20 and len(bins) == 40
+    assert all(type(v) is bool for v in issame) and sum(issame) == 10
+    assert all(isinstance(b, bytes) for b in bins)
+    for b in bins:
+        assert _decode(b).shape == (112, 112, 3)
+    # every contiguous tenth (an arcface_torch fold) holds both kinds of pair
+    for fold in np.array_split(np.array(issame), 10):
+        assert fold.any() and not fold.all()
+    pairs = [(bins[2 * k], bins[2 * k + 1]) for k in range(20)]
+    assert all(a != b for a, b in pairs)  # never an image paired with itself
+    assert len(set(pairs)) == 20  # no repeated pair
+
+
+def _read_ijb(root: Path):
+    tid_mid = [ln.split() for ln in (root / "meta/demo_face_tid_mid.txt").read_text().splitlines()]
+    pts = [ln.split() for ln in (root / "meta/demo_name_5pts_score.txt").read_text().splitlines()]
+    pairs = np.loadtxt(root / "meta/demo_template_pair_label.txt", dtype=int, ndmin=2)
+    return tid_mid, pts, pairs
+
+
+def test_ijb_meta_consistent(tiny):
+    root = tiny / "ijb"
+    tid_mid, pts, pairs = _read_ijb(root)
+    assert len(tid_mid) == 4 * 5
+    assert [row[0] for row in tid_mid] == [row[0] for row in pts]  # same rows, same order
+    assert sorted(p.name for p in (root / "loose_crop").iterdir()) == sorted(r[0] for r in pts)
+    for row in pts:
+        assert len(row) == 12
+        lmk = np.array(row[1:11], float).reshape(5, 2)
+        img = _decode((root / "loose_crop" / row[0]).read_bytes())
+        assert img.shape[:2] == (176, 176)
+        assert (lmk > 0).all() and (lmk < 176).all()
+        assert 0.3 <= float(row[11]) <= 1.0
+    templates = np.array([int(r[1]) for r in tid_mid])
+    medias = np.array([int(r[2]) for r in tid_mid])
+    for t in np.unique(templates):
+        assert 1 <= (templates == t).sum() <= 4
+        assert 1 <= len(np.unique(medias[templates == t])) <= 2
+    for m in np.unique(medias):  # a media belongs to one template
+        assert len(np.unique(templates[medias == m])) == 1
+    assert set(pairs[:, :2].ravel()) <= set(templates.tolist())
+    assert set(pairs[:, 2].tolist()) == {0, 1}
+    assert (pairs[:, 2] == 0).sum() == 10
+    assert (pairs[:, 2] == 1).sum() >= 4  # at least two templates per identity
+    assert len({(a, b) for a, b, _ in pairs}) == len(pairs)
+    assert (pairs[:, 0] != pairs[:, 1]).all()
+
+
+def test_parts_use_disjoint_identities(tmp_path, monkeypatch):
+    import otface.data.rec_writer as rec_writer
+
+    seen: dict[str, set] = {"train": set(), "val": set(), "ijb": set()}
+    phase = ["val"]
+    real_render, real_write = demo.render_face, rec_writer.write_rec
+
+    def render(identity, *args, loose_size=None, **kw):
+        key = (identity.face_half_w, identity.face_half_h, identity.eye_y, identity.mouth_y)
+        seen["ijb" if loose_size else phase[0]].add(key)
+        return real_render(identity, *args, loose_size=loose_size, **kw)
+
+    def write(*args, **kw):
+        phase[0] = "train"
+        try:
+            return real_write(*args, **kw)
+        finally:
+            phase[0] = "val"
+
+    monkeypatch.setattr(demo, "render_face", render)
+    monkeypatch.setattr(rec_writer, "write_rec", write)
+    demo.generate_demo(tmp_path / "d", **TINY)
+    assert [len(seen[k]) for k in ("train", "val", "ijb")] == [3, 4, 4]
+    assert not (seen["train"] & seen["val"] or seen["train"] & seen["ijb"])
+    assert not seen["val"] & seen["ijb"]
+
+
+def test_bad_sizes_and_seed_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="val_pairs=100"):
+        demo.generate_demo(tmp_path, **{**TINY, "val_pairs": 100})
+    with pytest.raises(ValueError, match="seed.*-1"):
+        demo.generate_demo(tmp_path, seed=-1)
+    with pytest.raises(ValueError, match="ijb_identities.*1"):
+        demo.generate_demo(tmp_path, **{**TINY, "ijb_identities": 1})
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+_REAL_GENERATE = demo.generate_demo
+
+
+def _counting_generate(log: Path, out_dir, *, seed=0):
+    with open(log, "a") as f:
+        f.write(f"{seed}\n")
+    return _REAL_GENERATE(out_dir, seed=seed, **TINY)
+
+
+@pytest.fixture
+def counted(tmp_path, monkeypatch) -> Path:
+    log = tmp_path / "calls.log"
+    log.touch()
+    monkeypatch.setattr(demo, "generate_demo", functools.partial(_counting_generate, log))
+    return log
+
+
+def test_ensure_demo_builds_once(tmp_path, counted, monkeypatch):
+    root = tmp_path / "cache"
+    first = demo.ensure_demo(root, seed=2)
+    assert first == root / f"demo_v{demo.FORMAT_VERSION}_seed2"
+    assert (first / "train.rec").is_file() and (first / "ijb/meta").is_dir()
+    assert demo.ensure_demo(root, seed=2) == first
+    assert counted.read_text().split() == ["2"]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.setenv("OTFACE_CACHE", str(root))
+    assert demo.ensure_demo(seed=2) == first
+    assert counted.read_text().split() == ["2"]
+
+
+def test_ensure_demo_survives_leftovers(tmp_path, counted):
+    root = tmp_path / "cache"
+    name = f"demo_v{demo.FORMAT_VERSION}_seed0"
+    (root / f".{name}.tmp-12345-dead").mkdir(parents=True)
+    (root / f".{name}.tmp-12345-dead" / "train.rec").write_bytes(b"partial")
+    (root / name).mkdir()  # a folder without the completion marker: rebuilt
+    (root / name / "junk").write_text("x")
+    out = demo.ensure_demo(root)
+    assert (out / "demo_lfw.bin").is_file() and not (out / "junk").exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+
+
+def test_ensure_demo_failure_leaves_nothing(tmp_path, monkeypatch):
+    def broken(out_dir, *, seed=0):
+        Path(out_dir, "train.rec").parent.mkdir(parents=True, exist_ok=True)
+        Path(out_dir, "train.rec").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(demo, "generate_demo", broken)
+    root = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="disk full"):
+        demo.ensure_demo(root)
+    assert sorted(p.name for p in root.iterdir()) == [f"demo_v{demo.FORMAT_VERSION}_seed0.lock"]
+
+
+def _ensure_in_child(root: str, queue) -> None:
+    queue.put(str(demo.ensure_demo(root)))
+
+
+def test_ensure_demo_concurrent_processes_build_once(tmp_path, counted):
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ensure_in_child, args=(str(tmp_path / "c"), queue)) for _ in "ab"]
+    for p in procs:
+        p.start()
+    results = {queue.get(timeout=120) for _ in procs}
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert results == {str(tmp_path / "c" / f"demo_v{demo.FORMAT_VERSION}_seed0")}
+    assert counted.read_text().split() == ["0"]
+
+
+def test_cli_writes_folder(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(demo, "generate_demo", lambda out, seed: calls.append((out, seed)) or out)
+    assert demo.main([str(tmp_path / "x"), "--seed", "5"]) == 0
+    assert calls == [(str(tmp_path / "x"), 5)]
+    assert "wrote" in capsys.readouterr().out
