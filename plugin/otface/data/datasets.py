@@ -1,13 +1,15 @@
 """Training datasets: InsightFace ``.rec`` folders and image folders.
 
 Each dataset returns ``(image, label)``: ``image`` float32 ``(3, 112, 112)`` RGB in ``[-1, 1]``
-(``(x / 255 - 0.5) / 0.5``, randomly flipped left-right when ``flip=True``), ``label`` int64
+(``(x / 255 - 0.5) / 0.5``, randomly flipped left-right when ``flip=True``; ``uint8`` with
+``normalize=False``, for :func:`collate_images` to normalise a whole batch), ``label`` int64
 scalar tensor. Each exposes ``labels`` (int64 array, one per index) without decoding images, for
 the identity-balanced sampler.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from otface.data.recordio import IndexedRecordReader, RecordIOError, unpack_payload
 
@@ -26,8 +28,10 @@ __all__ = [
     "RecLabels",
     "RecDataset",
     "ImageFolderDataset",
+    "collate_images",
     "decode_image",
     "image_to_tensor",
+    "normalize_images",
     "read_rec_labels",
     "scan_image_folder",
 ]
@@ -37,14 +41,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _warned_resize = False
 
 
-def decode_image(data: bytes, *, where: str) -> np.ndarray:
-    """Decodes JPEG/PNG bytes to an RGB ``uint8`` array ``(112, 112, 3)``.
-
-    Images of another size are resized (with one warning per process).
-
-    Raises:
-        RecordIOError: the bytes are not a decodable image (the message names ``where``).
-    """
+def _decode_bgr(data: bytes, *, where: str) -> np.ndarray:
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
@@ -56,19 +53,72 @@ def decode_image(data: bytes, *, where: str) -> np.ndarray:
             warnings.warn(
                 f"{where}: image is {img.shape[1]}x{img.shape[0]}, resizing to "
                 f"{IMAGE_SIZE}x{IMAGE_SIZE} (further resizes are not reported)",
-                stacklevel=2,
+                stacklevel=3,
             )
         img = cv2.resize(img, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def decode_image(data: bytes, *, where: str) -> np.ndarray:
+    """Decodes JPEG/PNG bytes to an RGB ``uint8`` array ``(112, 112, 3)``.
+
+    Images of another size are resized (with one warning per process).
+
+    Raises:
+        RecordIOError: the bytes are not a decodable image (the message names ``where``).
+    """
+    return cv2.cvtColor(_decode_bgr(data, where=where), cv2.COLOR_BGR2RGB)
+
+
+def _decode_chw(data: bytes, *, where: str, flip: bool) -> torch.Tensor:
+    """Encoded image → RGB ``uint8 (3, 112, 112)``, mirrored when ``flip``."""
+    bgr = _decode_bgr(data, where=where)
+    if flip:
+        bgr = cv2.flip(bgr, 1)
+    return torch.from_numpy(np.stack(cv2.split(bgr)[::-1]))
+
+
+def normalize_images(images: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``uint8`` pixels → float32 ``(x / 255 - 0.5) / 0.5`` in ``[-1, 1]``, any shape."""
+    out = torch.mul(images, 1.0 / 127.5, out=out) if out is not None else images.mul(1.0 / 127.5)
+    return out.sub_(1.0).to(torch.float32)
 
 
 def image_to_tensor(img: np.ndarray, *, flip: bool) -> torch.Tensor:
     """RGB ``uint8 (H, W, 3)`` → float32 ``(3, H, W)`` in ``[-1, 1]``, optionally mirrored."""
     if flip:
         img = img[:, ::-1]
-    chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-    out = torch.from_numpy(chw).to(torch.float32)
-    return out.div_(255.0).sub_(0.5).div_(0.5)
+    return normalize_images(torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
+
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    # In a worker, fill shared memory directly (as torch's default collate does) so the batch
+    # is not copied again on its way to the main process.
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+def collate_images(
+    batch: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks ``(image, label)`` samples; ``uint8`` images are normalised batch-wise.
+
+    Returns:
+        ``(images float32 (B, 3, H, W) in [-1, 1], labels int64 (B,))``.
+    """
+    images = [item[0] for item in batch]
+    labels = torch.stack([torch.as_tensor(item[1], dtype=torch.int64) for item in batch])
+    out = _batch_buffer((len(images), *images[0].shape), torch.float32)
+    if images[0].dtype != torch.uint8:
+        return torch.stack(images, out=out), labels
+    planes = out.numpy().reshape(len(images), -1, images[0].shape[-1])
+    for i, img in enumerate(images):
+        # One fused pass per image: x / 127.5 - 1 == (x / 255 - 0.5) / 0.5, written in place.
+        src = img.numpy().reshape(planes.shape[1:])
+        cv2.addWeighted(src, 1.0 / 127.5, src, 0.0, -1.0, dst=planes[i], dtype=cv2.CV_32F)
+    return out, labels
 
 
 def _random_flip() -> bool:
@@ -144,16 +194,21 @@ class RecDataset(Dataset):
     Args:
         root: folder holding ``train.rec`` and ``train.idx``.
         flip: random left-right flip.
+        normalize: return float32 in ``[-1, 1]``; ``False`` returns ``uint8`` for
+            :func:`collate_images` to normalise batch-wise (faster).
 
     Raises:
         FileNotFoundError: a file is missing. RecordIOError: malformed file (file and key named).
     """
 
-    def __init__(self, root: str | os.PathLike, *, flip: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike, *, flip: bool = True, normalize: bool = True
+    ) -> None:
         self.root = Path(root)
         self.reader = IndexedRecordReader(self.root / "train.rec", self.root / "train.idx")
         self.keys, self.labels, self.header0 = read_rec_labels(self.reader)
         self.flip = flip
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return int(self.keys.size)
@@ -169,8 +224,8 @@ class RecDataset(Dataset):
                 f"{where}: header label {stored} disagrees with identity {label} of the "
                 "header-0 ranges"
             )
-        img = image_to_tensor(decode_image(image, where=where), flip=self.flip and _random_flip())
-        return img, torch.tensor(label, dtype=torch.int64)
+        img = _decode_chw(image, where=where, flip=self.flip and _random_flip())
+        return _finish(img, label, normalize=self.normalize)
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -202,13 +257,23 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
-class ImageFolderDataset(Dataset):
-    """A folder with one sub-folder per identity; labels follow sorted sub-folder names."""
+def _finish(img: torch.Tensor, label: int, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return (normalize_images(img) if normalize else img), torch.tensor(label, dtype=torch.int64)
 
-    def __init__(self, root: str | os.PathLike, *, flip: bool = True) -> None:
+
+class ImageFolderDataset(Dataset):
+    """A folder with one sub-folder per identity; labels follow sorted sub-folder names.
+
+    ``flip`` and ``normalize`` are as in :class:`RecDataset`.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, *, flip: bool = True, normalize: bool = True
+    ) -> None:
         self.root = Path(root)
         self.paths, self.labels, self.classes = scan_image_folder(self.root)
         self.flip = flip
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -219,7 +284,5 @@ class ImageFolderDataset(Dataset):
             data = path.read_bytes()
         except OSError as e:
             raise OSError(f"{path}: cannot read image ({e})") from e
-        img = image_to_tensor(
-            decode_image(data, where=str(path)), flip=self.flip and _random_flip()
-        )
-        return img, torch.tensor(int(self.labels[index]), dtype=torch.int64)
+        img = _decode_chw(data, where=str(path), flip=self.flip and _random_flip())
+        return _finish(img, int(self.labels[index]), normalize=self.normalize)

@@ -18,6 +18,7 @@ from otface.data.datasets import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     RecDataset,
+    collate_images,
     read_rec_labels,
     scan_image_folder,
 )
@@ -127,15 +128,19 @@ def check_dataset_config(cfg: Any, info: DatasetInfo | None) -> None:
         )
 
 
-def build_dataset(cfg: Any, *, flip: bool = True) -> Dataset:
-    """The training dataset named by ``cfg.rec`` (``labels`` attribute included)."""
+def build_dataset(cfg: Any, *, flip: bool = True, normalize: bool = True) -> Dataset:
+    """The training dataset named by ``cfg.rec`` (``labels`` attribute included).
+
+    ``normalize=False`` makes file datasets return ``uint8`` images for
+    :func:`otface.data.datasets.collate_images` (synthetic images are always float32).
+    """
     rec = prepare_rec(cfg.rec)
     if rec == "synthetic":
         return SyntheticDataset(int(cfg.num_image), int(cfg.num_classes), seed=int(cfg.seed))
     path = Path(rec)
     if _is_rec_folder(path):
-        return RecDataset(path, flip=flip)
-    return ImageFolderDataset(path, flip=flip)
+        return RecDataset(path, flip=flip, normalize=normalize)
+    return ImageFolderDataset(path, flip=flip, normalize=normalize)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -157,7 +162,7 @@ def build_train_loader(cfg: Any, *, rank: int, world_size: int) -> DataLoader:
     Config keys used: ``rec, batch_size, num_classes, num_image, seed, num_workers,
     sampler.type ("pk" | "uniform"), sampler.k``.
     """
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, normalize=False)
     labels = np.asarray(dataset.labels)
     if labels.size and int(labels.max()) >= int(cfg.num_classes):
         raise ValueError(
@@ -182,6 +187,7 @@ def build_train_loader(cfg: Any, *, rank: int, world_size: int) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
+        collate_fn=collate_images,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_worker_init if num_workers > 0 else None,
