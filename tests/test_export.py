@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -160,3 +161,20 @@ def test_simplify_without_onnxsim_says_so(tmp_path):
     work = _save(tmp_path, "r18_lite")
     with pytest.raises(ImportError, match="pip install onnxsim"):
         export_model(work, network="r18_lite", simplify=True)
+
+
+def test_onnx_embedder_handles_fixed_batch_models(tmp_path):
+    from otface.evaluation.models import OnnxEmbedder
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 16)
+    ).eval()
+    path = tmp_path / "fixed.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False)
+    faces = np.stack([f.transpose(2, 0, 1) for f in _faces_bgr(3)])
+    embedder = OnnxEmbedder(path, batch_size=64)
+    assert embedder.batch_size == 1
+    np.testing.assert_allclose(embedder(faces), TorchEmbedder(net)(faces), rtol=1e-4, atol=1e-5)

@@ -246,3 +246,13 @@ def test_cli_on_model_pt(tmp_path, capsys):
     assert "[lfw] skipped" in out
     assert script.main(["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path)]) == 1
     assert "--network" in capsys.readouterr().err
+
+
+def test_callback_unwraps_data_parallel(tmp_path):
+    write_bin(tmp_path / "t2.bin", _random_faces(8, seed=8), [True, False, True, False])
+    net = _TinyNet().train()
+    wrapped = nn.DataParallel(net)
+    out = VerificationCallback(["t2"], tmp_path)(1, wrapped)
+    assert set(out) == {"t2"} and 0.0 <= out["t2"] <= 1.0
+    assert net.training and wrapped.training
+    assert VerificationCallback(["none"], tmp_path)(1, net) == {}

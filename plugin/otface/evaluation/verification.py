@@ -172,6 +172,10 @@ class VerificationCallback:
         """Evaluates every loaded set; returns ``{name: accuracy_flip}``."""
         if not self.sets:
             return {}
+        # Only rank 0 calls this: run the wrapped module, so a DDP wrapper cannot start a
+        # buffer broadcast that the other ranks never join.
+        if isinstance(backbone, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            backbone = backbone.module
         was_training = backbone.training
         backbone.eval()
         try:
