@@ -28,24 +28,19 @@ def _fx(points: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(points, dtype=np.float64) * _ONE).astype(np.int32)
 
 
-def _c(colour: np.ndarray | float) -> tuple[float, float, float]:
-    rgb = np.clip(np.broadcast_to(np.asarray(colour, dtype=np.float64), (3,)), 0.0, 255.0)
-    return (float(rgb[0]), float(rgb[1]), float(rgb[2]))
+def _c(colour) -> tuple[float, float, float]:
+    if np.ndim(colour) == 0:
+        v = min(max(float(colour), 0.0), 255.0)
+        return (v, v, v)
+    r, g, b = (min(max(float(v), 0.0), 255.0) for v in colour)
+    return (r, g, b)
 
 
 def _ellipse(img, centre, axes, angle, colour, thickness=-1, start=0.0, end=360.0) -> None:
     ax = (max(int(round(axes[0] * _ONE)), 1), max(int(round(axes[1] * _ONE)), 1))
+    c = (int(round(float(centre[0]) * _ONE)), int(round(float(centre[1]) * _ONE)))
     cv2.ellipse(
-        img,
-        tuple(int(v) for v in _fx(centre)),
-        ax,
-        float(angle),
-        float(start),
-        float(end),
-        _c(colour),
-        thickness,
-        _AA,
-        _SHIFT,
+        img, c, ax, float(angle), float(start), float(end), _c(colour), thickness, _AA, _SHIFT
     )
 
 

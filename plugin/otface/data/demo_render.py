@@ -68,19 +68,26 @@ def _similarity(angle_deg: float, scale: float, centre: np.ndarray, target: np.n
 
 
 @lru_cache(maxsize=8)
-def _light_ramps(size: int) -> tuple[np.ndarray, np.ndarray]:
+def _ramps(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous (size, size) float32 maps of x and y, each running from -1 to 1."""
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    return np.broadcast_to(ramp[None, :], (size, size)), np.broadcast_to(
-        ramp[:, None], (size, size)
+    return np.ascontiguousarray(np.tile(ramp, (size, 1))), np.ascontiguousarray(
+        np.tile(ramp[:, None], (1, size))
     )
 
 
+def _linear(size: int, angle: float, scale: float, offset: float) -> np.ndarray:
+    """``offset + scale * (cos(angle) x + sin(angle) y)`` over the (size, size) ramps."""
+    xs, ys = _ramps(size)
+    return cv2.addWeighted(xs, scale * np.cos(angle), ys, scale * np.sin(angle), offset)
+
+
 def _background(size: int, scene: Scene) -> np.ndarray:
-    xs, ys = _light_ramps(size)
-    t = 0.5 + 0.5 * (np.cos(scene.background_angle) * xs + np.sin(scene.background_angle) * ys)
+    t = _linear(size, scene.background_angle, 0.5, 0.5)
     a, b = scene.background
-    img = a[None, None, :] + t[..., None] * (b - a)[None, None, :]
-    return img.astype(np.uint8)
+    # a + t (b - a) stays inside [0, 255], so the absolute value taken here changes nothing
+    planes = [cv2.convertScaleAbs(t, alpha=float(b[c] - a[c]), beta=float(a[c])) for c in range(3)]
+    return cv2.merge(planes)
 
 
 def _occlude(img: np.ndarray, lmk: np.ndarray, kind: str, q: np.ndarray) -> None:
@@ -128,20 +135,25 @@ def _occlude(img: np.ndarray, lmk: np.ndarray, kind: str, q: np.ndarray) -> None
 
 def _photometric(img: np.ndarray, shot: Shot, scene: Scene, rng: np.random.Generator):
     """Directional light, exposure, colour cast, contrast, gamma, blur, sensor noise."""
-    size = img.shape[0]
-    xs, ys = _light_ramps(size)
-    xs, ys = xs[:, : img.shape[1]], ys[:, : img.shape[1]]
-    ramp = np.cos(scene.light_angle) * xs + np.sin(scene.light_angle) * ys
-    gain = shot.brightness * (1.0 + scene.light_strength * ramp)
-    out = img.astype(np.float32) * gain[..., None] * scene.white_balance[None, None, :]
-    mean = float(out.mean())
-    out = (out - mean) * shot.contrast + mean
-    out = 255.0 * (np.clip(out, 0.0, 255.0) * (1.0 / 255.0)) ** shot.gamma
+    gain = _linear(
+        img.shape[0], scene.light_angle, shot.brightness * scene.light_strength, shot.brightness
+    )
+    lit = img.astype(np.float32) * gain[..., None]
+    balance = scene.white_balance.astype(np.float64)
+    mean = float(np.mean(lit.mean(axis=(0, 1)) * balance))
+    affine = np.zeros((3, 4))
+    affine[np.arange(3), np.arange(3)] = balance * shot.contrast
+    affine[:, 3] = mean * (1.0 - shot.contrast)
+    lit = cv2.transform(lit, affine)
+    out = np.clip(lit, 0.0, 255.0, out=lit).astype(np.uint8)
+    lut = np.round(255.0 * (np.arange(256) / 255.0) ** shot.gamma).astype(np.uint8)
+    out = cv2.LUT(out, lut)
     if shot.blur_sigma > 0.0:
         out = cv2.GaussianBlur(out, (0, 0), shot.blur_sigma)
     if shot.noise_sigma > 0.0:
-        out += shot.noise_sigma * rng.standard_normal(out.shape, dtype=np.float32)
-    return np.clip(out + 0.5, 0.0, 255.0).astype(np.uint8)
+        noisy = out + shot.noise_sigma * rng.standard_normal(out.shape, dtype=np.float32)
+        out = np.clip(noisy + 0.5, 0.0, 255.0, out=noisy).astype(np.uint8)
+    return out
 
 
 def render_face(
