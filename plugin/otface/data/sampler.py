@@ -11,7 +11,6 @@ iteration skip its first ``s`` batches without producing their indices (a resume
 from __future__ import annotations
 
 import warnings
-from collections import deque
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -181,10 +180,10 @@ class PKBatchSampler(_EpochBatchSampler):
     def _groups(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One round: ``(identity position (G,), dataset indices (G, k))`` in random order."""
         count, start, k = self._count, self._start, self.k
-        # Shuffle within identities: sort by (identity, random key).
+        # Shuffle within identities: a random permutation, then a stable (radix) sort by identity.
         ident = np.repeat(np.arange(count.size), count)
-        perm = np.lexsort((rng.random(ident.size), ident))
-        shuffled = self._order[perm]
+        perm = rng.permutation(ident.size)
+        shuffled = self._order[perm[np.argsort(ident[perm], kind="stable")]]
         rank_in_id = np.arange(ident.size) - start[ident]
         full = count // k
         keep = rank_in_id < (full * k)[ident]
@@ -203,29 +202,38 @@ class PKBatchSampler(_EpochBatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng(self.seed + self.epoch)
+        lo, hi = self.rank * self.p, (self.rank + 1) * self.p
+        for step, (group_idx, chosen) in enumerate(self._plan(rng)):
+            if step >= self.start_batch:
+                yield group_idx[chosen[lo:hi]].reshape(-1).tolist()
+
+    def _plan(self, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per global step: (the round's group indices (G, k), the step's ``P * world_size``
+        groups with distinct identities)."""
         per_step = self.p * self.world_size
         group_id, group_idx = self._groups(rng)
-        queue = deque(range(group_id.size))
-        deferred: deque[int] = deque()
-        lo, hi = self.rank * self.p, (self.rank + 1) * self.p
-        for step in range(self.num_batches):
+        pos = 0  # next group of the round's random order
+        deferred: list[int] = []  # groups skipped because their identity was already taken
+        for _ in range(self.num_batches):
+            if not deferred and pos + per_step <= group_id.size:
+                block = np.arange(pos, pos + per_step)
+                if np.unique(group_id[block]).size == per_step:  # the common case
+                    pos += per_step
+                    yield group_idx, block
+                    continue
             taken: set[int] = set()
-            chosen: list[tuple[int, int]] = []  # (round, group) pairs of this step
-            retry = deferred
-            deferred = deque()
+            chosen: list[int] = []
+            retry, deferred = deferred, []
             while len(chosen) < per_step:
                 if retry:
-                    g = retry.popleft()
+                    g = retry.pop(0)
+                elif pos < group_id.size:
+                    g, pos = pos, pos + 1
                 else:
-                    if not queue:
-                        # New round; groups left over from the old one are dropped.
-                        group_id, group_idx = self._groups(rng)
-                        queue = deque(range(group_id.size))
-                        deferred = deque()
-                        retry = deque()
-                        taken, chosen = set(), []
-                        continue
-                    g = queue.popleft()
+                    # New round; this step restarts on it and leftovers of the old one are dropped.
+                    group_id, group_idx = self._groups(rng)
+                    pos, retry, deferred, taken, chosen = 0, [], [], set(), []
+                    continue
                 ident = int(group_id[g])
                 if ident in taken:
                     deferred.append(g)
@@ -233,5 +241,4 @@ class PKBatchSampler(_EpochBatchSampler):
                     taken.add(ident)
                     chosen.append(g)
             deferred.extend(retry)
-            if step >= self.start_batch:
-                yield group_idx[chosen[lo:hi]].reshape(-1).tolist()
+            yield group_idx, np.asarray(chosen)
