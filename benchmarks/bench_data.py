@@ -18,6 +18,7 @@ plan one MS1MV3-sized epoch (5,179,510 images, 93,431 identities, 8 ranks × 128
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -57,14 +58,30 @@ def _jpeg_bytes(root: Path) -> list[bytes]:
     return [unpack_payload(reader.read(int(k)))[1] for k in keys]
 
 
-def _loop_rate(jpegs: list[bytes], repeats: int) -> float:
-    start = time.perf_counter()
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live children (DataLoader workers); Linux /proc."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _loop_rate(jpegs: list[bytes], repeats: int) -> tuple[float, float]:
+    """(images per wall second, CPU seconds per image)."""
+    start, cpu = time.perf_counter(), _cpu_seconds()
     for _ in range(repeats):
         for data in jpegs:
             bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
             rgb = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
             rgb.float().div_(255.0).sub_(0.5).div_(0.5)
-    return repeats * len(jpegs) / (time.perf_counter() - start)
+    n = repeats * len(jpegs)
+    return n / (time.perf_counter() - start), (_cpu_seconds() - cpu) / n
 
 
 def _loader(root: Path, *, num_image: int, num_classes: int, workers: int):
@@ -84,13 +101,14 @@ def _loader(root: Path, *, num_image: int, num_classes: int, workers: int):
     return loader
 
 
-def _loader_rate(loader, epoch: int) -> float:
+def _loader_rate(loader, epoch: int) -> tuple[float, float]:
+    """(images per wall second, CPU seconds per image over main process and workers)."""
     seen = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     loader.batch_sampler.set_epoch(epoch)
     for images, _ in loader:
         seen += images.shape[0]
-    return seen / (time.perf_counter() - start)
+    return seen / (time.perf_counter() - start), (_cpu_seconds() - cpu) / seen
 
 
 def _sampler_plan_seconds() -> float:
@@ -137,14 +155,20 @@ def main() -> None:
         for epoch in range(1, args.epochs + 1):
             loops.append(_loop_rate(jpegs, 1))
             loads.append(_loader_rate(loader, epoch))
-        loop, load = float(np.median(loops)), float(np.median(loads))
+        loop, loop_cpu = np.median(np.asarray(loops), axis=0)
+        load, load_cpu = np.median(np.asarray(loads), axis=0)
         del loader
     print(f"device: CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}")
     print(f"data: {args.source}, {info.num_image} images, {info.num_classes} identities")
-    print(f"{'path':<34}{'images/s':>12}")
-    print(f"{'plain decode loop (1 process)':<34}{loop:>12.0f}")
-    print(f"{f'rec DataLoader ({args.workers} workers, P×K)':<34}{load:>12.0f}")
+    print(f"{'path':<34}{'images/s':>12}{'CPU µs/image':>16}")
+    print(f"{'plain decode loop (1 process)':<34}{loop:>12.0f}{loop_cpu * 1e6:>16.0f}")
+    name = f"rec DataLoader ({args.workers} workers, P×K)"
+    print(f"{name:<34}{load:>12.0f}{load_cpu * 1e6:>16.0f}")
     print(f"ratio loader / loop: {load / loop:.2f} (target >= 0.8; median of {args.epochs} rounds)")
+    print(
+        f"CPU per image, loop / loader: {loop_cpu / load_cpu:.2f} (how much work the loader "
+        "adds, independent of how many cores are free)"
+    )
     if not args.skip_sampler:
         print(f"P×K plan of one MS1MV3-sized epoch (rank 3 of 8): {_sampler_plan_seconds():.2f} s")
 

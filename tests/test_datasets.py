@@ -22,6 +22,7 @@ from otface.data import (
     dataset_info,
     prepare_rec,
 )
+from otface.data.datasets import normalize_images
 from otface.data.pack import pack_image_folder
 
 
@@ -104,6 +105,16 @@ def test_packed_rec_loader_two_workers(tmp_path):
                 cands = by_label[int(labels[0])]
                 assert any(np.array_equal(img, c) or np.array_equal(img, c[:, ::-1]) for c in cands)
             assert n == len(loader)
+
+
+def test_loader_uint8_batches_and_normalize_images(tmp_path):
+    _make_folder(tmp_path / "faces", [4] * 2, seed=5)
+    cfg = _cfg(tmp_path / "faces", num_classes=2, num_image=8, batch_size=8)
+    ((images, labels),) = list(build_train_loader(cfg, rank=0, world_size=1, normalize=False))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 112, 112)
+    want = (images.double() / 255.0 - 0.5) / 0.5
+    torch.testing.assert_close(normalize_images(images).double(), want, atol=1e-6, rtol=0)
+    assert normalize_images(images).dtype == torch.float32
 
 
 def test_worker_error_names_file_and_record(tmp_path):
