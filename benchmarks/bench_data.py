@@ -12,7 +12,7 @@ Alternates the two for ``--epochs`` rounds and prints median images/s and their 
 (target >= 0.8), and the time the P×K sampler takes to
 plan one MS1MV3-sized epoch (5,179,510 images, 93,431 identities, 8 ranks × 128).
 
-    python benchmarks/bench_data.py [--images 4096] [--workers 2] [--source generated|demo]
+    python benchmarks/bench_data.py [--images 4096] [--workers 2] [--source demo|generated]
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=5, help="alternating rounds")
-    parser.add_argument("--source", choices=("generated", "demo"), default="generated")
+    parser.add_argument("--source", choices=("generated", "demo"), default="demo")
     parser.add_argument("--skip-sampler", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
