@@ -241,3 +241,24 @@ def test_two_ranks_equal_one_process(tmp_path):
     ref = [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
     assert ddp_losses == pytest.approx(ref, abs=1e-4)
     assert ref[0] != pytest.approx(ref[2], abs=1e-4)  # the steps did train
+
+
+def test_nonfinite_batch_skips_the_update(tmp_path):
+    path, _ = _config(tmp_path)
+    cfg = load_config(path)
+    loop.seed_everything(cfg.seed)
+    trainer = loop.Trainer(cfg, _env())
+    before = {
+        k: v.clone() for k, v in trainer.backbone.state_dict().items() if v.is_floating_point()
+    }
+    img = torch.zeros(8, 3, 112, 112)
+    img[3] = float("nan")
+    trainer.train_step(img, torch.arange(8))
+    assert trainer.skipped_steps == 1
+    after = trainer.backbone.state_dict()
+    for k, v in before.items():
+        if "running" not in k:  # BatchNorm statistics are not optimiser state
+            assert torch.equal(after[k], v), k
+    g = torch.Generator().manual_seed(0)
+    trainer.train_step(torch.rand(8, 3, 112, 112, generator=g), torch.arange(8))
+    assert trainer.skipped_steps == 1

@@ -120,6 +120,7 @@ class Trainer:
             torch.amp.GradScaler("cuda", growth_interval=100) if self.use_amp else None
         )
         self.global_step = 0
+        self.skipped_steps = 0  # optimiser steps skipped for a non-finite gradient (fp32)
         self.start_epoch = 0
         self.start_batch = 0
 
@@ -143,12 +144,24 @@ class Trainer:
         if self.global_step % cfg.gradient_acc == 0:
             if self.grad_scaler is not None:
                 self.grad_scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.backbone.parameters(), GRAD_CLIP_NORM)
+            grad_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), GRAD_CLIP_NORM)
             if self.grad_scaler is not None:
+                # The scaler skips steps with Inf/NaN gradients and lowers its scale.
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
-            else:
+            elif torch.isfinite(grad_norm):
                 self.optimizer.step()
+            else:
+                # A NaN/Inf batch must not poison the weights (fp32 has no grad scaler to
+                # catch it). The backbone's gradients are all-reduced, so every rank decides
+                # the same.
+                self.skipped_steps += 1
+                if self.skipped_steps == 1 or self.skipped_steps % 100 == 0:
+                    logging.warning(
+                        "step %d: non-finite gradient norm, optimiser step skipped (%d so far)",
+                        self.global_step,
+                        self.skipped_steps,
+                    )
             self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         metrics = dict(out.metrics)
