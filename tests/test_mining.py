@@ -110,3 +110,16 @@ def test_no_grad_and_bad_input():
         mine_hard_triplets(emb, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="max_triplets"):
         mine_hard_triplets(emb, torch.zeros(6, dtype=torch.long), max_triplets=-1)
+
+
+def test_similarities_stay_float32_under_autocast():
+    # S_an - S_ap is 3e-4 here: positive in float32, but bfloat16 (8-bit mantissa) rounds both
+    # similarities to the same value, which would drop the hard anchor 0.
+    emb = torch.tensor([[1.0, 0.0], [0.9, 0.436], [0.9, 0.4357], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    ref = _loop(emb, labels, 0.0, [True] * 4)
+    assert (0, 1, 2) in ref
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mine_hard_triplets(emb, labels)
+    got_rows = list(zip(got.anchor.tolist(), got.positive.tolist(), got.negative.tolist()))
+    assert got_rows == ref

@@ -72,9 +72,12 @@ def mine_hard_triplets(
     if valid is not None:
         ok = ok & valid.to(device=device, dtype=torch.bool)
 
-    emb = torch.where(ok.unsqueeze(1), embeddings.float(), torch.zeros((), device=device))
-    emb = F.normalize(emb, dim=1)
-    sim = emb @ emb.T
+    # Similarities in float32 even inside a caller's autocast region (which would run the
+    # matmul in half precision and blur near-ties of S_an and S_ap).
+    with torch.autocast(device_type=device.type, enabled=False):
+        emb = torch.where(ok.unsqueeze(1), embeddings.float(), 0.0)
+        emb = F.normalize(emb, dim=1)
+        sim = emb @ emb.T
 
     pair_ok = ok.unsqueeze(0) & ok.unsqueeze(1)
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
@@ -82,10 +85,11 @@ def mine_hard_triplets(
     pos_mask = same & ~eye & pair_ok
     neg_mask = ~same & pair_ok
 
-    inf = torch.tensor(float("inf"), device=device)
-    s_pos = torch.where(pos_mask, sim, inf)
+    # Python-scalar fill values: a CUDA tensor built from a Python number would be a
+    # host-to-device copy, i.e. a stream synchronisation, on every step.
+    s_pos = torch.where(pos_mask, sim, float("inf"))
     s_ap, positive = s_pos.min(dim=1)
-    s_neg = torch.where(neg_mask, sim, -inf)
+    s_neg = torch.where(neg_mask, sim, float("-inf"))
     s_an, negative = s_neg.max(dim=1)
 
     violation = s_an + mining_margin - s_ap
