@@ -136,17 +136,18 @@ def hard_triplet_ot_loss(
         valid=finite,
     )
     # Non-finite rows are zeroed before any use, so neither their values nor a NaN gradient
-    # can leak. The zero term keeps the feature map in the graph when nothing is hard; it is
-    # built from one element so that a half-precision sum cannot overflow.
-    safe = features
-    if not bool(finite.all()):
-        keep = finite.view(-1, *([1] * (features.dim() - 1)))
-        safe = torch.where(keep, features, features.new_zeros(()))
+    # can leak (always applied: testing for them first would cost a host sync per step). The
+    # zero term keeps the feature map in the graph when nothing is hard; it is built from one
+    # element so that a half-precision sum cannot overflow.
+    keep = finite.view(-1, *([1] * (features.dim() - 1)))
+    safe = torch.where(keep, features, 0.0)
     zero = safe.reshape(-1)[:1].float().sum() * 0.0
     n_hard = triplets.anchor.numel()
     device = features.device
+    # Scalars for the log are filled on the device: torch.tensor(x, device="cuda") is a
+    # host-to-device copy, which synchronises the stream.
     metrics = {
-        "n_hard": torch.tensor(float(n_hard), device=device),
+        "n_hard": torch.full((), float(n_hard), device=device),
         "ot_nonfinite": (~finite).sum().float(),
     }
     if n_hard == 0:
@@ -176,7 +177,7 @@ def hard_triplet_ot_loss(
         loss_ot=loss.detach(),
         w_ap=w_ap.detach().mean(),
         w_an=w_an.detach().mean(),
-        sinkhorn_iters=torch.tensor(float(res.n_iter), device=device),
+        sinkhorn_iters=torch.full((), float(res.n_iter), device=device),
         sinkhorn_err=res.marginal_error.detach().float(),
     )
     return OTLossOutput(loss, metrics)
@@ -247,7 +248,7 @@ class OTFaceCriterion(MarginCriterion):
         loss = margin.loss + lam * ot.loss.to(margin.loss.dtype)
         metrics = dict(margin.metrics)
         metrics.update(ot.metrics)
-        metrics["lambda_ot"] = torch.tensor(lam, device=ot.loss.device)
+        metrics["lambda_ot"] = torch.full((), lam, device=ot.loss.device)
         return LossOutput(loss, metrics)
 
 
