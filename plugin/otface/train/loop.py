@@ -27,7 +27,7 @@ from otface.train.distributed import DistEnv, init_distributed, shutdown_distrib
 from otface.train.log import StepLogger, init_logging
 from otface.train.lr import build_lr_scheduler
 
-__all__ = ["Trainer", "build_backbone", "main", "seed_everything"]
+__all__ = ["Trainer", "build_backbone", "build_grad_scaler", "main", "seed_everything"]
 
 GRAD_CLIP_NORM = 5.0
 
@@ -67,6 +67,22 @@ def _build_optimizer(cfg, backbone: nn.Module, criterion: nn.Module) -> torch.op
             groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_grad_scaler(device_type: str, *, distributed: bool) -> torch.amp.GradScaler:
+    """fp16 loss scaler (growth every 100 clean steps, as arcface_torch).
+
+    With a process group the Partial-FC centres are sharded: their gradients are never
+    all-reduced, so an Inf/NaN there is seen by one rank only. A plain ``GradScaler`` would then
+    skip the step (backbone included) on that rank alone and the DDP replicas would silently
+    drift apart, with different loss scales. ``ShardedGradScaler`` all-reduces the found-Inf
+    flag in ``unscale_`` (on the device stream, no host sync), so every rank skips together.
+    """
+    if distributed:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device_type, growth_interval=100)
+    return torch.amp.GradScaler(device_type, growth_interval=100)
 
 
 class Trainer:
@@ -117,7 +133,9 @@ class Trainer:
         if cfg.fp16 and not self.use_amp:
             warnings.warn("fp16 = True needs CUDA; training in fp32 on the CPU", stacklevel=2)
         self.grad_scaler = (
-            torch.amp.GradScaler("cuda", growth_interval=100) if self.use_amp else None
+            build_grad_scaler(self.device.type, distributed=env.distributed)
+            if self.use_amp
+            else None
         )
         self.global_step = 0
         self.skipped_steps = 0  # optimiser steps skipped for a non-finite gradient (fp32)
@@ -281,12 +299,15 @@ def fit(cfg, env: DistEnv) -> Trainer:
             for batch_idx, (img, labels) in enumerate(loader, start=first):
                 out = trainer.train_step(img, labels)
                 step = trainer.global_step
+                # get_scale() copies the scale to the host (a device sync): read it only on
+                # the steps that write a log line.
+                log_scale = trainer.grad_scaler is not None and step % cfg.frequent == 0
                 step_logger(
                     step,
                     out.metrics,
                     epoch=epoch,
                     lr=trainer.lr,
-                    grad_scale=trainer.grad_scaler.get_scale() if trainer.grad_scaler else None,
+                    grad_scale=trainer.grad_scaler.get_scale() if log_scale else None,
                 )
                 if step % cfg.verbose == 0:
                     verify()
