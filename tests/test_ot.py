@@ -1,5 +1,7 @@
 """Sinkhorn solver, cosine cost and solver front, checked against POT and finite differences."""
 
+import importlib
+
 import numpy as np
 import ot
 import pytest
@@ -145,3 +147,24 @@ def test_empty_batch_and_bad_shapes():
         sinkhorn(torch.zeros(4, 4), eps=0.05, max_iter=10, tol=1e-3)
     with pytest.raises(ValueError, match="eps"):
         sinkhorn(torch.zeros(1, 4, 4), eps=0.0, max_iter=10, tol=1e-3)
+
+
+@pytest.mark.parametrize("eps, expected", [(0.05, "matmul"), (0.02, "torch")])
+def test_known_cost_range_picks_the_kernel_without_measuring(monkeypatch, eps, expected):
+    # matmul is exact while range / eps <= 60 in float32 (otface.ot.softmin): 2 / 0.05 = 40,
+    # 2 / 0.02 = 100. With the bound given, no row range is measured (no host sync on CUDA).
+    sk = importlib.import_module("otface.ot.sinkhorn")  # the package exports a same-named function
+    c = _costs(3, 6, 7, seed=11, dtype=torch.float32)
+    built, orig = [], dict(sk.KERNELS)
+    kernels = {k: (lambda logk, k=k: built.append(k) or orig[k](logk)) for k in orig}
+    monkeypatch.setattr(sk, "KERNELS", kernels)
+
+    def no_measure(*args, **kwargs):
+        raise AssertionError("the cost range was measured")
+
+    monkeypatch.setattr(torch.Tensor, "amin", no_measure)
+    res = sinkhorn(c, eps=eps, max_iter=300, tol=1e-6, cost_range=2.0)
+    assert built == [expected]
+    monkeypatch.undo()
+    ref = sinkhorn(c, eps=eps, max_iter=300, tol=1e-6, kernel="torch")
+    torch.testing.assert_close(res.plan, ref.plan, atol=1e-6, rtol=1e-4)

@@ -97,13 +97,18 @@ def entropic_objective(plan: torch.Tensor, cost: torch.Tensor, *, eps: float) ->
     return transport_cost(t, cost) + eps * neg_entropy
 
 
-def _pick_kernel(kernel: str, logk: torch.Tensor) -> str:
+def _pick_kernel(
+    kernel: str, logk: torch.Tensor, *, eps: float, cost_range: Optional[float]
+) -> str:
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"sinkhorn: unknown kernel {kernel!r}; choices: {KERNEL_CHOICES}")
     if kernel != "auto":
         return kernel
-    # One reduction and one host sync per solve: the largest row range of K = -C/eps decides
-    # whether the exponentiated kernel is exact in this dtype (see otface.ot.softmin).
+    # The largest row range of K = -C/eps decides whether the exponentiated kernel is exact in
+    # this dtype (see otface.ot.softmin). A known bound on the cost decides without looking;
+    # otherwise one reduction and one host sync per solve.
+    if cost_range is not None:
+        return "matmul" if cost_range / eps <= matmul_max_range(logk.dtype) else "torch"
     row_range = (logk.amax(dim=-1) - logk.amin(dim=-1)).amax()
     return "matmul" if float(row_range) <= matmul_max_range(logk.dtype) else "torch"
 
@@ -118,6 +123,7 @@ def sinkhorn(
     tol: float,
     check_every: int = 5,
     kernel: str = "auto",
+    cost_range: Optional[float] = None,
 ) -> SinkhornResult:
     """Solve a batch of entropic OT problems with log-domain Sinkhorn.
 
@@ -140,6 +146,9 @@ def sinkhorn(
         check_every: iterations between convergence checks, >= 1.
         kernel: softmin kernel: ``"auto"`` (the fast ``"matmul"`` kernel when it is exact for
             this cost and eps, else the reference), ``"torch"`` or ``"matmul"``.
+        cost_range: an upper bound on ``max_j C_ij - min_j C_ij`` for every row, known to the
+            caller (2 for :func:`otface.ot.cosine_cost`); lets ``kernel="auto"`` choose
+            without reading the cost on the host. None: measured.
 
     Returns:
         :class:`SinkhornResult`.
@@ -162,7 +171,7 @@ def sinkhorn(
             plan = torch.zeros_like(logk)
             return SinkhornResult(plan, transport_cost(plan, cost), 0, logk.new_zeros(()))
         log_a, log_b = torch.log(a_), torch.log(b_)
-        ker = KERNELS[_pick_kernel(kernel, logk)](logk)
+        ker = KERNELS[_pick_kernel(kernel, logk, eps=eps, cost_range=cost_range)](logk)
 
         v = torch.zeros_like(b_)
         lse_row = ker.row(v)
