@@ -305,3 +305,18 @@ def test_grad_scaler_skips_on_every_rank_when_one_rank_overflows(tmp_path, distr
     else:
         # A plain GradScaler (the single-process choice) lets the replicas diverge.
         assert stepped0 is True and ratio0 == 1.0
+
+
+def test_uint8_batch_is_normalised_on_the_device(tmp_path):
+    # CUDA runs get uint8 batches from the loader; the step must see (x / 255 - 0.5) / 0.5.
+    path, _ = _config(tmp_path)
+    cfg = load_config(path)
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, (8, 3, 112, 112), dtype=torch.uint8, generator=g)
+    labels = torch.arange(8)
+    losses = []
+    for img in (pixels, (pixels.double() / 255 - 0.5) / 0.5):
+        loop.seed_everything(cfg.seed)
+        trainer = loop.Trainer(cfg, _env())
+        losses.append(trainer.train_step(img.float() if img.is_floating_point() else img, labels))
+    assert losses[0].loss.item() == pytest.approx(losses[1].loss.item(), rel=1e-5)
