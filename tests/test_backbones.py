@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+
 from otface.backbones import get_model, list_models
 
 # Measured on arcface_torch's get_model(name, dropout=0.0, fp16=False, num_features=512):
