@@ -62,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             num_workers=args.num_workers,
             cache_file=cache,
         )
-    except (FileNotFoundError, ValueError, IJBLayoutError) as exc:
+    # ImportError: an optional package (onnxruntime, insightface) with its install hint.
+    except (FileNotFoundError, ValueError, IJBLayoutError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     name = model_file.parent.name if model_file.stem == "model" else model_file.stem

@@ -62,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not found:
             print(f"error: none of {args.targets} found as .bin in {args.data}", file=sys.stderr)
             return 1
-    except (FileNotFoundError, ValueError) as exc:
+    # ImportError: an optional package (onnxruntime, insightface) with its install hint.
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

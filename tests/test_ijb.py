@@ -260,3 +260,19 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
     # the flip setting is part of the cache key: --no-flip must extract again
     with pytest.raises(AssertionError, match="cache"):
         script.main(pt_args + common + ["--output", str(tmp_path / "pt"), "--no-flip"])
+
+
+def test_cli_missing_optional_package_is_an_error_line(tmp_path, monkeypatch, capsys):
+    root = _write_layout(
+        tmp_path / "ijb", ["0.jpg", "1.jpg"], [1, 2], [5, 6], [(1, 2, 0)], scores=[0.9, 0.8]
+    )
+    (tmp_path / "model.onnx").write_bytes(b"")
+    script = _load_script("ijb")
+
+    def no_onnxruntime(*args, **kwargs):
+        raise ImportError("reading ONNX models needs onnxruntime: pip install onnxruntime")
+
+    monkeypatch.setattr(script, "open_embedder", no_onnxruntime)
+    argv = ["--model", str(tmp_path / "model.onnx"), "--data", str(root), "--target", "tiny"]
+    assert script.main(argv) == 1
+    assert "error: reading ONNX models needs onnxruntime" in capsys.readouterr().err
