@@ -83,6 +83,8 @@ def build_grad_scaler(device_type: str, *, distributed: bool) -> torch.amp.GradS
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(device_type, growth_interval=100)
+    if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3 (requirements allow 2.1)
+        return torch.cuda.amp.GradScaler(growth_interval=100)
     return torch.amp.GradScaler(device_type, growth_interval=100)
 
 
