@@ -34,7 +34,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=4, help="image loading threads")
     parser.add_argument("--no-flip", action="store_true", help="skip the flip test")
-    parser.add_argument("--faceness", action="store_true", help="weight faces by detector score")
+    parser.add_argument(
+        "--no-faceness",
+        dest="faceness",
+        action="store_false",
+        help="do not weight faces by their detector score (weighting is on, as in arcface_torch)",
+    )
     parser.add_argument("--output", default=None, help="result folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)

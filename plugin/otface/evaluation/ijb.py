@@ -2,7 +2,7 @@
 
 Pipeline: five-point similarity alignment of each loose crop to 112×112 (insightface's
 ``face_align.norm_crop``, the standard ArcFace template); embedding, plus that of the mirror
-image (flip test); optional faceness weighting; mean over the faces of a media (photo or video),
+image (flip test); faceness weighting (default on); mean over the faces of a media (photo or video),
 sum over the medias of a template, L2 normalisation; cosine score for every template pair,
 in chunks; TAR at FAR 1e-6 ... 1e-1 and the ROC.
 """
@@ -198,7 +198,7 @@ def evaluate_ijb(
     target: str,
     *,
     flip: bool = True,
-    faceness: bool = False,
+    faceness: bool = True,
     batch_size: int = 128,
     num_workers: int = 4,
     fars: Sequence[float] = DEFAULT_FARS,
@@ -213,7 +213,8 @@ def evaluate_ijb(
         data_dir: folder in InsightFace's IJB release layout.
         target: ``"IJBB"``, ``"IJBC"`` (or any name with matching meta files).
         flip: add the embedding of the mirrored face.
-        faceness: multiply each face's feature by its detector score before pooling.
+        faceness: multiply each face's feature by its detector score before pooling (on by
+            default, as arcface_torch's IJB evaluation).
         cache_file: ``.npy`` of the raw image features; read when present, written otherwise.
     """
     meta = read_ijb_meta(data_dir, target)
