@@ -203,3 +203,17 @@ def test_identity_range_outside_images(tmp_path):
     rec, idx, _ = _write(tmp_path, recs)
     with pytest.raises(RecordIOError, match=r"record key 2: identity 0 range \[1, 5\)"):
         read_rec_labels(IndexedRecordReader(rec, idx))
+
+
+def test_index_parse_fast_path_and_bad_lines(tmp_path):
+    from otface.data.recordio import RecordIOError, _read_index
+
+    idx = tmp_path / "train.idx"
+    idx.write_text("".join(f"{k}\t{k * 37 + 5}\n" for k in range(1000)) + "\n")
+    keys, offsets = _read_index(idx)
+    assert keys.tolist() == list(range(1000))
+    assert offsets.tolist() == [k * 37 + 5 for k in range(1000)]
+    for bad, line in (("0\t0\n1 8\n", 2), ("0\t0\n1\tx\n", 2), ("0\t0\t4\n", 1)):
+        idx.write_text(bad)
+        with pytest.raises(RecordIOError, match=f"train.idx, line {line}"):
+            _read_index(idx)
