@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import warnings
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ from otface.train.lr import build_lr_scheduler
 __all__ = ["Trainer", "build_backbone", "build_grad_scaler", "main", "seed_everything"]
 
 GRAD_CLIP_NORM = 5.0
+
+BackboneFactory = Callable[[Any, torch.device], nn.Module]
 
 
 def seed_everything(seed: int) -> None:
@@ -94,13 +97,17 @@ class Trainer:
     Args:
         cfg: a validated config (:func:`otface.config.load_config`).
         env: this process's ranks and device.
+        backbone_factory: ``factory(cfg, device) -> nn.Module`` building the network; by
+            default :func:`build_backbone` (this package's backbones).
     """
 
-    def __init__(self, cfg, env: DistEnv) -> None:
+    def __init__(
+        self, cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None
+    ) -> None:
         self.cfg = cfg
         self.env = env
         self.device = env.device
-        self.backbone = build_backbone(cfg, self.device)
+        self.backbone = (backbone_factory or build_backbone)(cfg, self.device)
         try:
             builder = LOSSES.get(cfg.loss)
         except KeyError as err:
@@ -261,15 +268,18 @@ def _log_config(cfg) -> None:
         logging.info(": %s%s", key.ljust(25), value)
 
 
-def fit(cfg, env: DistEnv) -> Trainer:
-    """Run the whole training job of ``cfg`` on this rank."""
+def fit(cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None) -> Trainer:
+    """Run the whole training job of ``cfg`` on this rank.
+
+    ``backbone_factory(cfg, device)`` builds the network (default :func:`build_backbone`).
+    """
     from otface.data import build_train_loader, prepare_rec
 
     seed_everything(cfg.seed)
     rec_path = prepare_rec(cfg.rec)
     _check_data(cfg, rec_path)
     cfg.rec = rec_path
-    trainer = Trainer(cfg, env)
+    trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
     if cfg.resume:
         trainer.resume()
     # On CUDA the loader's uint8 batches stay pinned and are normalised on the GPU in
