@@ -1,7 +1,8 @@
 """Use OTFace inside an existing arcface_torch checkout, without changing any of its files.
 
 ``apply`` adds an overlay of this project's own files to the checkout (``train_otface.py`` and
-``configs/*_otface.py``, shipped in the source checkout's ``patches/arcface_torch/``) and
+``configs/*_otface.py``; the script is shipped in the source checkout's
+``patches/arcface_torch/``, the configs are this project's own) and
 records each written file's SHA-256 in ``.otface_patch.json`` there; ``check`` reports whether
 that overlay is present and unmodified and whether the checkout is a supported arcface_torch;
 ``revert`` removes exactly the files ``apply`` wrote (and restores any file a forced ``apply``
@@ -94,12 +95,19 @@ def overlay_dir() -> Path:
     return path
 
 
+# Job configs shared with this project's own train.py: the same files go into the checkout.
+OVERLAY_CONFIGS = ("glint360k_r100_otface.py", "ms1mv3_r100_otface.py", "ms1mv3_r50_otface.py")
+
+
 def overlay_files() -> dict[str, bytes]:
     """The overlay: checkout-relative POSIX path → content."""
     root = overlay_dir()
     files = {"train_otface.py": (root / "train_otface.py").read_bytes()}
-    for cfg in sorted((root / "configs").glob("*.py")):
-        files[f"configs/{cfg.name}"] = cfg.read_bytes()
+    configs = root.parents[1] / "configs"
+    for name in OVERLAY_CONFIGS:
+        if not (configs / name).is_file():
+            raise PatchError(f"overlay config {str(configs / name)!r} not found")
+        files[f"configs/{name}"] = (configs / name).read_bytes()
     return files
 
 
