@@ -40,6 +40,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_false",
         help="do not weight faces by their detector score (weighting is on, as in arcface_torch)",
     )
+    parser.add_argument(
+        "--tar-method",
+        choices=("interp", "nearest"),
+        default="interp",
+        help="read TAR@FAR from the ROC by interpolation, or at the nearest ROC point as "
+        "arcface_torch's eval_ijbc.py does",
+    )
     parser.add_argument("--output", default=None, help="result folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)
@@ -63,6 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.target,
             flip=flip,
             faceness=args.faceness,
+            tar_method=args.tar_method,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             cache_file=cache,

@@ -146,6 +146,12 @@ def test_evaluate_ijb_on_known_features(tmp_path):
         np.testing.assert_allclose(res.scores, ref_scores, atol=1e-5)
         np.testing.assert_allclose(res.tars, _sk_polyline_tar(res.scores, labels, FARS))
         assert (res.num_faces, res.num_templates) == (n_faces, n_templates)
+    # arcface_torch's reading: the TAR of the ROC point nearest each FAR (highest on ties)
+    nearest = evaluate_ijb(None, root, "tiny", cache_file=cache, tar_method="nearest")
+    fpr, tpr, _ = sk_roc_curve(labels, nearest.scores)
+    for far, tar in zip(FARS, nearest.tars):
+        gap = np.abs(fpr - far)
+        assert tar == pytest.approx(tpr[gap == gap.min()].max())
 
 
 def test_layout_errors_name_file_and_line(tmp_path):

@@ -202,6 +202,7 @@ def evaluate_ijb(
     batch_size: int = 128,
     num_workers: int = 4,
     fars: Sequence[float] = DEFAULT_FARS,
+    tar_method: str = "interp",
     cache_file: Optional[PathLike] = None,
     chunk_size: int = 16384,
 ) -> IJBResult:
@@ -215,6 +216,8 @@ def evaluate_ijb(
         flip: add the embedding of the mirrored face.
         faceness: multiply each face's feature by its detector score before pooling (on by
             default, as arcface_torch's IJB evaluation).
+        tar_method: how the ROC is read at each FAR (:func:`otface.evaluation.metrics.tar_at_far`):
+            ``"interp"`` (linear between ROC points) or ``"nearest"`` (arcface_torch's rule).
         cache_file: ``.npy`` of the raw image features; read when present, written otherwise.
     """
     meta = read_ijb_meta(data_dir, target)
@@ -248,7 +251,7 @@ def evaluate_ijb(
     return IJBResult(
         target=target,
         fars=np.asarray(fars, np.float64),
-        tars=tar_at_far(scores, meta.pair_labels, fars=fars),
+        tars=tar_at_far(scores, meta.pair_labels, fars=fars, method=tar_method),
         auc=float(np.sum(np.diff(roc.far) * (roc.tar[1:] + roc.tar[:-1]) / 2)),
         scores=scores,
         labels=meta.pair_labels,
