@@ -15,7 +15,6 @@ losses, P×K sampler, mxnet-free reader, Partial FC, checkpoints in arcface_torc
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import sys
 import warnings
@@ -151,28 +150,10 @@ def tree_backbone_factory(tree: str | os.PathLike):
 
 def main(config_path: str, *, tree: str | os.PathLike) -> int:
     """Train ``config_path`` of the checkout ``tree``; returns a process exit code."""
-    from otface.train.distributed import init_distributed, shutdown_distributed
-    from otface.train.log import init_logging
-    from otface.train.loop import fit
+    from otface.train.loop import main as train_main
 
-    try:
-        cfg = load_tree_config(config_path, tree=tree)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    env = init_distributed()
-    try:
-        os.makedirs(cfg.output, exist_ok=True)
-        init_logging(env.rank, cfg.output)
-        if env.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        fit(cfg, env, backbone_factory=tree_backbone_factory(tree))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        logging.warning("interrupted; the last complete checkpoint in %s is intact", cfg.output)
-        return 130
-    finally:
-        shutdown_distributed()
-    return 0
+    return train_main(
+        config_path,
+        load=lambda path: load_tree_config(path, tree=tree),
+        backbone_factory=tree_backbone_factory(tree),
+    )

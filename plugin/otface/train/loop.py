@@ -359,10 +359,19 @@ def fit(cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None) -
     return trainer
 
 
-def main(config_path: str) -> int:
-    """Command-line entry: load the config, join the process group, train. Returns exit code."""
+def main(
+    config_path: str,
+    *,
+    load: Callable[[str], Any] = load_config,
+    backbone_factory: BackboneFactory | None = None,
+) -> int:
+    """Command-line entry: load the config, join the process group, train. Returns exit code.
+
+    ``load`` reads and validates the config (default :func:`otface.config.load_config`);
+    ``backbone_factory`` is passed to :func:`fit`.
+    """
     try:
-        cfg = load_config(config_path)
+        cfg = load(config_path)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -372,14 +381,12 @@ def main(config_path: str) -> int:
         init_logging(env.rank, cfg.output)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        fit(cfg, env)
+        fit(cfg, env, backbone_factory=backbone_factory)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        logging.warning(
-            "interrupted at step; the last complete checkpoint in %s is intact", cfg.output
-        )
+        logging.warning("interrupted; the last complete checkpoint in %s is intact", cfg.output)
         return 130
     finally:
         shutdown_distributed()
