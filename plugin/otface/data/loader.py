@@ -35,6 +35,7 @@ __all__ = [
     "check_dataset_config",
     "dataset_info",
     "prepare_rec",
+    "worker_start_method",
 ]
 
 SAMPLER_TYPES = ("pk", "uniform")
@@ -171,6 +172,21 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def worker_start_method() -> str:
+    """How DataLoader workers are started: ``"forkserver"`` where the platform has it, else
+    ``"spawn"``; never ``"fork"``.
+
+    A forked child inherits the parent's locks but not its threads. After the parent has used
+    OpenCV's or OpenMP's thread pools (rendering the demo data, decoding the verification set,
+    a first forward pass), a forked worker can block forever on a lock held by a thread that
+    does not exist in the child: the first-run hang. A forkserver starts workers from a clean
+    single-threaded process.
+    """
+    import multiprocessing as mp
+
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
 def build_train_loader(
     cfg: Any, *, rank: int, world_size: int, normalize: bool = True
 ) -> TrainLoader:
@@ -214,6 +230,7 @@ def build_train_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        multiprocessing_context=worker_start_method() if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + int(rank)),
     )
