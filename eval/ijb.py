@@ -3,11 +3,15 @@
     python eval/ijb.py --model work_dirs/NAME/model.pt --network r100 \
         --data /data/IJBC --target IJBC
     python eval/ijb.py --model work_dirs/NAME/model.onnx --data /data/IJBB --target IJBB
+    python eval/ijb.py --model work_dirs/demo_otface/model.pt --data demo
 
-``--data`` is InsightFace's release layout (``meta/`` + ``loose_crop/``). Writes into
+``--data`` is InsightFace's release layout (``meta/`` + ``loose_crop/``), or ``demo`` for the
+embedded demo data's ``ijb/`` part (target ``demo``). Without ``--network``, a ``model.pt`` in a
+training output folder is loaded as the ``network`` its ``training.log`` names. Writes into
 ``--output`` (default: ``<model folder>/ijb_<target>``) the table, the scores (``.npy``), the ROC
-plot (PNG and PDF, with matplotlib) and a feature cache, so a second run with the same model and
-flip setting scores without re-extracting.
+plot (PNG and PDF, with matplotlib) and a feature cache, so a second run with the same model
+file, network and flip setting scores without re-extracting (the model is still opened first, so
+a wrong ``--network`` is an error either way).
 """
 
 from __future__ import annotations
@@ -20,18 +24,40 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from otface.evaluation.data_dirs import DEMO_DATA, DEMO_IJB_TARGET, is_demo, resolve_data_dir
 from otface.evaluation.ijb import evaluate_ijb, feature_cache_key, format_table, save_roc_plot
-from otface.evaluation.ijb_meta import IJBLayoutError, ijb_layout
-from otface.evaluation.models import open_embedder, resolve_model_path
+from otface.evaluation.ijb_meta import ijb_layout
+from otface.evaluation.models import open_embedder, resolve_model_path, resolve_network
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model.pt (with --network) or model.onnx")
-    parser.add_argument("--network", default=None, help="backbone name for a model.pt, e.g. r100")
-    parser.add_argument("--data", required=True, help="IJB folder with meta/ and loose_crop/")
-    parser.add_argument("--target", default="IJBC", help="IJBB or IJBC (meta file prefix)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--model", required=True, help="model.pt, its training output folder, or model.onnx"
+    )
+    parser.add_argument(
+        "--network",
+        default=None,
+        help="backbone name for a model.pt, e.g. r100 (default: the one in its training.log)",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help=f"IJB folder with meta/ and loose_crop/, or {DEMO_DATA!r} for the embedded demo data",
+    )
+    parser.add_argument(
+        "--target",
+        default=None,
+        help=f"meta file prefix: IJBB or IJBC (default IJBC; {DEMO_IJB_TARGET!r} with --data demo)",
+    )
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--num-workers", type=int, default=4, help="image loading threads")
     parser.add_argument("--no-flip", action="store_true", help="skip the flip test")
     parser.add_argument(
@@ -52,39 +78,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     flip = not args.no_flip
+    target = args.target or (DEMO_IJB_TARGET if is_demo(args.data) else "IJBC")
     try:
         model_file = resolve_model_path(args.model)
-        layout = ijb_layout(args.data, args.target)
-        out_dir = Path(args.output or model_file.parent / f"ijb_{args.target.lower()}")
+        network = resolve_network(model_file, args.network)
+        # Opened before the cache is looked at: a wrong --network fails even on a cache hit.
+        embedder = open_embedder(
+            model_file, network=network, batch_size=args.batch_size, device=args.device
+        )
+        data_dir = resolve_data_dir(args.data, subdir="ijb")
+        layout = ijb_layout(data_dir, target)
+        out_dir = Path(args.output or model_file.parent / f"ijb_{target.lower()}")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise FileExistsError(f"--output {out_dir} is a file, not a folder")
         out_dir.mkdir(parents=True, exist_ok=True)
-        key = feature_cache_key(model_file, layout.name_5pts_score, flip=flip)
-        cache = out_dir / f"{args.target.lower()}_features_{key}.npy"
-        embedder = None
-        if not cache.is_file():
-            embedder = open_embedder(
-                model_file, network=args.network, batch_size=args.batch_size, device=args.device
-            )
+        key = feature_cache_key(model_file, layout.name_5pts_score, flip=flip, network=network)
         result = evaluate_ijb(
             embedder,
-            args.data,
-            args.target,
+            data_dir,
+            target,
             flip=flip,
             faceness=args.faceness,
             tar_method=args.tar_method,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
-            cache_file=cache,
+            cache_file=out_dir / f"{target.lower()}_features_{key}.npy",
         )
-    # ImportError: an optional package (onnxruntime, insightface) with its install hint.
-    except (FileNotFoundError, ValueError, IJBLayoutError, ImportError) as exc:
+        name = model_file.parent.name if model_file.stem == "model" else model_file.stem
+        stem = out_dir / target.lower()
+        np.save(f"{stem}_scores.npy", result.scores)
+        table = format_table({name: result})
+        Path(f"{stem}_tar_at_far.txt").write_text(table + "\n", encoding="utf-8")
+        plots = save_roc_plot({name: result}, stem)
+    # OSError: files (missing, unreadable, --output naming a file); ValueError includes
+    # IJBLayoutError; ImportError: an optional package (onnxruntime, insightface) with its hint.
+    except (OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    name = model_file.parent.name if model_file.stem == "model" else model_file.stem
-    stem = out_dir / args.target.lower()
-    np.save(f"{stem}_scores.npy", result.scores)
-    table = format_table({name: result})
-    Path(f"{stem}_tar_at_far.txt").write_text(table + "\n", encoding="utf-8")
-    plots = save_roc_plot({name: result}, stem)
     print(table)
     print(f"{result.num_faces} faces, {result.num_templates} templates, {len(result.scores)} pairs")
     print(f"results in {out_dir}" + (f" (ROC: {plots[0].name})" if plots else ""))

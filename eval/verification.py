@@ -3,9 +3,12 @@
     python eval/verification.py --model work_dirs/NAME/model.pt --network r100 \
         --data /data/faces_emore --targets lfw,cfp_fp,agedb_30
     python eval/verification.py --model work_dirs/NAME/model.onnx --pairs my_pairs.txt
+    python eval/verification.py --model work_dirs/demo_otface/model.pt --data demo
 
-A pairs list has one ``IMAGE_A IMAGE_B LABEL`` per line (aligned 112×112 faces, label 1 = same
-person; relative paths start at the list's folder).
+``--data demo`` is the embedded demo data (its ``.bin`` sets are the default targets). Without
+``--network``, a ``model.pt`` in a training output folder is loaded as the ``network`` its
+``training.log`` names. A pairs list has one ``IMAGE_A IMAGE_B LABEL`` per line (aligned 112×112
+faces, label 1 = same person; relative paths start at the list's folder).
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
-from otface.evaluation.bin_io import read_bin
-from otface.evaluation.models import open_embedder
+from otface.evaluation.bin_io import list_bin_sets, read_bin
+from otface.evaluation.data_dirs import DEMO_DATA, is_demo, resolve_data_dir
+from otface.evaluation.models import Embedder, open_embedder, resolve_network
 from otface.evaluation.verification import VerificationResult, evaluate_pairs, read_pairs_list
+
+DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
 
 
 def _report(name: str, res: VerificationResult) -> None:
@@ -27,16 +33,58 @@ def _report(name: str, res: VerificationResult) -> None:
     print(f"[{name}]Accuracy-Flip: {res.accuracy_flip:1.5f}+-{res.accuracy_flip_std:1.5f}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _targets(requested: Optional[str], data: str, folder: Path) -> List[str]:
+    """The ``.bin`` names to evaluate: ``--targets``, else the demo's sets or the usual three."""
+    if requested is None:
+        requested = ",".join(list_bin_sets(folder)) if is_demo(data) else DEFAULT_TARGETS
+    return [t.strip() for t in requested.split(",") if t.strip()]
+
+
+def _run_bins(embedder: Embedder, names: List[str], folder: Path, n_folds: int) -> None:
+    available = list_bin_sets(folder)
+    if not any(name in available for name in names):
+        raise FileNotFoundError(
+            f"none of {', '.join(names) or '(no targets)'} found as .bin in {folder}; "
+            f".bin sets there: {', '.join(available) or 'none'}"
+            + (f" (pass --targets {','.join(available)})" if available else "")
+        )
+    for name in names:
+        if name not in available:
+            print(f"[{name}] skipped: {folder / (name + '.bin')} not found")
+            continue
+        _report(name, evaluate_pairs(embedder, read_bin(folder / f"{name}.bin"), n_folds=n_folds))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model.pt (with --network) or model.onnx")
-    parser.add_argument("--network", default=None, help="backbone name for a model.pt, e.g. r100")
-    parser.add_argument("--data", default=None, help="folder holding the <target>.bin files")
     parser.add_argument(
-        "--targets", default="lfw,cfp_fp,agedb_30", help="comma-separated .bin names"
+        "--model", required=True, help="model.pt, its training output folder, or model.onnx"
+    )
+    parser.add_argument(
+        "--network",
+        default=None,
+        help="backbone name for a model.pt, e.g. r100 (default: the one in its training.log)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help=f"folder holding the <target>.bin files, or {DEMO_DATA!r} for the embedded demo data",
+    )
+    parser.add_argument(
+        "--targets",
+        default=None,
+        help=f"comma-separated .bin names (default: {DEFAULT_TARGETS}; with --data demo, the "
+        "demo's sets)",
     )
     parser.add_argument("--pairs", default=None, help="a pairs list instead of .bin sets")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)
@@ -45,25 +93,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("pass exactly one of --data (with --targets) and --pairs")
     try:
         embedder = open_embedder(
-            args.model, network=args.network, batch_size=args.batch_size, device=args.device
+            args.model,
+            network=resolve_network(args.model, args.network),
+            batch_size=args.batch_size,
+            device=args.device,
         )
-        if args.pairs is not None:
+        folder = resolve_data_dir(args.data) if args.data is not None else None
+        if folder is None:
             res = evaluate_pairs(embedder, read_pairs_list(args.pairs), n_folds=args.nfolds)
             _report(Path(args.pairs).stem, res)
-            return 0
-        found = 0
-        for name in [t for t in args.targets.split(",") if t]:
-            path = Path(args.data) / f"{name}.bin"
-            if not path.is_file():
-                print(f"[{name}] skipped: {path} not found")
-                continue
-            found += 1
-            _report(name, evaluate_pairs(embedder, read_bin(path), n_folds=args.nfolds))
-        if not found:
-            print(f"error: none of {args.targets} found as .bin in {args.data}", file=sys.stderr)
-            return 1
-    # ImportError: an optional package (onnxruntime, insightface) with its install hint.
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+        else:
+            _run_bins(embedder, _targets(args.targets, args.data, folder), folder, args.nfolds)
+    # OSError: files (missing, unreadable, a folder where a file belongs); ImportError: an
+    # optional package (onnxruntime, insightface) with its install hint.
+    except (OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

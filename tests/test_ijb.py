@@ -1,10 +1,13 @@
 """Tests for otface.evaluation.{metrics (ROC, TAR@FAR), ijb_meta, ijb} and eval/ijb.py.
 
 References: sklearn's roc_curve read as a polyline by a plain loop, hand-pooled templates on a
-hand-made layout, a known similarity warp, and the PyTorch model against its ONNX export.
+hand-made layout, a known similarity warp, the PyTorch model against its ONNX export, and the
+demo's own meta files for ``--data demo``.
 """
 
+import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import cv2
@@ -14,7 +17,13 @@ import torch
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from otface.evaluation import ijb as ijb_mod
-from otface.evaluation.ijb import align_face, evaluate_ijb, pool_templates, score_pairs
+from otface.evaluation.ijb import (
+    align_face,
+    evaluate_ijb,
+    feature_cache_key,
+    pool_templates,
+    score_pairs,
+)
 from otface.evaluation.ijb_meta import IJBLayoutError, read_ijb_meta
 from otface.evaluation.metrics import roc_curve, tar_at_far
 
@@ -256,11 +265,10 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "pt" / "demo.png").is_file() and (tmp_path / "pt" / "demo.pdf").is_file()
 
-    def no_model(*args, **kwargs):
+    def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(script, "open_embedder", no_model)
-    monkeypatch.setattr(ijb_mod, "extract_features", no_model)
+    monkeypatch.setattr(ijb_mod, "extract_features", no_extraction)
     assert script.main(pt_args + common + ["--output", str(tmp_path / "pt")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "pt" / "demo_scores.npy"), pt_scores)
     # the flip setting is part of the cache key: --no-flip must extract again
@@ -282,3 +290,186 @@ def test_cli_missing_optional_package_is_an_error_line(tmp_path, monkeypatch, ca
     argv = ["--model", str(tmp_path / "model.onnx"), "--data", str(root), "--target", "tiny"]
     assert script.main(argv) == 1
     assert "error: reading ONNX models needs onnxruntime" in capsys.readouterr().err
+
+
+SMALL_DEMO = dict(
+    train_identities=2,
+    images_per_identity=1,
+    val_identities=2,
+    val_images_per_identity=2,
+    val_pairs=2,
+    ijb_identities=6,
+    ijb_images_per_identity=4,
+    ijb_impostor_pairs=30,
+)
+TRAINING_LOG = """\
+Training: 2024-05-01 10:00:00,001-: loss                     otface
+Training: 2024-05-01 10:00:00,001-: network                  r50
+Training: 2024-05-01 10:00:00,002-: embedding_size           512
+Training: 2024-05-01 10:00:09,000-Speed 120.00 samples/sec   Loss 41.2000   LearningRate 0.1000
+Training: 2024-05-01 11:00:00,001-: loss                     otface
+Training: 2024-05-01 11:00:00,001-: network                  r18_lite
+Training: 2024-05-01 11:00:00,002-: embedding_size           512
+"""  # a second run into the same folder appends its own dump: the last one is the model's
+
+
+@pytest.fixture(scope="module")
+def _demo_cache(tmp_path_factory):
+    """A cache folder holding a small demo set, built by the real ensure_demo."""
+    from otface.data import demo
+
+    root = tmp_path_factory.mktemp("otface_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "generate_demo", functools.partial(demo.generate_demo, **SMALL_DEMO))
+        demo.ensure_demo(root)
+    return root
+
+
+@pytest.fixture
+def demo_env(_demo_cache, monkeypatch):
+    """$OTFACE_CACHE points at the small demo; building another one is an error."""
+    from otface.data import demo
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the demo data should come from $OTFACE_CACHE")
+
+    monkeypatch.setenv("OTFACE_CACHE", str(_demo_cache))
+    monkeypatch.setattr(demo, "generate_demo", no_build)
+    return _demo_cache / f"demo_v{demo.FORMAT_VERSION}_seed0"
+
+
+def _run_dir(path, *, seed=0, log=True):
+    """A training output folder: an r18_lite model.pt and, with ``log``, a training.log."""
+    from otface.backbones import get_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(get_model("r18_lite").state_dict(), path / "model.pt")
+    if log:
+        (path / "training.log").write_text(TRAINING_LOG)
+    return path
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+def test_cli_data_demo_with_network_from_training_log(tmp_path, demo_env, capsys):
+    run = _run_dir(tmp_path / "demo_otface")
+    script = _load_script("ijb")
+    # neither --network nor --target: the log names r18_lite, --data demo means target "demo"
+    argv = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu"]
+    assert script.main(argv + ["--num-workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"results in {run / 'ijb_demo'}" in out
+    meta = demo_env / "ijb" / "meta"
+    n_faces = len((meta / "demo_face_tid_mid.txt").read_text().splitlines())
+    n_pairs = len((meta / "demo_template_pair_label.txt").read_text().splitlines())
+    assert f"{n_faces} faces" in out and f"{n_pairs} pairs" in out
+    assert len(np.load(run / "ijb_demo" / "demo_scores.npy")) == n_pairs
+    assert len(list((run / "ijb_demo").glob("demo_features_*.npy"))) == 1
+    # an explicit --network wins over the log
+    assert script.main(argv + ["--network", "r50"]) == 1
+    assert "does not match --network 'r50'" in _error_line(capsys)
+
+
+def test_feature_cache_key_covers_model_content_network_and_flip(tmp_path):
+    meta = tmp_path / "demo_name_5pts_score.txt"
+    meta.write_text("a.jpg 1 2 3 4 5 6 7 8 9 10 0.9\n")
+    weights = bytes(range(256)) * 8
+    a, b = tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(weights)
+    key = functools.partial(feature_cache_key, meta_file=meta)
+    base = key(a, flip=True, network="r18_lite")
+    assert key(b, flip=True, network="r18_lite") == base  # the content counts, not the path
+    others = {
+        key(a, flip=False, network="r18_lite"),
+        key(a, flip=True, network="r50"),
+        key(a, flip=True, network=None),
+    }
+    assert len(others) == 3 and base not in others
+    b.write_bytes(weights[:-1] + b"\x00")  # one byte differs: a retrained model, same path
+    assert key(b, flip=True, network="r18_lite") != base
+
+
+def test_cli_cache_hit_still_checks_the_model(tmp_path, demo_env, monkeypatch, capsys):
+    run = _run_dir(tmp_path / "work", log=False)
+    script = _load_script("ijb")
+    base = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu", "--no-flip"]
+    assert script.main(base + ["--network", "r18_lite"]) == 0
+    first = np.load(run / "ijb_demo" / "demo_scores.npy")
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(ijb_mod, "extract_features", no_extraction)
+    assert script.main(base + ["--network", "r18_lite"]) == 0  # a cache hit
+    np.testing.assert_array_equal(np.load(run / "ijb_demo" / "demo_scores.npy"), first)
+    capsys.readouterr()
+    # a cache exists, yet a wrong network name or architecture is refused
+    assert script.main(base + ["--network", "banana"]) == 1
+    line = _error_line(capsys)
+    assert "unknown network 'banana'" in line and "r18_lite" in line
+    assert script.main(base + ["--network", "r50"]) == 1
+    assert "does not match --network 'r50'" in _error_line(capsys)
+    assert script.main(base) == 1  # no --network and no training.log
+    assert "pass --network" in _error_line(capsys)
+    # another model file at the same path misses the cache
+    _run_dir(run, seed=1, log=False)
+    with pytest.raises(AssertionError, match="cache"):
+        script.main(base + ["--network", "r18_lite"])
+
+
+def test_cli_unreadable_cache_is_rebuilt(tmp_path, demo_env, capsys):
+    run = _run_dir(tmp_path / "work")
+    script = _load_script("ijb")
+    argv = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu", "--no-flip"]
+    assert script.main(argv) == 0
+    first = np.load(run / "ijb_demo" / "demo_scores.npy")
+    (cache,) = (run / "ijb_demo").glob("demo_features_*.npy")
+    cache.write_bytes(cache.read_bytes()[:100])  # an interrupted copy
+    assert script.main(argv) == 0
+    np.testing.assert_allclose(np.load(run / "ijb_demo" / "demo_scores.npy"), first, atol=1e-6)
+    assert np.load(cache).shape[0] == len(read_ijb_meta(demo_env / "ijb", "demo").image_names)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_data", r"--data \S*nowhere does not exist \(pass a data folder, or 'demo'"),
+        ("missing_model", r"model file .*nope\.pt does not exist"),
+        ("unknown_target", r"for target 'IJBC'; targets found in .*\['demo'\]"),
+        ("device", "--device 'cuda:99'"),
+        ("bad_device", "--device 'banana' is not a torch device; valid: cpu, cuda"),
+        ("output_is_a_file", r"--output .*model\.pt is a file"),
+        ("broken_onnx", r"cannot load .*broken\.onnx as an ONNX model"),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(tmp_path, demo_env, capsys, case, expected):
+    run = _run_dir(tmp_path / "work")
+    (run / "broken.onnx").write_bytes(b"not a protobuf")
+    argv = {
+        "missing_data": ["--data", str(tmp_path / "nowhere")],
+        "missing_model": ["--model", str(run / "nope.pt")],
+        "unknown_target": ["--target", "IJBC"],
+        "device": ["--device", "cuda:99"],
+        "bad_device": ["--device", "banana"],
+        "output_is_a_file": ["--output", str(run / "model.pt")],
+        "broken_onnx": ["--model", str(run / "broken.onnx")],
+    }[case]
+    base = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu"]
+    assert _load_script("ijb").main(base + argv) == 1  # later options win in argparse
+    assert re.search(expected, _error_line(capsys))
+
+
+def test_cli_batch_size_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load_script("ijb").main(["--model", "m.pt", "--data", "d", "--batch-size", "0"])
+    assert exc.value.code == 2
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err

@@ -4,9 +4,11 @@ References: pixels the test encodes itself, a hand-assembled Python-2 style pick
 loop over sklearn's KFold splits and thresholds.
 """
 
+import functools
 import importlib.util
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import cv2
@@ -245,7 +247,8 @@ def test_cli_on_model_pt(tmp_path, capsys):
     assert f"[mini]Accuracy-Flip: {acc:1.5f}+-{std:1.5f}" in out
     assert "[lfw] skipped" in out
     assert script.main(["--model", str(tmp_path / "model.pt"), "--data", str(tmp_path)]) == 1
-    assert "--network" in capsys.readouterr().err
+    err = capsys.readouterr().err  # no training.log next to the model: the valid names
+    assert "pass --network, one of r18, r34, r50, r100, r200, mbf, r18_lite" in err
 
 
 def test_callback_unwraps_data_parallel(tmp_path):
@@ -256,3 +259,142 @@ def test_callback_unwraps_data_parallel(tmp_path):
     assert set(out) == {"t2"} and 0.0 <= out["t2"] <= 1.0
     assert net.training and wrapped.training
     assert VerificationCallback(["none"], tmp_path)(1, net) == {}
+
+
+SMALL_DEMO = dict(
+    train_identities=2,
+    images_per_identity=1,
+    val_identities=4,
+    val_images_per_identity=3,
+    val_pairs=20,
+    ijb_identities=2,
+    ijb_images_per_identity=2,
+    ijb_impostor_pairs=1,
+)
+TRAINING_LOG = """\
+Training: 2024-05-01 10:00:00,001-: loss                     otface
+Training: 2024-05-01 10:00:00,001-: network                  r50
+Training: 2024-05-01 10:00:09,000-Speed 120.00 samples/sec   Loss 41.2000   LearningRate 0.1000
+Training: 2024-05-01 11:00:00,001-: loss                     otface
+Training: 2024-05-01 11:00:00,001-: network                  r18_lite
+Training: 2024-05-01 11:00:00,002-: embedding_size           512
+"""  # a second run into the same folder appends its own dump: the last one is the model's
+EXTRA_FACES = _random_faces(8, seed=11)
+EXTRA_ISSAME = [True, False, False, True]
+
+
+@pytest.fixture(scope="module")
+def _demo_cache(tmp_path_factory):
+    """A cache folder holding a small demo set (built by the real ensure_demo) plus extra.bin."""
+    from otface.data import demo
+
+    root = tmp_path_factory.mktemp("otface_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "generate_demo", functools.partial(demo.generate_demo, **SMALL_DEMO))
+        folder = demo.ensure_demo(root)
+    write_bin(folder / "extra.bin", EXTRA_FACES, EXTRA_ISSAME)
+    return root
+
+
+@pytest.fixture
+def demo_env(_demo_cache, monkeypatch):
+    """$OTFACE_CACHE points at the small demo; building another one is an error."""
+    from otface.data import demo
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the demo data should come from $OTFACE_CACHE")
+
+    monkeypatch.setenv("OTFACE_CACHE", str(_demo_cache))
+    monkeypatch.setattr(demo, "generate_demo", no_build)
+    return _demo_cache / f"demo_v{demo.FORMAT_VERSION}_seed0"
+
+
+def _run_dir(path):
+    """A training output folder: an r18_lite model.pt and its training.log; returns the net."""
+    from otface.backbones import get_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = get_model("r18_lite").eval()
+    torch.save(net.state_dict(), path / "model.pt")
+    (path / "training.log").write_text(TRAINING_LOG)
+    return net
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+def test_cli_data_demo_defaults(tmp_path, demo_env, capsys):
+    net = _run_dir(tmp_path / "demo_otface")
+    script = _load_script("verification")
+    # no --network (the log's last dump says r18_lite), no --targets (every .bin of the demo)
+    argv = ["--model", str(tmp_path / "demo_otface" / "model.pt"), "--data", "demo"]
+    assert script.main(argv + ["--device", "cpu", "--nfolds", "2"]) == 0
+    out = capsys.readouterr().out
+    demo_pairs = pickle.loads((demo_env / "demo_lfw.bin").read_bytes())
+    demo_images = np.stack(
+        [cv2.imdecode(np.frombuffer(b, np.uint8), 1)[:, :, ::-1].transpose(2, 0, 1)
+         for b in demo_pairs[0]]
+    )  # fmt: skip
+    extra_images = np.stack([x.transpose(2, 0, 1) for x in EXTRA_FACES])
+    for name, images, issame in [
+        ("demo_lfw", demo_images, np.array(demo_pairs[1])),
+        ("extra", extra_images, np.array(EXTRA_ISSAME)),
+    ]:
+        e, f = _reference_embed(net, images)
+        acc, std = _reference_accuracy((e + f)[0::2], (e + f)[1::2], issame, n_folds=2)
+        assert f"[{name}]Accuracy-Flip: {acc:1.5f}+-{std:1.5f}" in out
+    assert "skipped" not in out
+    # an explicit --network wins over the log
+    assert script.main(argv + ["--network", "r50", "--device", "cpu"]) == 1
+    assert "does not match --network 'r50'" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_data", r"--data \S*nowhere does not exist \(pass a data folder, or 'demo'"),
+        ("data_is_a_file", r"--data \S*model\.pt is a file, not a folder"),
+        ("missing_targets", r"none of lfw, cpl found as \.bin in .*; \.bin sets there: demo_lfw, "
+         r"extra \(pass --targets demo_lfw,extra\)"),
+        ("missing_model", r"model file \S*nope\.pt does not exist"),
+        ("missing_model_no_log", r"model file \S*other/nope\.pt does not exist"),
+        ("unknown_network", "unknown network 'banana'; valid: r18, .*r18_lite"),
+        ("device", "--device 'cuda:99'"),
+        ("bad_device", "--device 'banana' is not a torch device; valid: cpu, cuda"),
+        ("broken_onnx", r"cannot load \S*broken\.onnx as an ONNX model"),
+        ("missing_pairs", r"pairs list \S*nope\.txt does not exist"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_is_one_error_line(tmp_path, demo_env, capsys, case, expected):
+    _run_dir(tmp_path)
+    (tmp_path / "broken.onnx").write_bytes(b"not a protobuf")
+    model = ["--model", str(tmp_path / "model.pt")]
+    argv = {
+        "missing_data": model + ["--data", str(tmp_path / "nowhere")],
+        "data_is_a_file": model + ["--data", str(tmp_path / "model.pt")],
+        "missing_targets": model + ["--data", str(demo_env), "--targets", "lfw,cpl"],
+        "missing_model": ["--model", str(tmp_path / "nope.pt"), "--data", "demo"],
+        "missing_model_no_log": ["--model", str(tmp_path / "other" / "nope.pt"), "--data", "demo"],
+        "unknown_network": model + ["--data", "demo", "--network", "banana"],
+        "device": model + ["--data", "demo", "--device", "cuda:99"],
+        "bad_device": model + ["--data", "demo", "--device", "banana"],
+        "broken_onnx": ["--model", str(tmp_path / "broken.onnx"), "--data", "demo"],
+        "missing_pairs": model + ["--pairs", str(tmp_path / "nope.txt")],
+    }[case]
+    if "--device" not in argv:
+        argv += ["--device", "cpu"]
+    assert _load_script("verification").main(argv) == 1
+    assert re.search(expected, _error_line(capsys))
+
+
+def test_cli_batch_size_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load_script("verification").main(["--model", "m.pt", "--data", "d", "--batch-size", "0"])
+    assert exc.value.code == 2
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from typing import List, NamedTuple, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-__all__ = ["PairSet", "read_bin", "write_bin", "decode_image", "load_image_file"]
+__all__ = ["PairSet", "list_bin_sets", "read_bin", "write_bin", "decode_image", "load_image_file"]
 
 PathLike = Union[str, Path]
 
@@ -77,6 +77,14 @@ def _unpickle(path: Path) -> object:
         return pickle.loads(raw)
     except UnicodeDecodeError:
         return pickle.loads(raw, encoding="bytes")
+
+
+def list_bin_sets(folder: PathLike) -> List[str]:
+    """Names (file stems, sorted) of the ``.bin`` files in ``folder``; [] when it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.bin") if p.is_file())
 
 
 def read_bin(path: PathLike, *, image_size: Tuple[int, int] = (112, 112)) -> PairSet:

@@ -184,12 +184,40 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def feature_cache_key(model_path: PathLike, meta_file: PathLike, *, flip: bool) -> str:
-    """Key of a feature cache: model content hash, face list size and mtime, flip setting."""
+def feature_cache_key(
+    model_path: PathLike, meta_file: PathLike, *, flip: bool, network: Optional[str]
+) -> str:
+    """Key of a feature cache (16 hex digits).
+
+    It covers everything the features depend on: the model file's content (SHA-256, so a
+    retrained ``model.pt`` at the same path misses), the backbone name it is loaded as (None for
+    ONNX), the face list's size and mtime, and the flip setting.
+    """
     meta_stat = Path(meta_file).stat()
-    parts = [_file_digest(Path(model_path)), str(meta_stat.st_size), str(meta_stat.st_mtime_ns)]
-    parts.append(f"flip={int(flip)}")
+    parts = [
+        _file_digest(Path(model_path)),
+        f"network={network}",
+        str(meta_stat.st_size),
+        str(meta_stat.st_mtime_ns),
+        f"flip={int(flip)}",
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _read_cache(cache_file: Path, n_faces: int) -> Optional[np.ndarray]:
+    """The cached ``(n_faces, D)`` features, or None (with a warning) when unusable."""
+    try:
+        feats = np.load(cache_file)
+    except (OSError, ValueError, EOFError) as exc:  # truncated or not an .npy file
+        logger.warning("ignoring unreadable feature cache %s: %s", cache_file, exc)
+        return None
+    if feats.ndim != 2 or len(feats) != n_faces:
+        logger.warning(
+            "ignoring feature cache %s: shape %s, %d faces", cache_file, feats.shape, n_faces
+        )
+        return None
+    logger.info("IJB features read from cache %s", cache_file)
+    return feats
 
 
 def evaluate_ijb(
@@ -224,14 +252,7 @@ def evaluate_ijb(
     n = len(meta.image_names)
     feats = None
     if cache_file is not None and Path(cache_file).is_file():
-        feats = np.load(cache_file)
-        if feats.ndim != 2 or len(feats) != n:
-            logger.warning(
-                "ignoring feature cache %s: shape %s, %d faces", cache_file, feats.shape, n
-            )
-            feats = None
-        else:
-            logger.info("IJB features read from cache %s", cache_file)
+        feats = _read_cache(Path(cache_file), n)
     if feats is None:
         if embedder is None:
             raise ValueError("no embedder given and no feature cache to read")

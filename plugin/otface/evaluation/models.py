@@ -9,6 +9,7 @@ the same embeddings for the same pixels.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Union
 
@@ -24,6 +25,9 @@ __all__ = [
     "load_backbone_state",
     "load_state_into",
     "load_backbone",
+    "network_from_training_log",
+    "resolve_network",
+    "resolve_device",
     "open_embedder",
     "preprocess",
 ]
@@ -35,6 +39,9 @@ PathLike = Union[str, Path]
 Embedder = Callable[[np.ndarray], np.ndarray]
 
 _TRAINING_CHECKPOINT_KEYS = ("state_dict_softmax_fc", "state_dict_backbone", "state_optimizer")
+# The config dump at the top of a training.log, written by this trainer and by arcface_torch:
+# "Training: 2024-05-01 10:00:00,123-: network                  r100".
+_LOGGED_NETWORK = re.compile(r"^Training: .*?-: network\s+(\S+)\s*$")
 
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
@@ -161,7 +168,8 @@ class OnnxEmbedder:
     """Embeds ``uint8`` RGB faces with an ONNX model through onnxruntime.
 
     ``providers=None`` picks ``CUDAExecutionProvider`` when the installed onnxruntime has it,
-    then the CPU. A model with a fixed batch axis is run one face at a time.
+    then the CPU. A model with a fixed batch axis is run that many faces at a time, the last
+    batch padded.
     """
 
     def __init__(
@@ -173,6 +181,8 @@ class OnnxEmbedder:
     ) -> None:
         import onnxruntime as ort
 
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} does not exist")
@@ -180,7 +190,10 @@ class OnnxEmbedder:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider",) if p in available]
             providers.append("CPUExecutionProvider")
-        self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own types (InvalidArgument, Fail, ...)
+            raise ValueError(f"cannot load {self.path} as an ONNX model: {exc}") from exc
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ValueError(
@@ -191,18 +204,94 @@ class OnnxEmbedder:
         self.output_name = outputs[0].name
         self.input_shape = inputs[0].shape
         fixed = self.input_shape[0]
-        self.batch_size = fixed if isinstance(fixed, int) and fixed > 0 else batch_size
+        self.fixed_batch = isinstance(fixed, int) and fixed > 0
+        self.batch_size = fixed if self.fixed_batch else batch_size
         logger.info("onnxruntime providers for %s: %s", self.path, self.session.get_providers())
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Args: images ``(N, 3, H, W)`` uint8 RGB. Returns: ``(N, D)`` float32 embeddings."""
+        fixed = tuple(self.input_shape[1:])
+        if all(isinstance(v, int) for v in fixed) and fixed != tuple(images.shape[1:]):
+            raise ValueError(
+                f"{self.path} takes input {fixed} per face, the faces here are "
+                f"{tuple(images.shape[1:])}"
+            )
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size].astype(np.float32)
             batch = (batch / 255.0 - 0.5) / 0.5
+            n = len(batch)
+            if self.fixed_batch and n < self.batch_size:  # the last, short batch: pad, then cut
+                pad = np.zeros((self.batch_size - n,) + batch.shape[1:], np.float32)
+                batch = np.concatenate([batch, pad])
             feats = self.session.run([self.output_name], {self.input_name: batch})[0]
-            out.append(np.asarray(feats, dtype=np.float32).reshape(len(batch), -1))
+            out.append(np.asarray(feats, dtype=np.float32).reshape(len(batch), -1)[:n])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def network_from_training_log(model_path: PathLike) -> Optional[str]:
+    """The ``network`` that the training run which wrote ``model_path`` logged, or None.
+
+    Reads ``training.log`` in the model's folder (a training output folder, ``work_dirs/NAME``)
+    and takes the ``network`` line of its config dump. A resumed run appends another dump to the
+    same log, so the last one wins. None when there is no log or no such line.
+    """
+    model_path = Path(model_path)
+    folder = model_path if model_path.is_dir() else model_path.parent
+    log = folder / "training.log"
+    if not log.is_file():
+        return None
+    network = None
+    with open(log, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            match = _LOGGED_NETWORK.match(line)
+            if match:
+                network = match.group(1)
+    return network
+
+
+def resolve_network(model_path: PathLike, network: Optional[str]) -> Optional[str]:
+    """The backbone name to load ``model_path`` with.
+
+    ``network`` when given; None for an ONNX model (it carries its own graph); otherwise the
+    name read by :func:`network_from_training_log` (None when the log does not say).
+    """
+    if network is not None:
+        return network
+    if Path(model_path).suffix.lower() == ".onnx":
+        return None
+    logged = network_from_training_log(model_path)
+    if logged is not None:
+        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+        logger.info("network %s, as logged in %s", logged, folder / "training.log")
+    return logged
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``device``, checked, or ``"cuda"`` when CUDA is available and ``"cpu"`` otherwise.
+
+    Raises:
+        ValueError: ``device`` is not a torch device name, or names a CUDA device this machine
+            does not have.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device {device!r} is not a torch device; valid: cpu, cuda, cuda:N"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device!r}: CUDA is not available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"--device {device!r}: this machine has {count} CUDA device(s), "
+                f"valid: {', '.join(f'cuda:{i}' for i in range(count))}"
+            )
+    return device
 
 
 def open_embedder(
@@ -213,13 +302,23 @@ def open_embedder(
     device: Optional[str] = None,
     embedding_size: int = 512,
 ) -> Embedder:
-    """Open ``model.onnx`` (onnxruntime) or ``model.pt`` (needs ``network``) as an embedder."""
-    path = Path(path)
+    """Open ``model.onnx`` (onnxruntime) or ``model.pt`` (needs ``network``) as an embedder.
+
+    Raises:
+        FileNotFoundError: no model file at ``path``.
+        ValueError: no or an unknown ``network``, a file that does not match it, a bad
+            ``device`` or ``batch_size``, or an unreadable ONNX file.
+    """
+    path = resolve_model_path(path)
     if path.suffix.lower() == ".onnx":
         return OnnxEmbedder(path, batch_size=batch_size)
     if network is None:
-        raise ValueError(f"{path} is a PyTorch model: pass --network (e.g. r50, r100, mbf)")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from otface.backbones import list_models
+
+        raise ValueError(
+            f"{path} is a PyTorch model and its folder has no training.log naming the network: "
+            f"pass --network, one of {', '.join(list_models())}"
+        )
+    device = resolve_device(device)
     backbone = load_backbone(path, network, embedding_size=embedding_size, device=device)
     return TorchEmbedder(backbone, batch_size=batch_size)

@@ -109,6 +109,8 @@ def read_pairs_list(
     folder). Blank lines and lines starting with ``#`` are skipped.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs list {path} does not exist (or is not a file)")
     base = Path(root) if root is not None else path.parent
     images: List[np.ndarray] = []
     labels: List[bool] = []
