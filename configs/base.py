@@ -55,6 +55,18 @@ config.num_workers = 2
 # so that a killed run resumes close to where it stopped.
 config.save_every_steps = 0
 
+# ours: reliability over a long run.
+# Stop when this many optimiser steps in a row were skipped for a non-finite loss or gradient
+# (0: never stop). A skipped step leaves weights, optimiser state and BatchNorm buffers as they
+# were before it.
+config.max_consecutive_skips = 100
+# Undecodable images are replaced by another image of the same identity (warned, counted);
+# training stops when one epoch meets more than this fraction of its images.
+config.max_bad_image_fraction = 0.001
+# Seconds a collective (all-reduce, all-gather) may wait for a stalled rank before the job
+# fails with an error naming the operation (torch.distributed's timeout).
+config.collective_timeout_s = 1800.0
+
 # Loss: a name registered in otface.registry.LOSSES ("arcface" or "otface").
 config.loss = "arcface"
 

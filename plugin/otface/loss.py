@@ -189,6 +189,9 @@ def hard_triplet_ot_loss(
 class OTFaceCriterion(MarginCriterion):
     """Margin softmax (Partial FC, as ``"arcface"``) plus ``lambda(step) * L_OT``.
 
+    ``forward``'s ``step`` counts batches; lambda's warm-up counts optimiser steps
+    (``ceil(step / gradient_acc)``).
+
     Subclasses :class:`otface.criterion.MarginCriterion`, so the class centres live in
     ``self.partial_fc`` exactly as for ``"arcface"`` and checkpoints are interchangeable. The
     feature hook (``HOOKS["hard_triplet"]``) is a plain attribute, not a submodule: it adds
@@ -209,6 +212,9 @@ class OTFaceCriterion(MarginCriterion):
         if o.variant not in VARIANTS:
             raise ValueError(f"config otface.variant must be one of {VARIANTS}, got {o.variant!r}")
         self.ot_cfg = dict(o)
+        # The warm-up of lambda counts optimiser steps: with gradient accumulation, batch
+        # number `step` (1-based) belongs to optimiser step ceil(step / gradient_acc).
+        self.batches_per_update = max(1, int(cfg.get("gradient_acc", 1)))
         self.capture = HOOKS.build("hard_triplet", backbone, layer=o.layer)
         self._warned_no_grad = False
 
@@ -247,7 +253,8 @@ class OTFaceCriterion(MarginCriterion):
             tol=o["tol"],
             solver=o["solver"],
         )
-        lam = lambda_at(step, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])
+        update = -(-int(step) // self.batches_per_update)
+        lam = lambda_at(update, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])
         loss = margin.loss + lam * ot.loss.to(margin.loss.dtype)
         metrics = dict(margin.metrics)
         metrics.update(ot.metrics)

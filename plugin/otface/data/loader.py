@@ -23,12 +23,13 @@ from otface.data.datasets import (
     scan_image_folder,
 )
 from otface.data.recordio import IndexedRecordReader
-from otface.data.sampler import PKBatchSampler, UniformBatchSampler
+from otface.data.sampler import FlipBatchSampler, PKBatchSampler, UniformBatchSampler
 from otface.data.synthetic import SyntheticDataset
 
 __all__ = [
     "DatasetInfo",
     "SAMPLER_TYPES",
+    "TooManyBadImages",
     "TrainLoader",
     "build_dataset",
     "build_train_loader",
@@ -130,19 +131,26 @@ def check_dataset_config(cfg: Any, info: DatasetInfo | None) -> None:
         )
 
 
-def build_dataset(cfg: Any, *, flip: bool = True, normalize: bool = True) -> Dataset:
+def build_dataset(
+    cfg: Any, *, flip: bool = True, normalize: bool = True, report_bad: bool = False
+) -> Dataset:
     """The training dataset named by ``cfg.rec`` (``labels`` attribute included).
 
     ``normalize=False`` makes file datasets return ``uint8`` images for
     :func:`otface.data.datasets.normalize_images` (synthetic images are always float32).
+    ``report_bad=True`` makes file datasets return ``(image, label, n_undecodable_replaced)``.
     """
     rec = prepare_rec(cfg.rec)
     if rec == "synthetic":
         return SyntheticDataset(int(cfg.num_image), int(cfg.num_classes), seed=int(cfg.seed))
     path = Path(rec)
     if _is_rec_folder(path):
-        return RecDataset(path, flip=flip, normalize=normalize)
-    return ImageFolderDataset(path, flip=flip, normalize=normalize)
+        return RecDataset(path, flip=flip, normalize=normalize, report_bad=report_bad)
+    return ImageFolderDataset(path, flip=flip, normalize=normalize, report_bad=report_bad)
+
+
+class TooManyBadImages(RuntimeError):
+    """More undecodable images in one epoch than ``config.max_bad_image_fraction`` allows."""
 
 
 class TrainLoader(DataLoader):
@@ -151,17 +159,47 @@ class TrainLoader(DataLoader):
 
     ``normalize=False`` hands out the ``uint8`` batches (for :func:`normalize_images` on the
     GPU); float32 batches (synthetic data) pass through unchanged.
+
+    With ``max_bad_images`` set, the dataset reports per item how many undecodable images it
+    replaced (a third batch element); they are summed in ``bad_images`` (this epoch) and
+    ``bad_images_total``, and more than ``max_bad_images`` in one epoch raises
+    :class:`TooManyBadImages`.
     """
 
-    def __init__(self, *args: Any, normalize: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, normalize: bool = True, max_bad_images: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.normalize = normalize
+        self.max_bad_images = max_bad_images
+        self.bad_images = 0
+        self.bad_images_total = 0
 
     def __iter__(self):
-        for images, labels in super().__iter__():
+        self.bad_images = 0
+        for batch in super().__iter__():
+            images, labels = batch[0], batch[1]
+            if self.max_bad_images is not None:
+                self._count_bad(int(batch[2].sum()))
             if self.normalize and images.dtype == torch.uint8:
                 images = normalize_images(images)
             yield images, labels
+
+    def _count_bad(self, n: int) -> None:
+        if not n:
+            return
+        self.bad_images += n
+        self.bad_images_total += n
+        if self.bad_images > self.max_bad_images:
+            raise TooManyBadImages(
+                f"{self.bad_images} undecodable images in this epoch of {self.dataset_name}, "
+                f"more than the {self.max_bad_images} that config.max_bad_image_fraction allows; "
+                "the warnings above name them"
+            )
+
+    @property
+    def dataset_name(self) -> str:
+        return str(getattr(self.dataset, "root", type(self.dataset).__name__))
 
 
 def _worker_init(worker_id: int) -> None:
@@ -201,7 +239,7 @@ def build_train_loader(
     Config keys used: ``rec, batch_size, num_classes, num_image, seed, num_workers,
     sampler.type ("pk" | "uniform"), sampler.k``.
     """
-    dataset = build_dataset(cfg, normalize=False)
+    dataset = build_dataset(cfg, normalize=False, report_bad=True)
     labels = np.asarray(dataset.labels)
     if labels.size and int(labels.max()) >= int(cfg.num_classes):
         raise ValueError(
@@ -222,10 +260,19 @@ def build_train_loader(
         batch_sampler = UniformBatchSampler(len(dataset), **common)
     else:
         raise ValueError(f"config.sampler.type={kind!r} is not one of {SAMPLER_TYPES}")
+    files = isinstance(dataset, (RecDataset, ImageFolderDataset))
+    if files:
+        # Flips decided by the sampler: the same for any num_workers and after a resume.
+        batch_sampler = FlipBatchSampler(batch_sampler, seed=int(cfg.seed), rank=int(rank))
+    max_bad = None
+    if files:
+        per_rank_epoch = batch_sampler.__len__() * int(cfg.batch_size)
+        max_bad = int(float(cfg.get("max_bad_image_fraction", 0.001)) * per_rank_epoch)
     num_workers = int(cfg.get("num_workers", 0))
     return TrainLoader(
         dataset,
         normalize=normalize,
+        max_bad_images=max_bad,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["PKBatchSampler", "UniformBatchSampler", "num_batches_per_epoch"]
+__all__ = ["FlipBatchSampler", "PKBatchSampler", "UniformBatchSampler", "num_batches_per_epoch"]
 
 
 def num_batches_per_epoch(num_image: int, *, batch_size: int, world_size: int) -> int:
@@ -242,3 +242,47 @@ class PKBatchSampler(_EpochBatchSampler):
                     chosen.append(g)
             deferred.extend(retry)
             yield group_idx, np.asarray(chosen)
+
+
+class FlipBatchSampler(Sampler):
+    """Adds a random left-right flip decision to every index of another batch sampler.
+
+    Yields lists of ``(index, flip)`` pairs. ``flip`` comes from
+    ``numpy.random.default_rng([seed, epoch, rank, batch])``: a pure function of the batch's
+    position, not of which DataLoader worker decodes it or of an RNG that a resume would have
+    to restore. So runs repeat with any ``num_workers``, ranks flip independently, and a resumed
+    run flips exactly as the uninterrupted one.
+
+    Args:
+        batch_sampler: a :class:`PKBatchSampler` or :class:`UniformBatchSampler`.
+        seed: base seed (the run's ``config.seed``).
+        rank: this process's rank.
+    """
+
+    _STREAM = 0xF11B  # keeps the flips' numbers apart from the batch order's
+
+    def __init__(self, batch_sampler: _EpochBatchSampler, *, seed: int, rank: int = 0) -> None:
+        self.batch_sampler = batch_sampler
+        self.seed = int(seed)
+        self.rank = int(rank)
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch
+
+    @property
+    def start_batch(self) -> int:
+        return self.batch_sampler.start_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.batch_sampler.set_epoch(epoch, start_batch=start_batch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        epoch = self.batch_sampler.epoch
+        for b, batch in enumerate(self.batch_sampler, start=self.batch_sampler.start_batch):
+            rng = np.random.default_rng([self._STREAM, self.seed, epoch, self.rank, b])
+            flips = rng.random(len(batch)) < 0.5
+            yield list(zip(batch, flips.tolist()))

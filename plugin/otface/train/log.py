@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -31,7 +33,16 @@ def init_logging(rank: int, output: str) -> logging.Logger:
     else:
         root.setLevel(logging.WARNING)
         root.addHandler(logging.StreamHandler(sys.stderr))
+        # Library deprecation notices are the same on every rank: rank 0 logs them once.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Python warnings go to the log as one line in words (no source line), each once per place.
+    warnings.showwarning = _log_warning
     return root
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 class MetricMeter:
@@ -92,7 +103,13 @@ class StepLogger:
         epoch: int,
         lr: float,
         grad_scale: float | None = None,
+        counters: dict[str, int] | None = None,
     ) -> str | None:
+        """Add this step's metrics; on every ``frequent``-th step write the line.
+
+        ``counters`` are host-side running totals (skipped steps, undecodable images) shown on
+        the line and in TensorBoard as they are.
+        """
         self.meter.update(metrics)
         if global_step % self.frequent != 0:
             return None
@@ -115,6 +132,8 @@ class StepLogger:
         msg += f"Required: {eta_hours:.2f} hours"
         if avg:
             msg += "   " + "   ".join(f"{k} {_fmt(v)}" for k, v in avg.items())
+        for name, count in (counters or {}).items():
+            msg += f"   {name} {count}"
         logging.info(msg)
         if self.writer is not None:
             self.writer.add_scalar("time_for_end", eta_hours, global_step)
@@ -122,12 +141,16 @@ class StepLogger:
             self.writer.add_scalar("loss", loss, global_step)
             for name, value in avg.items():
                 self.writer.add_scalar(name, value, global_step)
+            for name, count in (counters or {}).items():
+                self.writer.add_scalar(name, count, global_step)
         self.meter.reset()
         self._tic = now
         return msg
 
 
 def _fmt(value: float) -> str:
+    if not math.isfinite(value):  # NaN/Inf are logged as such ("nan", "inf", "-inf")
+        return str(value)
     if value == int(value) and abs(value) < 1e6:
         return f"{value:.0f}"
     return f"{value:.4g}"

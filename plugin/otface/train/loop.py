@@ -3,11 +3,14 @@ fp16 AMP, gradient accumulation, atomic checkpoints and resume."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -18,16 +21,22 @@ from torch import nn
 from otface.config import ConfigError, load_config
 from otface.criterion import LossOutput
 from otface.data.datasets import normalize_images
+from otface.data.loader import TooManyBadImages
 from otface.registry import LOSSES
 from otface.train.checkpoint import (
+    CheckpointError,
     atomic_save,
     checkpoint_path,
-    load_checkpoint,
+    load_latest_checkpoint,
     model_path,
+    remove_stale_temp_files,
+    save_checkpoint,
 )
 from otface.train.distributed import DistEnv, init_distributed, shutdown_distributed
+from otface.train.guard import BufferSnapshot, SkipCounter, TooManySkippedSteps
 from otface.train.log import StepLogger, init_logging
 from otface.train.lr import build_lr_scheduler
+from otface.train.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["Trainer", "build_backbone", "build_grad_scaler", "main", "seed_everything"]
 
@@ -148,9 +157,19 @@ class Trainer:
             else None
         )
         self.global_step = 0
-        self.skipped_steps = 0  # optimiser steps skipped for a non-finite gradient (fp32)
+        self.skips = SkipCounter(max_consecutive=cfg.get("max_consecutive_skips", 100))
+        # BatchNorm statistics change in the forward, before a non-finite loss can be seen:
+        # a skipped step restores them from this snapshot.
+        self._buffers = BufferSnapshot(self.backbone)
         self.start_epoch = 0
         self.start_batch = 0
+        self.last_checkpoint: str | None = None
+        self._resumed_rng: dict | None = None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimiser steps skipped for a non-finite loss or gradient, in all."""
+        return self.skips.total
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self, img: torch.Tensor, labels: torch.Tensor) -> LossOutput:
@@ -158,49 +177,70 @@ class Trainer:
 
         ``img`` is float32 in ``[-1, 1]`` or ``uint8`` pixels (normalised on the device).
 
-        ``self.global_step`` counts batches; it is advanced here, before the forward.
+        ``self.global_step`` counts batches; it is advanced here, before the forward. With
+        gradient accumulation, DDP all-reduces only on the last batch of each accumulation.
         """
         self.global_step += 1
         cfg = self.cfg
+        acc = cfg.gradient_acc
+        if (self.global_step - 1) % acc == 0:  # first batch of an accumulation
+            self._buffers.take()
+        update = self.global_step % acc == 0
         img = img.to(self.device, non_blocking=True)
         if img.dtype == torch.uint8:
             # The loader hands uint8 batches to CUDA runs (pinned, 4x fewer bytes to copy);
             # they are normalised here, on the device.
             img = normalize_images(img)
         labels = labels.to(self.device, non_blocking=True)
-        embeddings = self.model(img)
-        out = self.criterion(embeddings, labels, step=self.global_step)
-        loss = out.loss / cfg.gradient_acc if cfg.gradient_acc > 1 else out.loss
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if self.global_step % cfg.gradient_acc == 0:
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
+            embeddings = self.model(img)
+            out = self.criterion(embeddings, labels, step=self.global_step)
+            loss = out.loss / acc if acc > 1 else out.loss
             if self.grad_scaler is not None:
-                self.grad_scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), GRAD_CLIP_NORM)
-            if self.grad_scaler is not None:
-                # The scaler skips steps with Inf/NaN gradients and lowers its scale.
-                self.grad_scaler.step(self.optimizer)
-                self.grad_scaler.update()
-            elif torch.isfinite(grad_norm):
-                self.optimizer.step()
+                self.grad_scaler.scale(loss).backward()
             else:
-                # A NaN/Inf batch must not poison the weights (fp32 has no grad scaler to
-                # catch it). The backbone's gradients are all-reduced, so every rank decides
-                # the same.
-                self.skipped_steps += 1
-                if self.skipped_steps == 1 or self.skipped_steps % 100 == 0:
-                    logging.warning(
-                        "step %d: non-finite gradient norm, optimiser step skipped (%d so far)",
-                        self.global_step,
-                        self.skipped_steps,
-                    )
-            self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
+                loss.backward()
+        skipped = update and not self._optimizer_step()
+        with warnings.catch_warnings():
+            if skipped:  # torch warns when the schedule moves on without an optimiser step
+                warnings.simplefilter("ignore", UserWarning)
+            self.lr_scheduler.step()
         metrics = dict(out.metrics)
         metrics["loss"] = out.loss.detach()
         return LossOutput(out.loss, metrics)
+
+    def _optimizer_step(self) -> bool:
+        """Clip, check and apply the accumulated gradients; ``False`` when skipped."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), GRAD_CLIP_NORM)
+        # The one host read of the step. The backbone's gradients are all-reduced, so every
+        # rank decides the same; under fp16 the scaler reads its own Inf flag at this point
+        # anyway, so this adds no stall.
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        else:
+            # A NaN/Inf batch must not poison the model: weights and optimiser state stay (no
+            # step), and the BatchNorm statistics its forward wrote are put back.
+            self._buffers.restore()
+            if self.skips.total == 0 or (self.skips.total + 1) % 100 == 0:
+                logging.warning(
+                    "step %d: non-finite gradient norm (%s), optimiser step skipped and "
+                    "BatchNorm statistics restored (%d skipped so far)",
+                    self.global_step,
+                    float(grad_norm),
+                    self.skips.total + 1,
+                )
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skips.record(skipped=not finite, global_step=self.global_step)
+        return finite
 
     @property
     def lr(self) -> float:
@@ -217,11 +257,16 @@ class Trainer:
             "state_optimizer": self.optimizer.state_dict(),
             "state_lr_scheduler": self.lr_scheduler.state_dict(),
             "state_grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
+            "rng_state": capture_rng_state(),
+            "skipped_steps": self.skips.total,
         }
 
     def save_state(self, *, epoch: int, epoch_step: int) -> str:
-        path = checkpoint_path(self.cfg.output, self.env.rank)
-        atomic_save(self.state(epoch=epoch, epoch_step=epoch_step), path)
+        """Write this rank's checkpoint (checksummed; the previous one is kept)."""
+        path = save_checkpoint(
+            self.state(epoch=epoch, epoch_step=epoch_step), self.cfg.output, self.env.rank
+        )
+        self.last_checkpoint = path
         return path
 
     def save_model(self) -> str:
@@ -230,9 +275,14 @@ class Trainer:
         return path
 
     def resume(self) -> None:
-        """Load ``checkpoint_gpu_{rank}.pt``; training continues after its ``global_step``."""
-        path = checkpoint_path(self.cfg.output, self.env.rank)
-        ckpt = load_checkpoint(path, map_location=self.device)
+        """Load this rank's newest verified checkpoint (falling back to the previous one if the
+        newest is corrupt); training continues after its ``global_step``.
+
+        All ranks must resume from the same step: otherwise they would train at different
+        learning rates and deadlock at the end. A rank ahead of the others falls back to its
+        previous checkpoint when that matches; else every rank fails naming each rank's step.
+        """
+        ckpt, path = self._load_agreed_checkpoint()
         self.backbone.load_state_dict(ckpt["state_dict_backbone"])
         self.criterion.partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
         self.optimizer.load_state_dict(ckpt["state_optimizer"])
@@ -240,10 +290,13 @@ class Trainer:
         if self.grad_scaler is not None and ckpt.get("state_grad_scaler"):
             self.grad_scaler.load_state_dict(ckpt["state_grad_scaler"])
         self.global_step = int(ckpt["global_step"])
+        self.skips.total = int(ckpt.get("skipped_steps", 0))
         self.start_epoch = int(ckpt["epoch"])
         self.start_batch = int(ckpt.get("epoch_step", 0))
         if self.start_batch >= self.steps_per_epoch:
             self.start_epoch, self.start_batch = self.start_epoch + 1, 0
+        self._resumed_rng = ckpt.get("rng_state")
+        self.last_checkpoint = path
         logging.info(
             "resumed from %s: epoch %d, batch %d of the epoch, global step %d, learning rate %.6f",
             path,
@@ -252,42 +305,144 @@ class Trainer:
             self.global_step,
             self.lr,
         )
+        if self._resumed_rng is None:
+            logging.warning(
+                "%s holds no RNG state (written by arcface_torch or an older otface): the resumed "
+                "run will not repeat the uninterrupted one exactly",
+                path,
+            )
+
+    def restore_rng(self) -> None:
+        """Put back the RNG state of the resumed checkpoint; call just before the first step."""
+        restore_rng_state(self._resumed_rng)
+        self._resumed_rng = None
+
+    def _load_agreed_checkpoint(self) -> tuple[dict, str]:
+        output, rank = self.cfg.output, self.env.rank
+        ckpt, path, problem = None, None, None
+        try:
+            ckpt, path = load_latest_checkpoint(output, rank, map_location=self.device)
+        except CheckpointError as err:
+            problem = str(err)
+        if not self.env.distributed:
+            if problem:
+                raise CheckpointError(problem)
+            return ckpt, path
+        views = _gather((problem, _resume_point(ckpt)))
+        failed = [(r, p) for r, (p, _) in enumerate(views) if p]
+        if failed:
+            raise CheckpointError(
+                "cannot resume: " + "; ".join(f"rank {r}: {p}" for r, p in failed)
+            )
+        points = [point for _, point in views]
+        if len(set(points)) == 1:
+            return ckpt, path
+        target = min(p[0] for p in points)
+        if _resume_point(ckpt)[0] != target:
+            try:
+                ckpt, path = load_latest_checkpoint(
+                    output, rank, map_location=self.device, global_step=target
+                )
+            except CheckpointError:
+                pass
+        agreed = _gather(_resume_point(ckpt))
+        if len(set(agreed)) != 1:
+            raise CheckpointError(
+                "ranks disagree on where to resume and have no common checkpoint: "
+                + ", ".join(
+                    f"rank {r} at global step {g} (epoch {e}, batch {b})"
+                    for r, (g, e, b) in enumerate(points)
+                )
+                + f"; checkpoints are in {output}"
+            )
+        logging.warning(
+            "rank %d resumes from its previous checkpoint %s (global step %d) so that all ranks "
+            "start from the same step",
+            rank,
+            path,
+            target,
+        )
+        return ckpt, path
 
 
-def _check_data(cfg, rec_path: str) -> None:
-    from otface.data import check_dataset_config, dataset_info
+def _resume_point(ckpt: dict | None) -> tuple[int, int, int]:
+    if ckpt is None:
+        return (-1, -1, -1)
+    return (int(ckpt["global_step"]), int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0)))
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def prepare_data(cfg) -> None:
+    """Resolve ``cfg.rec`` (generating the demo data on first use) and check the data against
+    the config: index, labels, sizes, and the sampler's needs. Bad data or a mismatch is a
+    :class:`ConfigError` naming the file or key; run it before anything is written."""
+    from otface.data import check_dataset_config, dataset_info, prepare_rec
+    from otface.data.sampler import num_batches_per_epoch
 
     try:
-        check_dataset_config(cfg, dataset_info(rec_path))
-    except ValueError as err:
+        cfg.rec = prepare_rec(cfg.rec)
+        check_dataset_config(cfg, dataset_info(cfg.rec))
+        num_batches_per_epoch(cfg.num_image, batch_size=cfg.batch_size, world_size=1)
+    except (ValueError, OSError) as err:  # RecordIOError is a ValueError
         raise ConfigError(str(err)) from None
 
 
 def _log_config(cfg) -> None:
     for key, value in cfg.items():
-        logging.info(": %s%s", key.ljust(25), value)
+        logging.info(": %s %s", key.ljust(25), value)
 
 
-def fit(cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None) -> Trainer:
-    """Run the whole training job of ``cfg`` on this rank.
+def _build_loader(cfg, env: DistEnv):
+    from otface.data import build_train_loader
 
-    ``backbone_factory(cfg, device)`` builds the network (default :func:`build_backbone`).
-    """
-    from otface.data import build_train_loader, prepare_rec
-
-    seed_everything(cfg.seed)
-    rec_path = prepare_rec(cfg.rec)
-    _check_data(cfg, rec_path)
-    cfg.rec = rec_path
-    trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
-    if cfg.resume:
-        trainer.resume()
     # On CUDA the loader's uint8 batches stay pinned and are normalised on the GPU in
     # train_step; normalising them on the host would hand out unpinned float32 batches
     # (4x the bytes, a synchronous copy) and cost the main process CPU time every step.
-    loader = build_train_loader(
-        cfg, rank=env.rank, world_size=env.world_size, normalize=env.device.type != "cuda"
-    )
+    try:
+        return build_train_loader(
+            cfg, rank=env.rank, world_size=env.world_size, normalize=env.device.type != "cuda"
+        )
+    except ValueError as err:  # the sampler's or dataset's checks: too few identities, ...
+        raise ConfigError(str(err)) from None
+
+
+def fit(
+    cfg,
+    env: DistEnv,
+    *,
+    backbone_factory: BackboneFactory | None = None,
+    data_ready: bool = False,
+) -> Trainer:
+    """Run the whole training job of ``cfg`` on this rank.
+
+    ``backbone_factory(cfg, device)`` builds the network (default :func:`build_backbone`).
+    ``data_ready=True`` skips :func:`prepare_data` (the caller ran it).
+    """
+    seed_everything(cfg.seed)
+    if not data_ready:
+        prepare_data(cfg)
+    loader = _build_loader(cfg, env)
+    for stale in remove_stale_temp_files(cfg.output, rank=env.rank):
+        logging.warning("removed %s, left by an interrupted save", stale)
+    trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
+    if cfg.resume:
+        trainer.resume()
+    leftover = trainer.total_step % cfg.gradient_acc
+    if leftover:
+        logging.warning(
+            "%d steps are not a multiple of gradient_acc = %d: the gradients of the last %d "
+            "batches are never applied",
+            trainer.total_step,
+            cfg.gradient_acc,
+            leftover,
+        )
 
     writer = None
     verification = None
@@ -296,11 +451,11 @@ def fit(cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None) -
 
         writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
         _log_config(cfg)
-        if os.path.isdir(rec_path) and cfg.val_targets:
+        if os.path.isdir(cfg.rec) and cfg.val_targets:
             from otface.evaluation import VerificationCallback
 
             verification = VerificationCallback(
-                list(cfg.val_targets), rec_path, summary_writer=writer
+                list(cfg.val_targets), cfg.rec, summary_writer=writer
             )
     step_logger = StepLogger(
         frequent=cfg.frequent,
@@ -310,12 +465,14 @@ def fit(cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None) -
         start_step=trainer.global_step,
         writer=writer,
     )
+    files = getattr(loader, "max_bad_images", None) is not None
 
     def verify() -> None:
         if verification is not None:
             verification(trainer.global_step, trainer.backbone)
 
     trainer.backbone.train()
+    trainer.restore_rng()  # last, so that nothing between the resume and step 1 draws from it
     try:
         for epoch in range(trainer.start_epoch, cfg.num_epoch):
             first = trainer.start_batch if epoch == trainer.start_epoch else 0
@@ -323,16 +480,22 @@ def fit(cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None) -
             for batch_idx, (img, labels) in enumerate(loader, start=first):
                 out = trainer.train_step(img, labels)
                 step = trainer.global_step
-                # get_scale() copies the scale to the host (a device sync): read it only on
-                # the steps that write a log line.
-                log_scale = trainer.grad_scaler is not None and step % cfg.frequent == 0
-                step_logger(
-                    step,
-                    out.metrics,
-                    epoch=epoch,
-                    lr=trainer.lr,
-                    grad_scale=trainer.grad_scaler.get_scale() if log_scale else None,
-                )
+                if step % cfg.frequent == 0:
+                    # get_scale() copies the scale to the host (a device sync): read it only
+                    # on the steps that write a log line.
+                    counters = {"skipped_steps": trainer.skipped_steps}
+                    if files:
+                        counters["bad_images"] = loader.bad_images_total
+                    step_logger(
+                        step,
+                        out.metrics,
+                        epoch=epoch,
+                        lr=trainer.lr,
+                        grad_scale=trainer.grad_scaler.get_scale() if trainer.grad_scaler else None,
+                        counters=counters,
+                    )
+                else:
+                    step_logger(step, out.metrics, epoch=epoch, lr=trainer.lr)
                 if step % cfg.verbose == 0:
                     verify()
                 if (
@@ -351,12 +514,67 @@ def fit(cfg, env: DistEnv, *, backbone_factory: BackboneFactory | None = None) -
                 verify()
             trainer.save_model()
             logging.info(
-                "finished: %d steps, model saved to %s", trainer.global_step, model_path(cfg.output)
+                "finished: %d steps (%d optimiser steps skipped), model saved to %s",
+                trainer.global_step,
+                trainer.skipped_steps,
+                model_path(cfg.output),
             )
     finally:
         if writer is not None:
             writer.close()
+        _RUN.last_checkpoint = trainer.last_checkpoint
     return trainer
+
+
+class _RunRecord:
+    """What an interrupted run reports: the last checkpoint this process completed."""
+
+    last_checkpoint: str | None = None
+
+
+_RUN = _RunRecord()
+
+
+def _check_output_writable(output: str) -> None:
+    try:
+        os.makedirs(output, exist_ok=True)
+        probe = os.path.join(output, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"key 'output' = {output!r}: the folder cannot be written "
+            f"({err.strerror or err}); choose another output folder"
+        ) from None
+
+
+def _report_error(message: str) -> None:
+    """One line on stderr, and in ``training.log`` when it is open."""
+    print(f"error: {message}", file=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(
+                logging.LogRecord("otface", logging.ERROR, "", 0, "error: %s", (message,), None)
+            )
+
+
+def _interrupted_message(output: str, signal_name: str) -> str:
+    last = _RUN.last_checkpoint
+    if last is None:
+        path = checkpoint_path(output, 0)
+        last = path if os.path.isfile(path) else None
+    if last is None:
+        return f"interrupted ({signal_name}); no checkpoint was written in {output}"
+    return f"interrupted ({signal_name}); the last complete checkpoint is {last}"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or torchrun's stop) handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def main(
@@ -368,26 +586,48 @@ def main(
     """Command-line entry: load the config, join the process group, train. Returns exit code.
 
     ``load`` reads and validates the config (default :func:`otface.config.load_config`);
-    ``backbone_factory`` is passed to :func:`fit`.
+    ``backbone_factory`` is passed to :func:`fit`. Exit codes: 0 done, 1 a failure during
+    training (one ``error:`` line), 2 a bad config or data (one ``error:`` line), 130
+    interrupted by Ctrl-C or SIGTERM.
     """
     try:
         cfg = load(config_path)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    env = init_distributed()
+    _RUN.last_checkpoint = None
+    previous_handler = None
+    if _in_main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    env = None
     try:
-        os.makedirs(cfg.output, exist_ok=True)
+        env = init_distributed(timeout_s=float(cfg.collective_timeout_s))
+        prepare_data(cfg)  # before anything is written: a bad rec leaves no empty log behind
+        _check_output_writable(cfg.output)
         init_logging(env.rank, cfg.output)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        fit(cfg, env, backbone_factory=backbone_factory)
+        fit(cfg, env, backbone_factory=backbone_factory, data_ready=True)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report_error(str(err))
         return 2
-    except KeyboardInterrupt:
-        logging.warning("interrupted; the last complete checkpoint in %s is intact", cfg.output)
+    except (CheckpointError, TooManySkippedSteps, TooManyBadImages, OSError) as err:
+        _report_error(str(err))
+        return 1
+    except KeyboardInterrupt as err:
+        name = "SIGTERM" if isinstance(err, _Terminated) else "Ctrl-C"
+        message = _interrupted_message(cfg.output, name)
+        if logging.getLogger().handlers:
+            logging.warning(message)
+        else:
+            print(message, file=sys.stderr)
         return 130
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         shutdown_distributed()
     return 0
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
