@@ -126,12 +126,12 @@ class Trainer:
         ).to(self.device)
         self.model: nn.Module = self.backbone
         if env.distributed:
+            # A static graph finds parameters unused by the loss on its first step by itself.
             self.model = nn.parallel.DistributedDataParallel(
                 self.backbone,
-                broadcast_buffers=False,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 bucket_cap_mb=16,
-                find_unused_parameters=True,
+                **_rank_local_buffers(),
             )
             if self.device.type == "cuda":
                 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
@@ -165,6 +165,7 @@ class Trainer:
         self.start_batch = 0
         self.last_checkpoint: str | None = None
         self._resumed_rng: dict | None = None
+        self._synced_once = False
 
     @property
     def skipped_steps(self) -> int:
@@ -192,7 +193,8 @@ class Trainer:
             # they are normalised here, on the device.
             img = normalize_images(img)
         labels = labels.to(self.device, non_blocking=True)
-        no_sync = getattr(self.model, "no_sync", None)
+        # DDP's static graph records its first step with gradient hooks on: no_sync only after.
+        no_sync = getattr(self.model, "no_sync", None) if self._synced_once else None
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
             embeddings = self.model(img)
             out = self.criterion(embeddings, labels, step=self.global_step)
@@ -201,6 +203,7 @@ class Trainer:
                 self.grad_scaler.scale(loss).backward()
             else:
                 loss.backward()
+        self._synced_once = self._synced_once or update
         skipped = update and not self._optimizer_step()
         with warnings.catch_warnings():
             if skipped:  # torch warns when the schedule moves on without an optimiser step
@@ -345,6 +348,7 @@ class Trainer:
                 )
             except CheckpointError:
                 pass
+        changed = _resume_point(ckpt)[0] != points[rank][0]
         agreed = _gather(_resume_point(ckpt))
         if len(set(agreed)) != 1:
             raise CheckpointError(
@@ -355,14 +359,26 @@ class Trainer:
                 )
                 + f"; checkpoints are in {output}"
             )
-        logging.warning(
-            "rank %d resumes from its previous checkpoint %s (global step %d) so that all ranks "
-            "start from the same step",
-            rank,
-            path,
-            target,
-        )
+        if changed:
+            logging.warning(
+                "rank %d resumes from its previous checkpoint %s (global step %d) so that all "
+                "ranks start from the same step",
+                rank,
+                path,
+                target,
+            )
         return ckpt, path
+
+
+def _rank_local_buffers() -> dict[str, bool]:
+    """BatchNorm statistics stay per rank, as arcface_torch (``broadcast_buffers=False``;
+    newer torch names it ``forward_sync_buffers`` and deprecates the old name)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _resume_point(ckpt: dict | None) -> tuple[int, int, int]:

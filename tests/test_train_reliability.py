@@ -1,0 +1,476 @@
+"""Trainer reliability over a long run: NaN batches, exact resume, corrupt checkpoints, ranks
+that disagree, signals, and one-line errors instead of tracebacks."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from otface.config import ConfigError, load_config
+from otface.data.rec_writer import write_rec
+from otface.loss import OTFaceCriterion
+from otface.train import loop
+from otface.train.checkpoint import checkpoint_path, previous_checkpoint_path, save_checkpoint
+from otface.train.distributed import DistEnv
+from otface.train.guard import TooManySkippedSteps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = """
+from easydict import EasyDict as edict
+config = edict()
+config.network = "r18_lite"
+config.rec = {rec!r}
+config.num_classes = {num_classes}
+config.batch_size = 8
+config.num_image = {num_image}
+config.num_epoch = {num_epoch}
+config.warmup_epoch = 0.5
+config.lr = 0.05
+config.frequent = 2
+config.verbose = 100000
+config.val_targets = []
+config.num_workers = {num_workers}
+config.save_every_steps = {save_every}
+config.save_all_states = True
+config.sampler = edict(type="pk", k=2)
+config.output = {output!r}
+"""
+
+
+def _write_rec(folder, *, identities=8, per_id=4, seed=0):
+    rng = np.random.default_rng(seed)
+    samples = []
+    for label in range(identities):
+        base = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
+        for _ in range(per_id):
+            img = cv2.resize(base, (112, 112), interpolation=cv2.INTER_NEAREST)
+            img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+            img[:, :40] //= 2  # asymmetric, so that a flip changes the image
+            ok, buf = cv2.imencode(".jpg", img)
+            samples.append((label, buf.tobytes()))
+    write_rec(folder, samples)
+    return str(folder)
+
+
+def _config(
+    tmp_path,
+    *,
+    rec="synthetic",
+    num_classes=16,
+    num_image=64,
+    num_epoch=2,
+    save_every=0,
+    num_workers=0,
+    name="job",
+    extra="",
+):
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
+    out = str(tmp_path / "work_dirs" / name)
+    text = CONFIG.format(
+        rec=rec,
+        num_classes=num_classes,
+        num_image=num_image,
+        num_epoch=num_epoch,
+        save_every=save_every,
+        num_workers=num_workers,
+        output=out,
+    )
+    (folder / f"{name}.py").write_text(text + extra)
+    return str(folder / name), out
+
+
+def _env():
+    return DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(path, *args, timeout=300, env=None):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), path, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+# -- NaN batches -------------------------------------------------------------------------------
+
+
+def test_nan_batch_leaves_every_tensor_of_the_model_as_before(tmp_path):
+    path, _ = _config(tmp_path, extra="config.sampler = edict(type='uniform')\n")
+    cfg = load_config(path)
+    loop.seed_everything(cfg.seed)
+    trainer = loop.Trainer(cfg, _env())
+    g = torch.Generator().manual_seed(0)
+    trainer.train_step(torch.rand(8, 3, 112, 112, generator=g) * 2 - 1, torch.arange(8))
+    before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    fc_before = {k: v.clone() for k, v in trainer.criterion.state_dict().items()}
+    img = torch.rand(8, 3, 112, 112, generator=g) * 2 - 1
+    img[3] = float("nan")
+    trainer.train_step(img, torch.arange(8))
+    assert trainer.skipped_steps == 1
+    after = trainer.backbone.state_dict()
+    assert sum("running_var" in k for k in before) > 10
+    for k, v in before.items():  # BatchNorm running statistics and counters included
+        assert torch.equal(after[k], v), k
+    for k, v in trainer.criterion.state_dict().items():
+        assert torch.equal(v, fc_before[k]), k
+    # The next clean batch trains normally and resets the consecutive count.
+    trainer.train_step(torch.rand(8, 3, 112, 112, generator=g) * 2 - 1, torch.arange(8))
+    assert trainer.skipped_steps == 1 and trainer.skips.consecutive == 0
+    assert torch.isfinite(trainer.backbone.state_dict()["bn2.running_var"]).all()
+
+
+def test_consecutive_skips_stop_the_run(tmp_path):
+    path, _ = _config(tmp_path, extra="config.max_consecutive_skips = 3\n")
+    cfg = load_config(path)
+    trainer = loop.Trainer(cfg, _env())
+    nan = torch.full((8, 3, 112, 112), float("nan"))
+    trainer.train_step(nan, torch.arange(8))
+    trainer.train_step(nan, torch.arange(8))
+    with pytest.raises(TooManySkippedSteps, match="3 consecutive optimiser steps were skipped"):
+        trainer.train_step(nan, torch.arange(8))
+
+
+def test_nan_metrics_are_logged_and_skips_counted(tmp_path, monkeypatch):
+    path, out = _config(tmp_path, num_image=64, num_epoch=1)
+    original = loop.Trainer.train_step
+
+    def poisoned(self, img, labels):
+        if self.global_step + 1 in (3, 4):
+            img = img.clone()
+            img[0] = float("nan")
+        return original(self, img, labels)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", poisoned)
+    rc = loop.main(path)
+    assert rc == 0
+    log = open(os.path.join(out, "training.log")).read()
+    lines = [line for line in log.splitlines() if "Global Step: 4 " in line]
+    assert lines and "Loss nan" in lines[0] and "skipped_steps 2" in lines[0], lines
+    assert "finished: 8 steps (2 optimiser steps skipped)" in log
+    model = torch.load(os.path.join(out, "model.pt"))
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+
+
+# -- exact resume ------------------------------------------------------------------------------
+
+
+def _losses(monkeypatch, record, stop_at=None):
+    original = loop.Trainer.train_step
+
+    class Stop(Exception):
+        pass
+
+    def wrapped(self, img, labels):
+        if stop_at is not None and self.global_step + 1 == stop_at:
+            raise Stop()
+        out = original(self, img, labels)
+        record.append((self.global_step, out.loss.item()))
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "train_step", wrapped)
+    return Stop
+
+
+def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypatch):
+    rec = _write_rec(tmp_path / "rec")
+    kw = dict(rec=rec, num_classes=8, num_image=32, num_epoch=3, save_every=5)
+    path, _ = _config(tmp_path, name="whole", **kw)
+    whole: list = []
+    _losses(monkeypatch, whole)
+    loop.fit(load_config(path), _env())
+    assert len(whole) == 12
+
+    path, _ = _config(tmp_path, name="killed", **kw)
+    first: list = []
+    stop = _losses(monkeypatch, first, stop_at=8)  # dies in step 8; checkpoint at step 5
+    with pytest.raises(stop):
+        loop.fit(load_config(path), _env())
+    resumed: list = []
+    _losses(monkeypatch, resumed)
+    cfg = load_config(path)
+    cfg.resume = True
+    loop.fit(cfg, _env())
+    assert [s for s, _ in resumed] == list(range(6, 13))
+    # Loss for loss, bit for bit: batch order, flips, dropout and Partial FC all repeat.
+    assert resumed == whole[5:]
+    assert first == whole[:7]
+
+
+def test_flips_do_not_depend_on_workers(tmp_path, monkeypatch):
+    rec = _write_rec(tmp_path / "rec")
+    runs = []
+    for workers in (0, 2):
+        path, _ = _config(
+            tmp_path,
+            name=f"w{workers}",
+            rec=rec,
+            num_classes=8,
+            num_image=32,
+            num_epoch=1,
+            num_workers=workers,
+        )
+        record: list = []
+        _losses(monkeypatch, record)
+        loop.fit(load_config(path), _env())
+        runs.append(record)
+    assert runs[0] == runs[1]
+
+
+# -- corrupt checkpoints -----------------------------------------------------------------------
+
+
+def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
+    path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
+    loop.fit(load_config(path), _env())
+    newest = checkpoint_path(out, 0)
+    previous = previous_checkpoint_path(out, 0)
+    prev_step = torch.load(previous, weights_only=False)["global_step"]
+    with open(newest, "r+b") as f:  # the issue's probe: 256 bytes in the middle
+        f.seek(os.path.getsize(newest) // 2)
+        f.write(os.urandom(256))
+    (tmp_path / "work_dirs" / "job" / ".checkpoint_gpu_0.pt.abcd1234.tmp").write_bytes(b"x")
+    cfg = load_config(path)
+    cfg.resume = True
+    cfg.num_epoch = 3
+    trainer = loop.fit(cfg, _env())
+    log = (
+        open(os.path.join(out, "training.log")).read()
+        if os.path.exists(os.path.join(out, "training.log"))
+        else ""
+    )
+    messages = caplog.text + log
+    assert "checkpoint_gpu_0.pt" in messages and "corrupt" in messages.lower()
+    assert f"global step {prev_step}," in caplog.text
+    assert trainer.global_step == 24
+    assert not list((tmp_path / "work_dirs" / "job").glob(".checkpoint_gpu_0.pt.*.tmp"))
+
+
+def _resume_worker(rank, world_size, port, path, result_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    env = loop.init_distributed(timeout_s=60)
+    try:
+        cfg = load_config(path)
+        cfg.resume = True
+        trainer = loop.Trainer(cfg, env)
+        try:
+            trainer.resume()
+            result = ("ok", trainer.global_step)
+        except Exception as err:  # noqa: BLE001 - the test reads the message
+            result = (type(err).__name__, str(err))
+        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        loop.shutdown_distributed()
+
+
+def _run_two_ranks(path, result_dir):
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_resume_worker, args=(r, 2, port, path, str(result_dir)))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        if p.is_alive():
+            p.kill()
+    return [torch.load(result_dir / f"rank{r}.pt") for r in range(2)]
+
+
+def _fake_checkpoint(cfg, rank, *, global_step):
+    # Rank `rank` of 2: its half of the class centres (a fresh optimiser holds no state).
+    trainer = loop.Trainer(cfg, _env())
+    trainer.global_step = global_step
+    state = trainer.state(epoch=0, epoch_step=global_step)
+    half = cfg.num_classes // 2
+    fc = state["state_dict_softmax_fc"]
+    fc["weight"] = fc["weight"][rank * half : (rank + 1) * half].clone()
+    save_checkpoint(state, cfg.output, rank)
+
+
+def test_ranks_at_different_steps_fall_back_or_fail_naming_them(tmp_path):
+    path, out = _config(tmp_path, num_image=200, extra="config.sampler = edict(type='uniform')\n")
+    cfg = load_config(path)
+    for step in (4, 8):
+        _fake_checkpoint(cfg, 0, global_step=step)
+    _fake_checkpoint(cfg, 1, global_step=4)
+    # Rank 0 is one save ahead: it falls back to its previous checkpoint, step 4.
+    results = _run_two_ranks(path, tmp_path)
+    assert results == [("ok", 4), ("ok", 4)]
+    # Now rank 1 has nothing at step 8 or 6: every rank fails naming both ranks' steps.
+    for step in (12, 16):
+        _fake_checkpoint(cfg, 0, global_step=step)
+    results = _run_two_ranks(path, tmp_path)
+    for kind, message in results:
+        assert kind == "CheckpointError"
+        assert "rank 0 at global step 16" in message and "rank 1 at global step 4" in message
+
+
+# -- signals and one-line errors ---------------------------------------------------------------
+
+
+def test_sigterm_reports_the_last_complete_checkpoint(tmp_path):
+    path, out = _config(tmp_path, num_image=8 * 400, num_epoch=1, save_every=2)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    ckpt = checkpoint_path(out, 0)
+    deadline = time.time() + 120
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    assert f"interrupted (SIGTERM); the last complete checkpoint is {ckpt}" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_rec", "no such folder"),
+        ("output_is_a_file", "the folder cannot be written"),
+        ("resume_without_checkpoint", "does not exist"),
+        ("too_few_identities", "identities"),
+        ("num_image_below_batch", "smaller than one global batch"),
+    ],
+)
+def test_bad_setup_is_one_error_line(tmp_path, case, expected):
+    kw: dict = {}
+    extra = ""
+    if case == "missing_rec":
+        kw["rec"] = str(tmp_path / "no_such_rec")
+    elif case == "output_is_a_file":
+        (tmp_path / "blocker").write_text("a file, not a folder")
+        extra = f"config.output = {str(tmp_path / 'blocker' / 'out')!r}\n"
+    elif case == "resume_without_checkpoint":
+        extra = "config.resume = True\n"
+    elif case == "too_few_identities":
+        kw.update(rec=_write_rec(tmp_path / "rec", identities=3), num_classes=3, num_image=12)
+    elif case == "num_image_below_batch":
+        kw["num_image"] = 4
+    path, out = _config(tmp_path, **kw, extra=extra)
+    done = _train(path, timeout=180)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode in (1, 2), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert lines[-1].startswith("error: ") and expected in lines[-1], lines
+    if case == "missing_rec":  # nothing written before the data is known to be usable
+        assert not os.path.exists(os.path.join(out, "training.log"))
+
+
+# -- gradient accumulation ---------------------------------------------------------------------
+
+
+def test_lambda_warmup_counts_optimiser_steps(tmp_path):
+    path, _ = _config(
+        tmp_path,
+        extra=(
+            "config.loss = 'otface'\n"
+            "config.gradient_acc = 2\n"
+            "config.otface = edict(warmup_steps=4)\n"
+        ),
+    )
+    cfg = load_config(path)
+    trainer = loop.Trainer(cfg, _env())
+    assert isinstance(trainer.criterion, OTFaceCriterion)
+    g = torch.Generator().manual_seed(0)
+    lams = []
+    for _ in range(6):
+        out = trainer.train_step(torch.rand(8, 3, 112, 112, generator=g), torch.arange(8) // 2)
+        lams.append(out.metrics["lambda_ot"].item())
+    # Batches 1-2 are optimiser step 1, 3-4 step 2, 5-6 step 3: lambda = step / 4.
+    assert lams == pytest.approx([0.25, 0.25, 0.5, 0.5, 0.75, 0.75])
+
+
+def _acc_worker(rank, world_size, port, path, result_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    env = loop.init_distributed(timeout_s=60)
+    try:
+        cfg = load_config(path)
+        cfg.gradient_acc = 2
+        cfg.batch_size = 4
+        trainer = loop.Trainer(cfg, env)
+        calls = []
+
+        def counting_allreduce(state, bucket):
+            calls.append(trainer.global_step)
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            return allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(None, counting_allreduce)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(6):
+            img = torch.rand(8, 3, 112, 112, generator=g)
+            labels = torch.randint(0, 16, (8,), generator=g)
+            trainer.train_step(img[4 * rank : 4 * rank + 4], labels[4 * rank : 4 * rank + 4])
+        weights = torch.cat([p.detach().flatten() for p in trainer.backbone.parameters()])
+        torch.save((sorted(set(calls)), weights), os.path.join(result_dir, f"acc{rank}.pt"))
+    finally:
+        loop.shutdown_distributed()
+
+
+def test_accumulation_all_reduces_only_on_the_optimiser_step(tmp_path):
+    path, _ = _config(tmp_path, num_image=1000, extra="config.sampler = edict(type='uniform')\n")
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_acc_worker, args=(r, 2, port, path, str(tmp_path))) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        if p.is_alive():
+            p.kill()
+    (steps0, w0), (steps1, w1) = (torch.load(tmp_path / f"acc{r}.pt") for r in range(2))
+    # Batch 1 all-reduces (DDP's static graph records its first backward with hooks on); then
+    # only the last batch of each accumulation does.
+    assert steps0 == steps1 == [1, 2, 4, 6]
+    assert torch.equal(w0, w1)
+
+
+def test_unknown_key_still_fails_at_start(tmp_path):
+    path, _ = _config(tmp_path, extra="config.max_consecutive_skip = 5\n")
+    with pytest.raises(ConfigError, match="max_consecutive_skips"):
+        load_config(path)
