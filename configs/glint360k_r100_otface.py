@@ -1,8 +1,9 @@
 """OTFace, IResNet-100 on Glint360K.
 
 Values of arcface_torch's configs/glint360k_r100.py, plus the OT term on hard triplets.
-Here: `torchrun --nproc_per_node=8 train.py configs/glint360k_r100_otface`.
-`python -m otface.patch apply` copies this file into an arcface_torch checkout too.
+In this project: `torchrun --nproc_per_node=8 train.py configs/glint360k_r100_otface`.
+In an arcface_torch checkout (after `python -m otface.patch apply`, which copies this file
+there): `torchrun --nproc_per_node=8 train_otface.py configs/glint360k_r100_otface`.
 """
 
 from easydict import EasyDict as edict
