@@ -24,6 +24,7 @@ from otface.train.distributed import DistEnv
 from otface.train.guard import TooManySkippedSteps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ORIGINAL_STEP = loop.Trainer.train_step
 
 CONFIG = """
 from easydict import EasyDict as edict
@@ -152,7 +153,7 @@ def test_consecutive_skips_stop_the_run(tmp_path):
 
 def test_nan_metrics_are_logged_and_skips_counted(tmp_path, monkeypatch):
     path, out = _config(tmp_path, num_image=64, num_epoch=1)
-    original = loop.Trainer.train_step
+    original = _ORIGINAL_STEP
 
     def poisoned(self, img, labels):
         if self.global_step + 1 in (3, 4):
@@ -175,7 +176,7 @@ def test_nan_metrics_are_logged_and_skips_counted(tmp_path, monkeypatch):
 
 
 def _losses(monkeypatch, record, stop_at=None):
-    original = loop.Trainer.train_step
+    original = _ORIGINAL_STEP
 
     class Stop(Exception):
         pass
@@ -216,13 +217,13 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypa
     assert first == whole[:7]
 
 
-def test_flips_do_not_depend_on_workers(tmp_path, monkeypatch):
+def test_runs_repeat_with_any_number_of_workers(tmp_path, monkeypatch):
     rec = _write_rec(tmp_path / "rec")
     runs = []
-    for workers in (0, 2):
+    for run, workers in enumerate((0, 2, 2)):
         path, _ = _config(
             tmp_path,
-            name=f"w{workers}",
+            name=f"run{run}",
             rec=rec,
             num_classes=8,
             num_image=32,
@@ -233,7 +234,7 @@ def test_flips_do_not_depend_on_workers(tmp_path, monkeypatch):
         _losses(monkeypatch, record)
         loop.fit(load_config(path), _env())
         runs.append(record)
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] == runs[2]
 
 
 # -- corrupt checkpoints -----------------------------------------------------------------------
