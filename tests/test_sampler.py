@@ -137,3 +137,31 @@ def test_uniform_matches_arcface_order():
     full = UniformBatchSampler(n, batch_size=batch_size, seed=9)
     full.set_epoch(1)
     assert list(s) == list(full)[5:]
+
+
+def _flips(rank, *, epoch=0, start_batch=0, seed=3):
+    from otface.data.sampler import FlipBatchSampler
+
+    inner = UniformBatchSampler(64, batch_size=8, rank=rank, world_size=2, seed=seed)
+    s = FlipBatchSampler(inner, seed=seed, rank=rank)
+    s.set_epoch(epoch, start_batch=start_batch)
+    return list(s)
+
+
+def test_flip_sampler_keeps_the_batches_and_flips_about_half():
+    from otface.data.sampler import FlipBatchSampler
+
+    inner = UniformBatchSampler(64, batch_size=8, rank=1, world_size=2, seed=3)
+    plain = list(inner)
+    flipped = list(FlipBatchSampler(inner, seed=3, rank=1))
+    assert [[i for i, _ in b] for b in flipped] == plain
+    share = np.mean([f for b in flipped for _, f in b])
+    assert 0.2 < share < 0.8
+
+
+def test_flips_differ_across_ranks_and_epochs_and_repeat_after_a_resume():
+    r0, r1 = _flips(0), _flips(1)
+    assert [f for b in r0 for _, f in b] != [f for b in r1 for _, f in b]
+    assert _flips(0) == r0  # a pure function of (seed, epoch, rank, batch)
+    assert [f for b in _flips(0, epoch=1) for _, f in b] != [f for b in r0 for _, f in b]
+    assert _flips(0, start_batch=2) == r0[2:]  # a resumed epoch flips as the whole one
