@@ -117,17 +117,32 @@ def test_loader_uint8_batches_and_normalize_images(tmp_path):
     assert normalize_images(images).dtype == torch.float32
 
 
-def test_worker_error_names_file_and_record(tmp_path):
+def test_damaged_rec_fails_at_build_and_worker_errors_name_the_identity(tmp_path):
     _make_folder(tmp_path / "faces", [4] * 2, seed=4)
     pack_image_folder(tmp_path / "faces", tmp_path / "rec")
     rec = tmp_path / "rec" / "train.rec"
-    blob = bytearray(rec.read_bytes())
-    off = int((tmp_path / "rec" / "train.idx").read_text().splitlines()[3].split("\t")[1])
-    blob[off : off + 4] = b"\0\0\0\0"  # bad magic at record key 3
+    offsets = [
+        int(line.split("\t")[1])
+        for line in (tmp_path / "rec" / "train.idx").read_text().splitlines()
+    ]
+    pristine = rec.read_bytes()
+    blob = bytearray(pristine)
+    blob[offsets[3] : offsets[3] + 4] = b"\0\0\0\0"  # bad magic at record key 3
     rec.write_bytes(bytes(blob))
     cfg = _cfg(tmp_path / "rec", num_workers=2, num_classes=2, num_image=8, batch_size=8)
+    with pytest.raises(RecordIOError, match=r"train\.idx line 4, key 3: offset \d+ does not start"):
+        build_train_loader(cfg, rank=0, world_size=1)
+    # Every image of identity 1 (keys 5..8) undecodable: replacement is impossible, and the
+    # error crosses the worker boundary naming the identity and the file.
+    blob = bytearray(pristine)
+    for key in range(5, 9):
+        start = offsets[key] + 8 + 24  # image bytes after the framing words and the header
+        blob[start : start + 16] = b"\0" * 16  # no JPEG start marker any more
+    rec.write_bytes(bytes(blob))
     loader = build_train_loader(cfg, rank=0, world_size=1)
-    with pytest.raises(RecordIOError, match=r"train\.rec, record key 3: bad magic") as excinfo:
+    with pytest.raises(
+        RecordIOError, match=r"train\.rec: all 4 images of identity 1 are undecodable"
+    ) as excinfo:
         list(loader)
     # torch keeps the failed worker until its iterator is collected (a 5 s join): do it here.
     del excinfo, loader

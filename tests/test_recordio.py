@@ -86,6 +86,51 @@ def test_hand_laid_header0_file(tmp_path):
     assert labels.dtype == np.int64
 
 
+def test_scan_matches_per_record_headers(tmp_path):
+    """The one-pass scan gives each record's header as the per-record reader decodes it."""
+    (rec, idx, offsets), _ = _header0_file(tmp_path)
+    reader = IndexedRecordReader(rec, idx)
+    scan = reader.scan()
+    assert scan.records.offset.tolist() == [offsets[k] for k in reader.keys.tolist()]
+    for i, key in enumerate(reader.keys.tolist()):
+        header, image = unpack_payload(reader.read(key))
+        labels = np.atleast_1d(header.label)
+        assert scan.records.flag[i] == header.flag and scan.records.id[i] == header.id
+        assert scan.records.label[i] == labels[0]
+        assert scan.records.image_bytes[i] == len(image)
+        want_range = labels[:2] if header.flag >= 2 else [np.nan, np.nan]
+        np.testing.assert_array_equal(scan.records.range[i], want_range)
+    assert scan.unindexed.offset.size == 0 and scan.unindexed_end.size == 0
+
+
+def test_scan_record_split_inside_its_header(tmp_path):
+    """A header whose id holds the magic word at an aligned position: the first part is 8 bytes
+    long, so the scan joins the parts to read the header."""
+    jpeg = _jpeg(7)
+    split = _part(1, _header(0, 2.0, MAGIC)[:8]) + _part(3, _header(0, 2.0, MAGIC)[12:] + jpeg)
+    rec, idx, _ = _write(tmp_path, [(0, _part(0, _header(0, 5.0, 0) + jpeg)), (1, split)])
+    records = IndexedRecordReader(rec, idx).scan().records
+    assert records.flag.tolist() == [0, 0] and records.label.tolist() == [5.0, 2.0]
+    assert records.id.tolist() == [0, MAGIC]
+    assert records.image_bytes.tolist() == [len(jpeg), len(jpeg)]
+
+
+def test_scan_without_mmap_reads_the_same_words(tmp_path, monkeypatch):
+    """Where a file cannot be memory-mapped, the scan falls back to one read per record."""
+    import mmap
+
+    (rec, idx, _), _ = _header0_file(tmp_path)
+    mapped = IndexedRecordReader(rec, idx).scan()
+
+    def no_mmap(*args, **kwargs):
+        raise OSError("mmap unavailable")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    unmapped = IndexedRecordReader(rec, idx).scan()
+    for a, b in zip(mapped.records, unmapped.records):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_encode_record_matches_hand_layout():
     payload = _header(0, 1.0, 3) + MAGIC_BYTES + b"abcde"
     assert encode_record(payload) == _part(1, _header(0, 1.0, 3)) + _part(3, b"abcde")
@@ -176,7 +221,9 @@ def test_index_past_end(tmp_path):
     (rec, idx, offsets), _ = _header0_file(tmp_path)
     size = rec.stat().st_size
     idx.write_text(idx.read_text().replace(f"4\t{offsets[4]}", f"4\t{size + 16}"))
-    with pytest.raises(RecordIOError, match=r"train\.idx: key 4 has offset .* past the end"):
+    with pytest.raises(
+        RecordIOError, match=r"train\.idx line 5, key 4: offset \d+ is past the end"
+    ):
         IndexedRecordReader(rec, idx)
 
 
@@ -190,7 +237,7 @@ def test_missing_index(tmp_path):
 def test_bad_index_line(tmp_path):
     (rec, idx, _), _ = _header0_file(tmp_path)
     idx.write_text(idx.read_text() + "9 oops\n")
-    with pytest.raises(RecordIOError, match=r"train\.idx, line 7"):
+    with pytest.raises(RecordIOError, match=r"train\.idx line 7: expected"):
         IndexedRecordReader(rec, idx)
 
 
@@ -210,10 +257,10 @@ def test_index_parse_fast_path_and_bad_lines(tmp_path):
 
     idx = tmp_path / "train.idx"
     idx.write_text("".join(f"{k}\t{k * 37 + 5}\n" for k in range(1000)) + "\n")
-    keys, offsets = _read_index(idx)
-    assert keys.tolist() == list(range(1000))
+    keys, offsets, lines = _read_index(idx)
+    assert keys.tolist() == list(range(1000)) and lines is None
     assert offsets.tolist() == [k * 37 + 5 for k in range(1000)]
     for bad, line in (("0\t0\n1 8\n", 2), ("0\t0\n1\tx\n", 2), ("0\t0\t4\n", 1)):
         idx.write_text(bad)
-        with pytest.raises(RecordIOError, match=f"train.idx, line {line}"):
+        with pytest.raises(RecordIOError, match=f"train.idx line {line}: expected"):
             _read_index(idx)

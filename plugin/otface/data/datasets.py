@@ -3,12 +3,20 @@
 Each dataset returns ``(image, label)``: ``image`` float32 ``(3, 112, 112)`` RGB in ``[-1, 1]``
 (``(x / 255 - 0.5) / 0.5``, randomly flipped left-right when ``flip=True``; ``uint8`` with
 ``normalize=False``, for :func:`normalize_images` to normalise a whole batch), ``label`` int64
-scalar tensor. Each exposes ``labels`` (int64 array, one per index) without decoding images, for
-the identity-balanced sampler.
+scalar tensor. An item may be asked for as ``(index, flip)``, the caller deciding the flip. Each
+exposes ``labels`` (int64 array, one per index) without decoding images, for the
+identity-balanced sampler.
+
+Bad data is caught as early as it can be: a ``.rec`` index is checked against every record's
+header when the dataset is built; an image that cannot be decoded during training is replaced by
+the next image of the same identity (in index order, cycling), warned about once per process,
+and counted in the item when the dataset is built with ``report_bad=True``
+(``(image, label, n_bad)``) for :class:`BadImageBudget` to stop a run on badly damaged data.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -19,9 +27,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from otface.data.recordio import IndexedRecordReader, RecordIOError, unpack_payload
+from otface.data.recordio import (
+    IndexedRecordReader,
+    RecordHeaders,
+    RecordIOError,
+    RecordScan,
+    unpack_payload,
+)
 
 __all__ = [
+    "BadImageBudget",
     "IMAGE_EXTENSIONS",
     "IMAGE_SIZE",
     "RecLabels",
@@ -32,6 +47,7 @@ __all__ = [
     "normalize_images",
     "read_rec_labels",
     "scan_image_folder",
+    "UndecodableImageError",
 ]
 
 IMAGE_SIZE = 112
@@ -41,9 +57,14 @@ _warned_resize = False
 
 def _decode_bgr(data: bytes, *, where: str) -> np.ndarray:
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    except cv2.error:
+        img = None
     if img is None:
-        raise RecordIOError(f"{where}: image bytes ({len(data)} bytes) could not be decoded")
+        raise UndecodableImageError(
+            f"{where}: image bytes ({len(data)} bytes) could not be decoded"
+        )
     if img.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         global _warned_resize
         if not _warned_resize:
@@ -63,7 +84,7 @@ def decode_image(data: bytes, *, where: str) -> np.ndarray:
     Images of another size are resized (with one warning per process).
 
     Raises:
-        RecordIOError: the bytes are not a decodable image (the message names ``where``).
+        UndecodableImageError: the bytes are not a decodable image (the message names ``where``).
     """
     return cv2.cvtColor(_decode_bgr(data, where=where), cv2.COLOR_BGR2RGB)
 
@@ -106,85 +127,354 @@ class RecLabels(NamedTuple):
 
 
 def read_rec_labels(reader: IndexedRecordReader) -> RecLabels:
-    """Finds the image records of a ``.rec`` file and their labels without decoding images.
+    """Checks a ``.rec`` file against its index and finds the image records and their labels.
 
-    With header-0 identity ranges, only record 0 and the identity records are read; otherwise
-    every record's header is read (``label``, or the first of its float labels).
+    One pass over every record's header (:meth:`IndexedRecordReader.scan`), no image decoded.
+    With header-0 identity ranges (record 0 holds ``(first, end)`` and no image), every key in
+    ``[1, end)`` must have an index line, identity records must hold ``(start, end)`` ranges
+    covering the images, and each image's header label must equal its identity. Without them
+    (im2rec layout), each record's label is its scalar label or first float label. Byte ranges
+    of the ``.rec`` listed by no index line are reported by one warning.
 
     Raises:
-        RecordIOError: inconsistent identity ranges or a negative label (names file and key).
+        RecordIOError: the first defect: a bad index line (names the line, the key and what is
+            wrong), a key missing from the index, inconsistent identity ranges, a label that
+            disagrees with its identity or a negative label (names the file and the key).
     """
-    where = str(reader.rec_path)
     if len(reader) == 0:
-        raise RecordIOError(f"{where}: the index {reader.idx_path} lists no records")
-    if 0 in reader:
-        head = reader.read_header(0)
-        if head.flag >= 2 and _is_header0(head.label, reader):
-            first, end = int(head.label[0]), int(head.label[1])
-            labels = np.full(first - 1, -1, dtype=np.int64)
-            for c, key in enumerate(range(first, end)):
-                rng = reader.read_header(key)
-                if rng.flag < 2:
-                    raise RecordIOError(
-                        f"{where}, record key {key}: identity record {c} has no (start, end) range"
-                    )
-                a, b = int(rng.label[0]), int(rng.label[1])
-                if not 1 <= a <= b <= first:
-                    raise RecordIOError(
-                        f"{where}, record key {key}: identity {c} range [{a}, {b}) is outside "
-                        f"the image keys [1, {first})"
-                    )
-                labels[a - 1 : b - 1] = c
-            missing = np.flatnonzero(labels < 0)
-            if missing.size:
-                raise RecordIOError(
-                    f"{where}: image record key {int(missing[0]) + 1} (and {missing.size - 1} "
-                    "more) is in no identity range of the header-0 layout"
-                )
-            return RecLabels(np.arange(1, first, dtype=np.int64), labels, True)
-    labels = np.empty(len(reader), dtype=np.int64)
-    for i, key in enumerate(reader.keys):
-        head = reader.read_header(int(key))
-        value = head.label[0] if head.flag > 0 else head.label
-        labels[i] = int(value)
-        if labels[i] < 0:
-            raise RecordIOError(f"{where}, record key {int(key)}: negative label {value}")
-    return RecLabels(reader.keys.copy(), labels, False)
+        raise RecordIOError(f"{reader.rec_path}: the index {reader.idx_path} lists no records")
+    scan = reader.scan()
+    pos0 = int(reader.positions(np.asarray([0]))[0])
+    if pos0 >= 0 and _is_header0(scan.records, pos0, reader):
+        result = _header0_labels(reader, scan, pos0)
+    else:
+        if pos0 < 0:
+            _check_unindexed_header0(reader, scan)
+        result = _record_labels(reader, scan.records)
+    gaps = scan.unindexed
+    if gaps.offset.size:
+        first = f", a record with header id {int(gaps.id[0])}" if gaps.flag[0] >= 0 else ""
+        warnings.warn(
+            f"{reader.rec_path}: {gaps.offset.size} byte range(s) holding "
+            f"{int((scan.unindexed_end - gaps.offset).sum())} bytes (the first at byte "
+            f"{int(gaps.offset[0])}{first}) are listed by no line of {reader.idx_path}; their "
+            "records are not used",
+            stacklevel=2,
+        )
+    return result
 
 
-def _is_header0(label: np.ndarray, reader: IndexedRecordReader) -> bool:
-    first, end = float(label[0]), float(label[1])
+def _is_range(heads: RecordHeaders, i: np.ndarray | int) -> np.ndarray:
+    """Rows holding an integral key range ``1 <= start <= end`` and no image (header-0 layout)."""
+    a, b = heads.range[i, 0], heads.range[i, 1]
+    with np.errstate(invalid="ignore"):
+        return (
+            (heads.flag[i] >= 2)
+            & (heads.image_bytes[i] == 0)
+            & (a == np.round(a))
+            & (b == np.round(b))
+            & (a >= 1)
+            & (a <= b)
+        )
+
+
+def _is_header0(heads: RecordHeaders, pos0: int, reader: IndexedRecordReader) -> bool:
+    if _is_range(heads, pos0):
+        return True
+    # A record 0 that also carries image bytes: header-0 if its range ends at indexed keys.
+    first, end = heads.range[pos0]
+    if heads.flag[pos0] < 2 or not np.isfinite(heads.range[pos0]).all():
+        return False
     if first != int(first) or end != int(end) or not 1 <= first <= end:
         return False
     return (first == end or int(end) - 1 in reader) and (first == 1 or int(first) - 1 in reader)
 
 
-class RecDataset(Dataset):
+def _check_unindexed_header0(reader: IndexedRecordReader, scan: RecordScan) -> None:
+    """Raises if key 0 has no index line while the ``.rec`` holds an unindexed header-0 record.
+
+    A header-0 record ``(first, end)`` is told from an identity record ``(start, end)`` by what
+    key ``first`` holds: the first identity record (no image) rather than an image.
+    """
+    gaps = scan.unindexed
+    cand = np.flatnonzero(_is_range(gaps, np.arange(gaps.offset.size)))
+    for g in cand.tolist():
+        first, end = int(gaps.range[g, 0]), int(gaps.range[g, 1])
+        at = int(reader.positions(np.asarray([first]))[0])
+        if first < end and at >= 0 and _is_range(scan.records, at):
+            raise RecordIOError(
+                f"{reader.idx_path}: key 0 has no line, but {reader.rec_path} holds an "
+                f"unindexed header-0 record at byte {int(gaps.offset[g])} (images 1..{first - 1},"
+                f" identity records {first}..{end - 1}): the index is damaged; restore the line "
+                f"'0<TAB>{int(gaps.offset[g])}' or rebuild the index"
+            )
+
+
+def _missing_key_error(
+    reader: IndexedRecordReader, scan: RecordScan, missing: np.ndarray, first: int, end: int
+) -> RecordIOError:
+    key = int(missing[0])
+    if key < first:
+        what = f"record 0's header-0 ranges list images 1..{first - 1}"
+    else:
+        what = (
+            f"record 0's header-0 ranges list identity records {first}..{end - 1} (this is "
+            f"identity {key - first})"
+        )
+    hint = ""
+    gaps = scan.unindexed
+    at = np.flatnonzero((gaps.flag >= 0) & (gaps.id == np.uint64(key)))
+    if at.size:
+        byte = int(gaps.offset[at[0]])
+        hint = (
+            f"; an unindexed record at byte {byte} of {reader.rec_path.name} carries header id "
+            f"{key}: restore the line '{key}<TAB>{byte}' or rebuild the index"
+        )
+    more = f" ({missing.size - 1} more keys are missing)" if missing.size > 1 else ""
+    return RecordIOError(f"{reader.idx_path}: key {key} has no line, but {what}{more}{hint}")
+
+
+def _header0_labels(reader: IndexedRecordReader, scan: RecordScan, pos0: int) -> RecLabels:
+    heads, where = scan.records, str(reader.rec_path)
+    first, end = (int(v) for v in heads.range[pos0])
+    if end > 2 * len(reader) + 1:
+        raise RecordIOError(
+            f"{reader.idx_path}: record 0's header-0 ranges list keys 1..{end - 1}, but the index "
+            f"has only {len(reader)} lines"
+        )
+    pos = reader.positions(np.arange(1, end))
+    missing = np.flatnonzero(pos < 0) + 1
+    if missing.size:
+        raise _missing_key_error(reader, scan, missing, first, end)
+    identity = pos[first - 1 :]
+    no_range = np.flatnonzero(heads.flag[identity] < 2)
+    if no_range.size:
+        c = int(no_range[0])
+        raise RecordIOError(
+            f"{where}, record key {first + c}: identity record {c} has no (start, end) range"
+        )
+    starts, stops = heads.range[identity, 0], heads.range[identity, 1]
+    labels = np.full(first - 1, -1, dtype=np.int64)
+    for c, (a, b) in enumerate(zip(starts.tolist(), stops.tolist())):
+        if not 1 <= a <= b <= first:
+            raise RecordIOError(
+                f"{where}, record key {first + c}: identity {c} range [{a:g}, {b:g}) is outside "
+                f"the image keys [1, {first})"
+            )
+        labels[int(a) - 1 : int(b) - 1] = c
+    unlabelled = np.flatnonzero(labels < 0)
+    if unlabelled.size:
+        raise RecordIOError(
+            f"{where}: image record key {int(unlabelled[0]) + 1} (and {unlabelled.size - 1} "
+            "more) is in no identity range of the header-0 layout"
+        )
+    stored = heads.label[pos[: first - 1]]
+    wrong = np.flatnonzero(stored.astype(np.float64) != labels)
+    if wrong.size:
+        i = int(wrong[0])
+        raise RecordIOError(
+            f"{where}, record key {i + 1}: header label {stored[i]:g} disagrees with identity "
+            f"{int(labels[i])} of the header-0 ranges ({wrong.size} of {labels.size} images "
+            "disagree)"
+        )
+    return RecLabels(np.arange(1, first, dtype=np.int64), labels, True)
+
+
+def _record_labels(reader: IndexedRecordReader, heads: RecordHeaders) -> RecLabels:
+    value = heads.label
+    bad = np.flatnonzero(~(value >= 0))
+    if bad.size:
+        i = int(bad[0])
+        raise RecordIOError(
+            f"{reader.rec_path}, record key {int(reader.keys[i])}: label {value[i]:g} is not a "
+            "label >= 0"
+        )
+    return RecLabels(reader.keys.copy(), value.astype(np.int64), False)
+
+
+class UndecodableImageError(RecordIOError):
+    """An image's bytes cannot be read or decoded (the message names the file or record key)."""
+
+
+class BadImageBudget:
+    """Counts undecodable images met during training and stops past a share of the images.
+
+    Each dataset item built with ``report_bad=True`` says how many undecodable images it met
+    (the image asked for and any same-identity replacements tried before a good one). Add each
+    batch's sum with the batch size; the budget raises once the undecodable count exceeds
+    ``max_fraction`` times the larger of the images read so far and ``num_image``, so a few bad
+    images early in the first epoch do not stop a run, and across epochs the count is compared
+    with the images read (a bad image is met about once per epoch).
+
+    Args:
+        num_image: images in the data set.
+        max_fraction: tolerated share of undecodable images, in ``[0, 1]`` (0.001: 0.1%).
+    """
+
+    def __init__(self, num_image: int, *, max_fraction: float = 1e-3) -> None:
+        if not 0.0 <= float(max_fraction) <= 1.0:
+            raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction!r}")
+        if int(num_image) < 1:
+            raise ValueError(f"num_image must be >= 1, got {num_image!r}")
+        self.num_image = int(num_image)
+        self.max_fraction = float(max_fraction)
+        self.bad_count = 0
+        self.read_count = 0
+
+    def add(self, n_bad: int | torch.Tensor, n_images: int) -> None:
+        """Adds a batch: ``n_bad`` undecodable images met (an int or a tensor to sum) while
+        reading ``n_images`` images.
+
+        Raises:
+            RuntimeError: the undecodable share is past the budget (the message gives both).
+        """
+        if isinstance(n_bad, torch.Tensor):
+            n_bad = int(n_bad.sum())
+        self.bad_count += int(n_bad)
+        self.read_count += int(n_images)
+        allowed = self.max_fraction * max(self.read_count, self.num_image)
+        if self.bad_count > allowed:
+            raise RuntimeError(
+                f"{self.bad_count} undecodable images met in {self.read_count} images read, "
+                "more than the "
+                f"budget of {self.max_fraction:.3%} of max(images read, num_image="
+                f"{self.num_image}) = {allowed:.1f}: the data set is damaged; earlier warnings "
+                "name each file or record key"
+            )
+
+
+def _parse_item(item: object, n: int) -> tuple[int, bool | None]:
+    """``index`` or ``(index, flip)`` → ``(index in [0, n), flip or None)``."""
+    flip = None
+    if isinstance(item, tuple):
+        if len(item) != 2 or not isinstance(item[1], (bool, np.bool_)):
+            raise TypeError(f"expected an index or an (index, flip: bool) pair, got {item!r}")
+        item, flip = item[0], bool(item[1])
+    try:
+        index = operator.index(item)
+    except TypeError:
+        raise TypeError(
+            f"expected an index or an (index, flip: bool) pair, got {type(item).__name__}"
+        ) from None
+    if not -n <= index < n:
+        raise IndexError(f"index {index} is out of range for a dataset of {n} images")
+    return index % n, flip
+
+
+class _ReplacingDataset(Dataset):
+    """Shared ``__getitem__``: an undecodable image is replaced by the next image of the same
+    identity in index order (cycling), warned about once per image and process, and counted.
+
+    Subclasses set ``labels``, ``flip``, ``normalize``, ``report_bad`` and implement
+    :meth:`_read_chw` and :meth:`_all_bad_error`.
+    """
+
+    labels: np.ndarray
+    flip: bool
+    normalize: bool
+    report_bad: bool
+
+    def _read_chw(self, index: int, flip: bool) -> torch.Tensor:
+        """RGB ``uint8 (3, 112, 112)`` of ``index``; raises :class:`UndecodableImageError`."""
+        raise NotImplementedError
+
+    def _all_bad_error(self, label: int, members: np.ndarray) -> RecordIOError:
+        raise NotImplementedError
+
+    def _try_read(self, index: int, flip: bool, label: int) -> torch.Tensor | None:
+        """The image of ``index``, or ``None`` if it is undecodable (warned about once)."""
+        if not hasattr(self, "_bad"):
+            self._bad: set[int] = set()  # per process: each DataLoader worker has its own
+        if index in self._bad:
+            return None
+        try:
+            return self._read_chw(index, flip)
+        except UndecodableImageError as e:
+            self._bad.add(index)
+            warnings.warn(
+                f"{e}; replaced by another image of identity {label} (not reported again by "
+                "this process)",
+                stacklevel=3,
+            )
+            return None
+
+    def _same_identity(self, index: int) -> np.ndarray:
+        """Indices of ``index``'s identity in index order, starting at ``index`` (cycling)."""
+        if getattr(self, "_by_label", None) is None:  # built on the first bad image only
+            self._by_label = np.argsort(self.labels, kind="stable")
+            self._sorted_labels = self.labels[self._by_label]
+        label = self.labels[index]
+        lo, hi = np.searchsorted(self._sorted_labels, [label, label + 1])
+        members = self._by_label[lo:hi]
+        at = int(np.searchsorted(members, index))
+        return np.roll(members, -at)
+
+    def __getitem__(self, item: object) -> tuple[torch.Tensor, ...]:
+        """``(image, label)``, or ``(image, label, n_bad)`` with ``report_bad=True``.
+
+        Args:
+            item: an index, or ``(index, flip)`` with the flip decided by the caller; with a
+                plain index the image is flipped at random when the dataset's ``flip`` is set.
+        """
+        index, flip = _parse_item(item, len(self))
+        if flip is None:
+            flip = self.flip and _random_flip()
+        label = int(self.labels[index])
+        img, n_bad = self._try_read(index, flip, label), 0
+        if img is None:
+            members = self._same_identity(index)
+            for candidate in members[1:].tolist():
+                n_bad += 1  # the image tried last was undecodable
+                img = self._try_read(candidate, flip, label)
+                if img is not None:
+                    break
+            else:
+                raise self._all_bad_error(label, np.sort(members))
+        image, label_t = _finish(img, label, normalize=self.normalize)
+        if self.report_bad:
+            return image, label_t, torch.tensor(n_bad, dtype=torch.int64)
+        return image, label_t
+
+
+class RecDataset(_ReplacingDataset):
     """An InsightFace ``.rec`` folder (``train.rec`` + ``train.idx``), read without mxnet.
+
+    The index is checked against every record's header when the dataset is built
+    (:func:`read_rec_labels`). An undecodable image is replaced by another image of its
+    identity (see :class:`BadImageBudget`).
 
     Args:
         root: folder holding ``train.rec`` and ``train.idx``.
-        flip: random left-right flip.
+        flip: random left-right flip for plain-index access.
         normalize: return float32 in ``[-1, 1]``; ``False`` returns ``uint8`` ``(3, H, W)``
             for :func:`normalize_images` to normalise batch-wise (faster).
+        report_bad: items are ``(image, label, n_bad)``, ``n_bad`` an int64 scalar tensor
+            counting the undecodable images met while producing the item.
 
     Raises:
-        FileNotFoundError: a file is missing. RecordIOError: malformed file (file and key named).
+        FileNotFoundError: a file is missing. RecordIOError: malformed file or index (file,
+            ``.idx`` line and key named).
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, flip: bool = True, normalize: bool = True
+        self,
+        root: str | os.PathLike,
+        *,
+        flip: bool = True,
+        normalize: bool = True,
+        report_bad: bool = False,
     ) -> None:
         self.root = Path(root)
         self.reader = IndexedRecordReader(self.root / "train.rec", self.root / "train.idx")
         self.keys, self.labels, self.header0 = read_rec_labels(self.reader)
         self.flip = flip
         self.normalize = normalize
+        self.report_bad = report_bad
 
     def __len__(self) -> int:
         return int(self.keys.size)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_chw(self, index: int, flip: bool) -> torch.Tensor:
         key = int(self.keys[index])
         where = f"{self.reader.rec_path}, record key {key}"
         header, image = unpack_payload(self.reader.read(key), where=where)
@@ -195,8 +485,15 @@ class RecDataset(Dataset):
                 f"{where}: header label {stored} disagrees with identity {label} of the "
                 "header-0 ranges"
             )
-        img = _decode_chw(image, where=where, flip=self.flip and _random_flip())
-        return _finish(img, label, normalize=self.normalize)
+        return _decode_chw(image, where=where, flip=flip)
+
+    def _all_bad_error(self, label: int, members: np.ndarray) -> RecordIOError:
+        keys = self.keys[members].tolist()
+        shown = ", ".join(map(str, keys[:5])) + (", ..." if len(keys) > 5 else "")
+        return RecordIOError(
+            f"{self.reader.rec_path}: all {len(keys)} images of identity {label} are "
+            f"undecodable (record keys {shown})"
+        )
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -232,28 +529,40 @@ def _finish(img: torch.Tensor, label: int, *, normalize: bool) -> tuple[torch.Te
     return (normalize_images(img) if normalize else img), torch.tensor(label, dtype=torch.int64)
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(_ReplacingDataset):
     """A folder with one sub-folder per identity; labels follow sorted sub-folder names.
 
-    ``flip`` and ``normalize`` are as in :class:`RecDataset`.
+    ``flip``, ``normalize`` and ``report_bad`` are as in :class:`RecDataset`; an unreadable or
+    undecodable file (a zero-byte ``.jpg``) is replaced by another image of its identity.
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, flip: bool = True, normalize: bool = True
+        self,
+        root: str | os.PathLike,
+        *,
+        flip: bool = True,
+        normalize: bool = True,
+        report_bad: bool = False,
     ) -> None:
         self.root = Path(root)
         self.paths, self.labels, self.classes = scan_image_folder(self.root)
         self.flip = flip
         self.normalize = normalize
+        self.report_bad = report_bad
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_chw(self, index: int, flip: bool) -> torch.Tensor:
         path = self.paths[index]
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise OSError(f"{path}: cannot read image ({e})") from e
-        img = _decode_chw(data, where=str(path), flip=self.flip and _random_flip())
-        return _finish(img, int(self.labels[index]), normalize=self.normalize)
+            raise UndecodableImageError(f"{path}: cannot read image ({e})") from e
+        return _decode_chw(data, where=str(path), flip=flip)
+
+    def _all_bad_error(self, label: int, members: np.ndarray) -> RecordIOError:
+        return RecordIOError(
+            f"{self.root / self.classes[label]}: all {members.size} images of identity {label} "
+            "are unreadable or undecodable"
+        )
