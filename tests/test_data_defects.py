@@ -19,7 +19,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from otface.data.datasets import (
-    BadImageBudget,
     ImageFolderDataset,
     RecDataset,
     UndecodableImageError,
@@ -378,23 +377,3 @@ def test_decode_error_is_a_record_io_error():
     with pytest.raises(UndecodableImageError, match=r"x\.jpg: image bytes \(3 bytes\)"):
         decode_image(b"abc", where="x.jpg")
     assert issubclass(UndecodableImageError, RecordIOError)
-
-
-def test_bad_image_budget():
-    budget = BadImageBudget(1000, max_fraction=0.01)  # 10 allowed until 1000 images are read
-    budget.add(torch.tensor([3, 0, 4]), 100)
-    budget.add(3, 100)
-    with pytest.raises(
-        RuntimeError,
-        match=r"11 undecodable images met in 300 images read, more "
-        r"than the budget of 1\.000% of max\(images read, num_image=1000\) = 10\.0",
-    ):
-        budget.add(1, 100)
-    late = BadImageBudget(1000, max_fraction=0.01)
-    late.add(0, 4900)
-    late.add(49, 100)  # 49 <= 1% of 5000
-    with pytest.raises(RuntimeError, match=r"52 undecodable images met in 5100 images read"):
-        late.add(3, 100)  # 52 > 1% of 5100
-    for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError, match=rf"max_fraction must be in \[0, 1\], got {bad}"):
-            BadImageBudget(10, max_fraction=bad)

@@ -48,12 +48,16 @@ config.output = {output!r}
 """
 
 
-def _write_rec(folder, *, identities=8, per_id=4, seed=0):
+def _write_rec(folder, *, identities=8, per_id=4, seed=0, bad=()):
+    """A small .rec; ``bad`` lists (label, j) images written as undecodable bytes."""
     rng = np.random.default_rng(seed)
     samples = []
     for label in range(identities):
         base = rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)
-        for _ in range(per_id):
+        for j in range(per_id):
+            if (label, j) in bad:
+                samples.append((label, b"not an image at all"))
+                continue
             img = cv2.resize(base, (112, 112), interpolation=cv2.INTER_NEAREST)
             img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
             img[:, :40] //= 2  # asymmetric, so that a flip changes the image
@@ -235,6 +239,32 @@ def test_runs_repeat_with_any_number_of_workers(tmp_path, monkeypatch):
         loop.fit(load_config(path), _env())
         runs.append(record)
     assert runs[0] == runs[1] == runs[2]
+
+
+# -- undecodable images -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.0])
+def test_undecodable_images_are_counted_and_stop_past_the_budget(tmp_path, fraction):
+    rec = _write_rec(tmp_path / "rec", bad={(2, 1)})
+    path, out = _config(
+        tmp_path,
+        rec=rec,
+        num_classes=8,
+        num_image=32,
+        num_epoch=2,
+        extra=f"config.max_bad_image_fraction = {fraction}\n",
+    )
+    done = _train(path, timeout=240)
+    if fraction:  # 1 bad image in 32 read per epoch: within 5%
+        assert done.returncode == 0, done.stderr[-2000:]
+        log = open(os.path.join(out, "training.log")).read()
+        assert "bad_images 1" in log and "bad_images 2" in log  # once per epoch, counted
+        assert "record key" in done.stderr + log  # the warning names the record
+    else:
+        assert done.returncode == 1, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: 1 undecodable images in this epoch"), last
 
 
 # -- corrupt checkpoints -----------------------------------------------------------------------

@@ -11,7 +11,8 @@ Bad data is caught as early as it can be: a ``.rec`` index is checked against ev
 header when the dataset is built; an image that cannot be decoded during training is replaced by
 the next image of the same identity (in index order, cycling), warned about once per process,
 and counted in the item when the dataset is built with ``report_bad=True``
-(``(image, label, n_bad)``) for :class:`BadImageBudget` to stop a run on badly damaged data.
+(``(image, label, n_bad)``), so that the training loader can stop a run on badly damaged data
+(:class:`otface.data.loader.TrainLoader`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from otface.data.recordio import (
 )
 
 __all__ = [
-    "BadImageBudget",
     "IMAGE_EXTENSIONS",
     "IMAGE_SIZE",
     "RecLabels",
@@ -296,53 +296,6 @@ class UndecodableImageError(RecordIOError):
     """An image's bytes cannot be read or decoded (the message names the file or record key)."""
 
 
-class BadImageBudget:
-    """Counts undecodable images met during training and stops past a share of the images.
-
-    Each dataset item built with ``report_bad=True`` says how many undecodable images it met
-    (the image asked for and any same-identity replacements tried before a good one). Add each
-    batch's sum with the batch size; the budget raises once the undecodable count exceeds
-    ``max_fraction`` times the larger of the images read so far and ``num_image``, so a few bad
-    images early in the first epoch do not stop a run, and across epochs the count is compared
-    with the images read (a bad image is met about once per epoch).
-
-    Args:
-        num_image: images in the data set.
-        max_fraction: tolerated share of undecodable images, in ``[0, 1]`` (0.001: 0.1%).
-    """
-
-    def __init__(self, num_image: int, *, max_fraction: float = 1e-3) -> None:
-        if not 0.0 <= float(max_fraction) <= 1.0:
-            raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction!r}")
-        if int(num_image) < 1:
-            raise ValueError(f"num_image must be >= 1, got {num_image!r}")
-        self.num_image = int(num_image)
-        self.max_fraction = float(max_fraction)
-        self.bad_count = 0
-        self.read_count = 0
-
-    def add(self, n_bad: int | torch.Tensor, n_images: int) -> None:
-        """Adds a batch: ``n_bad`` undecodable images met (an int or a tensor to sum) while
-        reading ``n_images`` images.
-
-        Raises:
-            RuntimeError: the undecodable share is past the budget (the message gives both).
-        """
-        if isinstance(n_bad, torch.Tensor):
-            n_bad = int(n_bad.sum())
-        self.bad_count += int(n_bad)
-        self.read_count += int(n_images)
-        allowed = self.max_fraction * max(self.read_count, self.num_image)
-        if self.bad_count > allowed:
-            raise RuntimeError(
-                f"{self.bad_count} undecodable images met in {self.read_count} images read, "
-                "more than the "
-                f"budget of {self.max_fraction:.3%} of max(images read, num_image="
-                f"{self.num_image}) = {allowed:.1f}: the data set is damaged; earlier warnings "
-                "name each file or record key"
-            )
-
-
 def _parse_item(item: object, n: int) -> tuple[int, bool | None]:
     """``index`` or ``(index, flip)`` → ``(index in [0, n), flip or None)``."""
     flip = None
@@ -441,7 +394,7 @@ class RecDataset(_ReplacingDataset):
 
     The index is checked against every record's header when the dataset is built
     (:func:`read_rec_labels`). An undecodable image is replaced by another image of its
-    identity (see :class:`BadImageBudget`).
+    identity (the training loader counts them).
 
     Args:
         root: folder holding ``train.rec`` and ``train.idx``.
