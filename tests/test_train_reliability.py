@@ -296,7 +296,8 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     assert not list((tmp_path / "work_dirs" / "job").glob(".checkpoint_gpu_0.pt.*.tmp"))
 
 
-def _resume_worker(rank, world_size, port, path, result_dir):
+def _join_gloo(rank, world_size, port):
+    """Join a 2-process gloo group as torchrun would describe it."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -305,7 +306,26 @@ def _resume_worker(rank, world_size, port, path, result_dir):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    env = loop.init_distributed(timeout_s=60)
+    return loop.init_distributed(timeout_s=60)
+
+
+def _spawn_ranks(target, *args, world_size=2):
+    """Run ``target(rank, world_size, port, *args)`` in fresh processes; wait for them."""
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=target, args=(r, world_size, port, *args)) for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        if p.is_alive():
+            p.kill()
+
+
+def _resume_worker(rank, world_size, port, path, result_dir):
+    env = _join_gloo(rank, world_size, port)
     try:
         cfg = load_config(path)
         cfg.resume = True
@@ -321,18 +341,7 @@ def _resume_worker(rank, world_size, port, path, result_dir):
 
 
 def _run_two_ranks(path, result_dir):
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_resume_worker, args=(r, 2, port, path, str(result_dir)))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-        if p.is_alive():
-            p.kill()
+    _spawn_ranks(_resume_worker, path, str(result_dir))
     return [torch.load(result_dir / f"rank{r}.pt") for r in range(2)]
 
 
@@ -447,15 +456,7 @@ def test_lambda_warmup_counts_optimiser_steps(tmp_path):
 
 
 def _acc_worker(rank, world_size, port, path, result_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    env = loop.init_distributed(timeout_s=60)
+    env = _join_gloo(rank, world_size, port)
     try:
         cfg = load_config(path)
         cfg.gradient_acc = 2
@@ -483,17 +484,7 @@ def _acc_worker(rank, world_size, port, path, result_dir):
 
 def test_accumulation_all_reduces_only_on_the_optimiser_step(tmp_path):
     path, _ = _config(tmp_path, num_image=1000, extra="config.sampler = edict(type='uniform')\n")
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_acc_worker, args=(r, 2, port, path, str(tmp_path))) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-        if p.is_alive():
-            p.kill()
+    _spawn_ranks(_acc_worker, path, str(tmp_path))
     (steps0, w0), (steps1, w1) = (torch.load(tmp_path / f"acc{r}.pt") for r in range(2))
     # Batch 1 all-reduces (DDP's static graph records its first backward with hooks on); then
     # only the last batch of each accumulation does.
