@@ -91,6 +91,7 @@ config.otface.max_iter = 50
 config.otface.tol = 1e-3  # stop when the marginal error falls below this
 config.otface.layer = "auto"  # feature map to hook: "auto" or a module name of the backbone
 config.otface.solver = "auto"  # "auto", "torch" or "pot"
+config.otface.distance = "divergence"  # W: "divergence", "entropic" or "transport" (approx. grad)
 
 # Weights & Biases (arcface_torch keys, accepted so upstream configs load; logging to W&B is
 # not implemented here and using_wandb=True is refused).

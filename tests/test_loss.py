@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from scipy.special import logsumexp
 from torch import nn
 
 from otface.criterion import LossOutput
@@ -46,14 +47,45 @@ def _cfg(**otface):
     return cfg
 
 
-def _w_pot(x, y):
-    """<T, C> of POT's log-domain Sinkhorn plan for point clouds x (n, C), y (m, C)."""
+def _cos_cost(x, y):
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     yn = y / np.linalg.norm(y, axis=1, keepdims=True)
-    c = 1.0 - xn @ yn.T
+    return 1.0 - xn @ yn.T
+
+
+def _w_pot(x, y):
+    """<T, C> of POT's log-domain Sinkhorn plan for point clouds x (n, C), y (m, C)."""
+    c = _cos_cost(x, y)
     a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
     t = ot.sinkhorn(a, b, c, EPS, method="sinkhorn_log", numItermax=20000, stopThr=1e-9)
     return float((t * c).sum())
+
+
+def _ot_eps_np(x, y, *, tol=1e-12):
+    """OT_eps = <T, C> + eps KL(T | a b^T) between uniform clouds, by a numpy log-domain
+    Sinkhorn on the dual potentials (f, g) (plain alternating updates; for x is y the
+    symmetric update f <- (f + softmin(f)) / 2, which converges where alternation crawls)."""
+    c = _cos_cost(x, y)
+    la, lb = np.full(len(x), -np.log(len(x))), np.full(len(y), -np.log(len(y)))
+    f, g = np.zeros(len(x)), np.zeros(len(y))
+    for _ in range(100000):
+        if x is y:
+            f = 0.5 * (f - EPS * logsumexp((f[None, :] - c) / EPS + lb[None, :], axis=1))
+            g = f
+        else:
+            f = -EPS * logsumexp((g[None, :] - c) / EPS + lb[None, :], axis=1)
+            g = -EPS * logsumexp((f[:, None] - c) / EPS + la[:, None], axis=0)
+        t = np.exp((f[:, None] + g[None, :] - c) / EPS + la[:, None] + lb[None, :])
+        if np.abs(t.sum(1) - np.exp(la)).sum() + np.abs(t.sum(0) - np.exp(lb)).sum() < tol:
+            break
+    return float(f @ np.exp(la) + g @ np.exp(lb))
+
+
+def _divergence_np(x, y):
+    return _ot_eps_np(x, y) - 0.5 * _ot_eps_np(x, x) - 0.5 * _ot_eps_np(y, y)
+
+
+_REFERENCE = {"transport": _w_pot, "entropic": _ot_eps_np, "divergence": _divergence_np}
 
 
 def _batch(seed=0, batch=8):
@@ -78,8 +110,11 @@ def _mine(emb, labels, margin):
     return out
 
 
+@pytest.mark.parametrize("distance", ["divergence", "entropic", "transport"])
 @pytest.mark.parametrize("variant", ["hinge", "pull"])
-def test_spatial_mode_matches_pot_loop(variant):
+def test_spatial_mode_equals_loop_of_single_solves(variant, distance):
+    # Reference: a plain loop over the triplets, each distance from separate single solves
+    # (numpy log-domain Sinkhorn for OT_eps and its self-terms, POT's plan for <T, C>).
     feats, emb, labels = _batch(1)
     out = hard_triplet_ot_loss(
         feats,
@@ -87,29 +122,38 @@ def test_spatial_mode_matches_pot_loop(variant):
         labels,
         mode="spatial",
         variant=variant,
+        distance=distance,
         mining_margin=0.5,
         ot_margin=0.05,
         eps=EPS,
         max_iter=3000,
         tol=1e-10,
     )
-    pts = feats.flatten(2).transpose(1, 2).numpy()
+    pts = list(feats.flatten(2).transpose(1, 2).numpy())
+    ref = _REFERENCE[distance]
     trip = _mine(emb, labels, 0.5)
-    terms = []
+    terms, w_ap = [], []
     for a, p, n in trip:
-        wap, wan = _w_pot(pts[a], pts[p]), _w_pot(pts[a], pts[n])
+        wap, wan = ref(pts[a], pts[p]), ref(pts[a], pts[n])
         terms.append(max(wap - wan + 0.05, 0.0) if variant == "hinge" else wap)
+        w_ap.append(wap)
     assert out.metrics["n_hard"].item() == len(trip) > 0
     assert out.loss.item() == pytest.approx(np.mean(terms), abs=1e-6)
+    assert out.metrics["w_ap"].item() == pytest.approx(np.mean(w_ap), abs=1e-6)
 
 
-def test_group_mode_matches_pot():
-    feats, emb, labels = _batch(2)
+@pytest.mark.parametrize("distance", ["divergence", "entropic", "transport"])
+def test_group_mode_equals_single_solves(distance):
+    # K = 3 so that the positives' group differs from the anchors' (with K = 2 and every
+    # anchor hard it is the same set, and the divergence W(A, P) is exactly 0).
+    feats, emb, _ = _batch(2, batch=9)
+    labels = torch.arange(9) // 3
     out = hard_triplet_ot_loss(
         feats,
         emb,
         labels,
         mode="group",
+        distance=distance,
         mining_margin=0.5,
         ot_margin=0.3,
         eps=EPS,
@@ -118,10 +162,22 @@ def test_group_mode_matches_pot():
     )
     trip = np.array(_mine(emb, labels, 0.5))
     pooled = feats.mean(dim=(2, 3)).numpy()
-    wap = _w_pot(pooled[trip[:, 0]], pooled[trip[:, 1]])
-    wan = _w_pot(pooled[trip[:, 0]], pooled[trip[:, 2]])
+    anchors, pos, neg = (pooled[trip[:, k]] for k in range(3))
+    wap, wan = _REFERENCE[distance](anchors, pos), _REFERENCE[distance](anchors, neg)
+    assert wap > 1e-3
+    # float32 solve in group mode
     assert out.metrics["w_ap"].item() == pytest.approx(wap, abs=1e-5)
+    assert out.metrics["w_an"].item() == pytest.approx(wan, abs=1e-5)
     assert out.loss.item() == pytest.approx(max(wap - wan + 0.3, 0.0), abs=1e-5)
+
+
+def test_pot_solver_gives_the_same_loss():
+    feats, emb, labels = _batch(6)
+    kw = dict(mining_margin=0.5, eps=EPS, max_iter=3000, tol=1e-10)
+    ours = hard_triplet_ot_loss(feats, emb, labels, **kw)
+    pot = hard_triplet_ot_loss(feats, emb, labels, solver="pot", **kw)
+    assert ours.metrics["n_hard"].item() > 0
+    assert pot.loss.item() == pytest.approx(ours.loss.item(), abs=1e-8)
 
 
 def test_nothing_hard_is_a_connected_exact_zero():
@@ -160,6 +216,21 @@ def test_bad_options_are_named():
         hard_triplet_ot_loss(feats, emb, labels, variant="push")
     with pytest.raises(ValueError, match="7 samples"):
         hard_triplet_ot_loss(feats[:7], emb, labels)
+    with pytest.raises(ValueError, match="divergence.*'sliced'"):
+        hard_triplet_ot_loss(feats, emb, labels, distance="sliced")
+
+
+def test_distance_config_key():
+    # The default, also under a job config that sets its own otface section (merged by key).
+    from otface.config import ConfigError, load_config, validate_config
+
+    demo = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "demo_otface")
+    assert load_config(demo).otface.distance == "divergence"
+    cfg = _cfg(distance="emd")
+    with pytest.raises(ConfigError, match="otface.distance.*divergence"):
+        validate_config(cfg)
+    with pytest.raises(ValueError, match="'emd'"):
+        OTFaceCriterion(cfg, backbone=TinyBackbone(), rank=0, world_size=1)
 
 
 def test_lambda_warmup():

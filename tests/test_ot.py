@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from otface.ot import cosine_cost, entropic_objective, sinkhorn, solve_ot
+from otface.ot.pot_backend import pot_sinkhorn
 
 
 def _costs(batch, n, m, *, seed=0, dtype=torch.float64):
@@ -140,13 +141,120 @@ def test_solve_ot_pot_agrees_and_bad_solver_is_named():
         sinkhorn(c, eps=0.05, max_iter=5, tol=0.0, kernel="fast")
 
 
-def test_empty_batch_and_bad_shapes():
-    res = sinkhorn(torch.zeros(0, 4, 4), eps=0.05, max_iter=10, tol=1e-3)
-    assert res.plan.shape == (0, 4, 4) and res.cost.shape == (0,) and res.n_iter == 0
+def test_bad_shapes():
     with pytest.raises(ValueError, match=r"\(B, n, m\)"):
         sinkhorn(torch.zeros(4, 4), eps=0.05, max_iter=10, tol=1e-3)
     with pytest.raises(ValueError, match="eps"):
         sinkhorn(torch.zeros(1, 4, 4), eps=0.0, max_iter=10, tol=1e-3)
+
+
+@pytest.mark.parametrize("solver", ["torch", "pot"])
+def test_empty_batch_is_empty_and_connected(solver):
+    cost = torch.rand(0, 4, 5, dtype=torch.float64, requires_grad=True)
+    res = solve_ot(cost, eps=0.05, max_iter=10, tol=1e-3, solver=solver)
+    assert res.plan.shape == (0, 4, 5) and res.cost.shape == (0,) and res.n_iter == 0
+    assert res.marginal_error.item() == 0.0
+    assert res.cost.requires_grad
+    (grad,) = torch.autograd.grad(res.cost.sum(), cost)
+    assert grad.shape == (0, 4, 5)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 5), (2, 5, 0), (0, 0, 3)])
+def test_distribution_without_points_is_a_value_error(shape):
+    # Uniform weights 1/n do not exist for n = 0 (it was a ZeroDivisionError).
+    with pytest.raises(ValueError, match="no points"):
+        sinkhorn(torch.zeros(shape), eps=0.05, max_iter=10, tol=1e-3)
+    with pytest.raises(ValueError, match="no points"):
+        pot_sinkhorn(torch.zeros(shape), eps=0.05, max_iter=10, tol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "matmul"])
+def test_infinite_cost_entry_carries_no_mass_and_no_nan(kernel):
+    finite = _costs(2, 5, 6, seed=12)
+    finite[0, 1, 2] = 1e4  # exp(-1e4 / eps) is exactly 0: the same problem as +inf
+    inf = finite.clone()
+    inf[0, 1, 2] = float("inf")
+    kw = dict(eps=0.1, max_iter=500, tol=1e-10, kernel=kernel)
+    ref = sinkhorn(finite, **kw)
+    inf.requires_grad_(True)
+    res = sinkhorn(inf, **kw)
+    assert res.plan[0, 1, 2].item() == 0.0
+    torch.testing.assert_close(res.plan, ref.plan, atol=0, rtol=0)
+    assert torch.isfinite(res.cost).all()  # not 0 * inf = NaN
+    torch.testing.assert_close(res.cost.detach(), ref.cost, atol=0, rtol=0)
+    value = entropic_objective(res.plan, inf, eps=0.1, potentials=res.potentials)
+    assert torch.isfinite(value).all()
+    (res.cost.sum() + value.sum()).backward()
+    torch.testing.assert_close(inf.grad, 2 * res.plan)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "matmul"])
+def test_nan_problem_does_not_stop_the_others_from_stopping(kernel):
+    c = _costs(4, 6, 7, seed=13)
+    bad = c.clone()
+    bad[2, 3, 4] = float("nan")
+    kw = dict(eps=0.1, max_iter=2000, tol=1e-8, check_every=1, kernel=kernel)
+    ok = [0, 1, 3]
+    ref = sinkhorn(c[ok], **kw)
+    res = sinkhorn(bad, **kw)
+    assert ref.n_iter < 2000
+    assert res.n_iter == ref.n_iter  # was max_iter: a NaN error never fell below tol
+    assert torch.isnan(res.plan[2]).all() and torch.isnan(res.cost[2])
+    torch.testing.assert_close(res.plan[ok], ref.plan)
+    assert torch.isfinite(res.marginal_error)
+    assert res.marginal_error.item() == pytest.approx(ref.marginal_error.item(), rel=1e-6)
+
+
+def test_symmetric_problems_converge_fast_to_the_same_fixed_point():
+    # Self-problems OT(alpha, alpha) with a near-diagonal kernel: alternating updates
+    # oscillate (2e-7 marginal error after 20000 iterations here); averaged ones converge.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 5, generator=g, dtype=torch.float64)
+    c = torch.cat([cosine_cost(x, x), cosine_cost(x[:1], x[1:2])])
+    mask = torch.tensor([True, True, True, False])
+    res = sinkhorn(c, eps=0.1, max_iter=200, tol=1e-12, check_every=1, symmetric=mask)
+    assert res.n_iter < 100
+    a = np.full(6, 1 / 6)
+    plan = res.plan.numpy()
+    assert np.abs(plan.sum(-1) - a).sum(-1).max() < 1e-12
+    assert np.abs(plan.sum(-2) - a).sum(-1).max() < 1e-12
+    # A diagonal scaling of exp(-C/eps) with these marginals is unique (Sinkhorn's theorem).
+    u, v = res.potentials
+    scaled = torch.exp(u[..., None] + v[..., None, :] - c / 0.1)
+    torch.testing.assert_close(res.plan, scaled, atol=1e-15, rtol=1e-12)
+    plain = sinkhorn(c, eps=0.1, max_iter=5000, tol=0.0)
+    assert plain.marginal_error.item() > 1e-8
+    torch.testing.assert_close(res.plan, plain.plan, atol=1e-6, rtol=0)
+    # The cross problem is solved exactly as without the mask.
+    alone = sinkhorn(c[3:], eps=0.1, max_iter=200, tol=1e-12, check_every=1)
+    torch.testing.assert_close(res.plan[3], alone.plan[0], atol=1e-13, rtol=0)
+    with pytest.raises(ValueError, match="symmetric"):
+        sinkhorn(_costs(2, 4, 5), eps=0.1, max_iter=5, tol=0.0, symmetric=mask[:2])
+
+
+def test_entropic_value_convention_and_dual_accuracy():
+    # OT_eps = <T, C> + eps * KL(T | a b^T), checked by hand from POT's plan.
+    c = _costs(3, 10, 12, seed=14)
+    eps = 0.05
+    ref = sinkhorn(c, eps=eps, max_iter=5000, tol=1e-13)
+    exact = entropic_objective(ref.plan, c, eps=eps, potentials=ref.potentials)
+    for i in range(3):
+        a, b = np.full(10, 1 / 10), np.full(12, 1 / 12)
+        t = ot.sinkhorn(a, b, c[i].numpy(), eps, method="sinkhorn_log", stopThr=1e-14)
+        hand = (t * c[i].numpy()).sum() + eps * (t * np.log(t / np.outer(a, b))).sum()
+        assert exact[i].item() == pytest.approx(hand, abs=1e-10)
+    primal_at_fixed_point = entropic_objective(ref.plan, c, eps=eps)
+    torch.testing.assert_close(primal_at_fixed_point, exact, atol=1e-12, rtol=0)
+    # Before convergence the dual value (from the potentials) is second-order accurate in the
+    # marginal error, the plan-only value first-order.
+    for it in (40, 80):
+        res = sinkhorn(c, eps=eps, max_iter=it, tol=0.0)
+        err = res.marginal_error.item()
+        dual = entropic_objective(res.plan, c, eps=eps, potentials=res.potentials) - exact
+        primal = entropic_objective(res.plan, c, eps=eps) - exact
+        assert 1e-9 < err < 1e-2
+        assert dual.abs().max().item() <= err**2
+        assert primal.abs().max().item() >= 10 * dual.abs().max().item()
 
 
 @pytest.mark.parametrize("eps, expected", [(0.05, "matmul"), (0.02, "torch")])

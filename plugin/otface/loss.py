@@ -1,8 +1,8 @@
 """The OTFace criterion: partial-FC margin softmax plus an OT loss on hard triplets.
 
 ``L = L_margin + lambda(step) * L_OT`` (design spec §2). ``L_OT`` compares, for every hard
-triplet ``(a, p, n)`` mined from the embeddings, the entropic transport cost ``W`` between the
-anchor's feature distribution and its hardest positive's and hardest negative's:
+triplet ``(a, p, n)`` mined from the embeddings, the OT distance ``W`` between the anchor's
+feature distribution and its hardest positive's and hardest negative's:
 
 * ``variant="hinge"``: ``mean relu(W(a, p) - W(a, n) + ot_margin)``;
 * ``variant="pull"``: ``mean W(a, p)``.
@@ -10,7 +10,14 @@ anchor's feature distribution and its hardest positive's and hardest negative's:
 Distributions (``mode``): ``"spatial"`` — each sample is the uniform distribution over its
 ``H*W`` L2-normalised feature vectors (all ``(a, p)`` and ``(a, n)`` problems go to one batched
 solve); ``"group"`` — the hard anchors, their positives and their negatives each form one
-uniform distribution over pooled, L2-normalised descriptors (two problems of ``h x h``).
+uniform distribution over pooled, L2-normalised descriptors (two problems of ``h x h``, five
+with the divergence's self-terms).
+
+The distance (``distance``, :mod:`otface.ot.distance`): ``"divergence"`` (default), the Sinkhorn
+divergence ``S_eps = OT_eps(a, b) - OT_eps(a, a) / 2 - OT_eps(b, b) / 2`` (zero for identical
+inputs, exact envelope gradient; the self-terms of the samples involved are solved once each, in
+the same batched solve as the pairs); ``"entropic"``, ``OT_eps`` (exact envelope gradient);
+``"transport"``, ``<T*, C>`` whose gradient ``T*`` is only approximate (kept for comparison).
 
 Mining is local to the rank and the OT term makes no collective call, so ranks that mine
 different numbers of triplets (or none) stay in step; the only collectives are Partial FC's,
@@ -28,7 +35,7 @@ from torch import nn
 
 from otface.criterion import LossOutput, MarginCriterion
 from otface.mining import mine_hard_triplets
-from otface.ot import cosine_cost, solve_ot
+from otface.ot import DISTANCES, ot_distances
 from otface.registry import HOOKS, LOSSES
 
 __all__ = [
@@ -49,8 +56,9 @@ class OTLossOutput(NamedTuple):
 
     Attributes:
         loss: scalar ``L_OT`` (connected to the feature map even when zero).
-        metrics: detached scalars: ``loss_ot``, ``n_hard``, ``w_ap``, ``w_an``,
-            ``sinkhorn_iters``, ``sinkhorn_err``, ``ot_nonfinite``.
+        metrics: detached scalars: ``loss_ot``, ``n_hard``, ``w_ap``, ``w_an`` (means of the
+            chosen distance), ``sinkhorn_iters``, ``sinkhorn_err`` (over all problems solved,
+            self-terms included), ``ot_nonfinite``.
     """
 
     loss: torch.Tensor
@@ -92,6 +100,7 @@ def hard_triplet_ot_loss(
     max_iter: int = 50,
     tol: float = 1e-3,
     solver: str = "auto",
+    distance: str = "divergence",
 ) -> OTLossOutput:
     """OT loss between the feature distributions of hard triplets (design spec §2, steps 1-4).
 
@@ -111,6 +120,8 @@ def hard_triplet_ot_loss(
         max_iter: Sinkhorn iterations at most.
         tol: Sinkhorn marginal-error tolerance.
         solver: ``"auto"``, ``"torch"`` or ``"pot"`` (:func:`otface.ot.solve_ot`).
+        distance: ``"divergence"``, ``"entropic"`` or ``"transport"``
+            (:func:`otface.ot.ot_distances`).
 
     Returns:
         :class:`OTLossOutput`.
@@ -119,6 +130,8 @@ def hard_triplet_ot_loss(
         raise ValueError(f"otface.mode must be one of {MODES}, got {mode!r}")
     if variant not in VARIANTS:
         raise ValueError(f"otface.variant must be one of {VARIANTS}, got {variant!r}")
+    if distance not in DISTANCES:
+        raise ValueError(f"otface.distance must be one of {DISTANCES}, got {distance!r}")
     batch = embeddings.shape[0]
     if features.shape[0] != batch:
         raise ValueError(
@@ -156,19 +169,29 @@ def hard_triplet_ot_loss(
         return OTLossOutput(zero.float(), metrics)
 
     a, p, n = triplets
+    # A bank of distributions and the (a, p), (a, n) pairs as indices into it: spatial mode,
+    # one distribution per sample; group mode, three (anchors, positives, negatives).
     if mode == "spatial":
-        pts = _points(safe)
-        x = pts[torch.cat([a, a])]
-        y = pts[torch.cat([p, n])]
+        bank = _points(safe)
+        source, target = torch.cat([a, a]), torch.cat([p, n])
     else:
         pooled = F.normalize(_points(safe).float().mean(dim=1), dim=-1)
-        x = torch.stack([pooled[a], pooled[a]])
-        y = torch.stack([pooled[p], pooled[n]])
+        bank = torch.stack([pooled[a], pooled[p], pooled[n]])
+        source = torch.zeros(2, dtype=torch.long, device=device)
+        target = torch.arange(1, 3, device=device)
     # The cosine cost lies in [0, 2]: the solver picks its kernel without a host sync.
-    res = solve_ot(
-        cosine_cost(x, y), eps=eps, max_iter=max_iter, tol=tol, solver=solver, cost_range=2.0
+    res = ot_distances(
+        bank,
+        source,
+        target,
+        distance=distance,
+        eps=eps,
+        max_iter=max_iter,
+        tol=tol,
+        solver=solver,
+        cost_range=2.0,
     )
-    w = res.cost
+    w = res.value
     half = w.shape[0] // 2
     w_ap, w_an = w[:half], w[half:]
     if variant == "hinge":
@@ -211,6 +234,10 @@ class OTFaceCriterion(MarginCriterion):
             raise ValueError(f"config otface.mode must be one of {MODES}, got {o.mode!r}")
         if o.variant not in VARIANTS:
             raise ValueError(f"config otface.variant must be one of {VARIANTS}, got {o.variant!r}")
+        if o.distance not in DISTANCES:
+            raise ValueError(
+                f"config otface.distance must be one of {DISTANCES}, got {o.distance!r}"
+            )
         self.ot_cfg = dict(o)
         # The warm-up of lambda counts optimiser steps: with gradient accumulation, batch
         # number `step` (1-based) belongs to optimiser step ceil(step / gradient_acc).
@@ -252,6 +279,7 @@ class OTFaceCriterion(MarginCriterion):
             max_iter=o["max_iter"],
             tol=o["tol"],
             solver=o["solver"],
+            distance=o["distance"],
         )
         update = -(-int(step) // self.batches_per_update)
         lam = lambda_at(update, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])

@@ -3,28 +3,44 @@
 For each problem ``b`` of a batch, with cost ``C_b`` (``n x m``) and marginals ``a_b``, ``b_b``,
 the entropic problem (Cuturi 2013) is
 
-    OT_eps(C) = min_{T >= 0, T 1 = a, T^T 1 = b}  <T, C> - eps * H(T),   H(T) = -sum T log T.
+    OT_eps(C) = min_{T >= 0, T 1 = a, T^T 1 = b}  <T, C> + eps * KL(T | a b^T),
+    KL(T | a b^T) = sum_ij T_ij (log(T_ij / (a_i b_j)) - 1) + 1                       (1)
 
-Its solution is ``T* = exp(u_i + v_j - C_ij / eps)`` for dual potentials (in units of ``eps``)
-found by alternating ``u = log a - LSE_j(-C/eps + v)`` and ``v = log b - LSE_i(-C/eps + u)``.
+The KL form is used throughout: it is >= 0, so ``OT_eps >= 0`` for a non-negative cost, and it
+is the convention of the Sinkhorn divergence (Feydy et al. 2019). Equivalently,
+``OT_eps = <T, C> - eps * H(T) + eps * (1 - <a, log a> - <b, log b>)`` with
+``H(T) = -sum T_ij (log T_ij - 1)``: the same plan and gradient, a constant offset
+(``eps * (1 + log n + log m)`` for uniform weights) that cancels in the divergence. The solution
+is ``T* = exp(u_i + v_j - C_ij / eps)`` for dual potentials (in units of ``eps``) found by
+alternating ``u = log a - LSE_j(-C/eps + v)`` and ``v = log b - LSE_i(-C/eps + u)``.
 
-Gradients follow the envelope theorem: ``dOT_eps/dC = T*``. This module reports the transport
-cost of the entropic plan, ``W = <T*, C>``, and differentiates it with ``T*`` held constant (the
-plan is computed without autograd), so ``dW/dC`` is taken to be ``T*`` as well; this is the
-gradient used by the OTFace loss. :func:`entropic_objective` gives the regularised value whose
-exact gradient ``T*`` is.
+Gradients follow the envelope theorem: ``dOT_eps/dC = T*`` exactly at the fixed point (the
+regulariser does not depend on ``C`` and the constraint set is fixed). The plan is computed
+without autograd and held constant; values are written as ``<T*, C>`` plus detached terms, so
+autograd returns ``T*`` through ``C`` only:
+
+* :attr:`SinkhornResult.cost` is the transport cost of the entropic plan, ``W = <T*, C>``. Its
+  gradient is also taken to be ``T*``, which is **not** ``dW/dC`` (the term ``<dT*/dC, C>`` is
+  missing): an approximation, kept for comparison (``otface.distance = "transport"``);
+* :func:`entropic_objective` is ``OT_eps`` of (1), whose exact gradient ``T*`` is.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from otface.ot.softmin import KERNELS, matmul_max_range
 
-__all__ = ["SinkhornResult", "sinkhorn", "entropic_objective", "transport_cost"]
+__all__ = [
+    "SinkhornResult",
+    "sinkhorn",
+    "entropic_objective",
+    "marginal_error",
+    "transport_cost",
+]
 
 KERNEL_CHOICES = ("auto",) + tuple(KERNELS)
 _warned_no_convergence = False
@@ -36,24 +52,34 @@ class SinkhornResult(NamedTuple):
     Attributes:
         plan: ``(B, n, m)`` entropic plans ``T*`` (no autograd history), float32 or float64.
         cost: ``(B,)`` transport costs ``<T*, C>``; differentiable w.r.t. ``C`` with gradient
-            ``T*`` (envelope rule).
+            ``T*`` (the envelope gradient of ``OT_eps``, only an approximation of ``d<T*,C>/dC``).
         n_iter: number of Sinkhorn iterations run (one iteration updates both potentials).
-        marginal_error: 0-d tensor, largest over problems of the L1 deviation of both
-            marginals of ``plan`` from ``a`` and ``b``.
+        marginal_error: 0-d tensor, largest over the problems with a finite error of the L1
+            deviation of both marginals of ``plan`` from ``a`` and ``b`` (a problem whose plan
+            holds NaN/Inf is left out here; its plan and cost show it).
+        potentials: ``((B, n), (B, m))`` log-scalings ``(u, v)`` in units of ``eps`` with
+            ``plan = exp(u_i + v_j - C_ij / eps)``, or None when the solver gives none.
     """
 
     plan: torch.Tensor
     cost: torch.Tensor
     n_iter: int
     marginal_error: torch.Tensor
+    potentials: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def _marginals(
     a: Optional[torch.Tensor], size: int, batch: int, like: torch.Tensor, name: str
 ) -> torch.Tensor:
+    if size == 0:
+        # A distribution with no points has no probability weights: OT is undefined.
+        raise ValueError(
+            f"sinkhorn: the {'source' if name == 'a' else 'target'} distributions have no "
+            f"points ({'n' if name == 'a' else 'm'} = 0); each needs at least one"
+        )
     if a is None:
         return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device)
-    a = a.to(device=like.device, dtype=like.dtype)
+    a = a.detach().to(device=like.device, dtype=like.dtype)
     if a.dim() == 1:
         a = a.unsqueeze(0).expand(batch, -1)
     if tuple(a.shape) != (batch, size):
@@ -65,7 +91,11 @@ def _marginals(
 
 
 def transport_cost(plan: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-    """``<plan, cost>`` per problem, differentiable w.r.t. ``cost`` only.
+    """``<plan, cost>`` per problem, differentiable w.r.t. ``cost`` only (gradient ``plan``).
+
+    Entries that carry no mass (``plan == 0``) contribute exactly 0, whatever their cost: a
+    ``+inf`` cost that the plan avoids gives a finite value and a finite gradient, not
+    ``0 * inf = NaN``. A NaN in the plan still propagates.
 
     Args:
         plan: ``(B, n, m)`` transport plans (detached here).
@@ -74,27 +104,92 @@ def transport_cost(plan: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B,)`` transport costs.
     """
+    t = plan.detach()
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        return (plan.detach() * cost.to(plan.dtype)).sum(dim=(-2, -1))
+        weighted = torch.where(t == 0, 0.0, t * cost.to(t.dtype))
+        return weighted.sum(dim=(-2, -1))
 
 
-def entropic_objective(plan: torch.Tensor, cost: torch.Tensor, *, eps: float) -> torch.Tensor:
-    """Regularised objective ``<T, C> - eps * H(T)`` at a fixed plan ``T`` (``H = -sum T log T``).
+def entropic_objective(
+    plan: torch.Tensor,
+    cost: torch.Tensor,
+    *,
+    eps: float,
+    potentials: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``OT_eps(C) = <T*, C> + eps * KL(T* | a b^T)`` (eq. 1 of this module), envelope gradient.
 
-    At the optimal plan ``T*`` of ``cost`` this is ``OT_eps(C)``, and its gradient with respect
-    to ``C`` (the plan held constant) is exactly ``T*`` by the envelope theorem.
+    The value is ``<T, C>`` (differentiable w.r.t. ``C``, gradient ``T``) plus a detached
+    remainder, so that ``d value / d C = T``, which is the exact gradient of ``OT_eps`` at the
+    Sinkhorn fixed point ``T = T*``. The remainder is computed
+
+    * from the dual potentials when given (the plan must be ``exp(u_i + v_j - C_ij / eps)``):
+      ``OT_eps = eps * (<u, a> + <v, b> - <a, log a> - <b, log b> - sum T + 1)``, i.e. the
+      dual objective ``<f, a> + <g, b> - eps <exp((f + g - C) / eps), a b^T> + eps`` with
+      ``f = eps (u - log a)``, ``g = eps (v - log b)``. Before convergence it is off from
+      ``OT_eps`` by second-order terms in the marginal error;
+    * otherwise from the plan (primal form (1), first-order in the marginal error).
+
+    Both are equal at convergence.
 
     Args:
         plan: ``(B, n, m)`` plans (detached here).
         cost: ``(B, n, m)`` costs.
         eps: entropic regularisation.
+        potentials: optional ``((B, n), (B, m))`` log-scalings of ``plan`` (units of ``eps``).
+        a: ``(B, n)`` or ``(n,)`` source weights; uniform if None.
+        b: ``(B, m)`` or ``(m,)`` target weights; uniform if None.
 
     Returns:
-        ``(B,)`` objective values, differentiable w.r.t. ``cost``.
+        ``(B,)`` values, differentiable w.r.t. ``cost``.
     """
     t = plan.detach()
-    neg_entropy = torch.xlogy(t, t).sum(dim=(-2, -1))
-    return transport_cost(t, cost) + eps * neg_entropy
+    linear = transport_cost(t, cost)
+    batch, n, m = t.shape
+    with torch.no_grad(), torch.autocast(device_type=t.device.type, enabled=False):
+        a_ = _marginals(a, n, batch, t, "a")
+        b_ = _marginals(b, m, batch, t, "b")
+        mass = t.sum(dim=(-2, -1))
+        neg_ent_ab = (torch.xlogy(a_, a_).sum(-1) + torch.xlogy(b_, b_).sum(-1)).neg()
+        if potentials is not None:
+            u, v = (p.detach().to(t.dtype) for p in potentials)
+            # A zero weight has potential -inf and contributes nothing (not 0 * inf).
+            ua = torch.where(a_ == 0, 0.0, u * a_).sum(-1)
+            vb = torch.where(b_ == 0, 0.0, v * b_).sum(-1)
+            value = eps * (ua + vb + neg_ent_ab - mass + 1.0)
+        else:
+            # sum T log(T / (a b^T)) = sum T log T - <T 1, log a> - <T^T 1, log b>
+            kl = (
+                torch.xlogy(t, t).sum(dim=(-2, -1))
+                - torch.xlogy(t.sum(-1), a_).sum(-1)
+                - torch.xlogy(t.sum(-2), b_).sum(-1)
+            )
+            value = linear.detach() + eps * (kl - mass + 1.0)
+        rest = value - linear.detach()
+    return linear + rest
+
+
+def marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Largest L1 marginal deviation over the problems whose deviation is finite (0-d tensor).
+
+    A problem with NaN/Inf in its plan (a NaN or infeasible cost) is left out, so that it can
+    neither hide the others' error nor, in :func:`sinkhorn`, keep them from stopping early.
+
+    Args:
+        plan: ``(B, n, m)`` plans.
+        a: ``(B, n)`` source weights.
+        b: ``(B, m)`` target weights.
+    """
+    err = torch.maximum(
+        (plan.sum(dim=-1) - a).abs().sum(dim=-1), (plan.sum(dim=-2) - b).abs().sum(dim=-1)
+    )
+    return _finite_max(err)
+
+
+def _finite_max(err: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(err), err, 0.0).amax() if err.numel() else err.new_zeros(())
 
 
 def _pick_kernel(
@@ -124,17 +219,26 @@ def sinkhorn(
     check_every: int = 5,
     kernel: str = "auto",
     cost_range: Optional[float] = None,
+    symmetric: Optional[torch.Tensor] = None,
 ) -> SinkhornResult:
     """Solve a batch of entropic OT problems with log-domain Sinkhorn.
 
     All problems are solved together (no Python loop over problems). The solve runs in float32
     (float64 inputs stay float64) with autocast disabled, whatever the input dtype, and without
-    autograd; only ``result.cost`` carries a gradient, ``d cost / d C = plan``.
+    autograd; only ``result.cost`` carries a gradient, ``d cost / d C = plan`` (see the module
+    docstring: exact for ``OT_eps``, approximate for ``<T*, C>``); pass the result's plan and
+    potentials to :func:`entropic_objective` for ``OT_eps``.
 
     Convergence is checked every ``check_every`` iterations and at the last one (each check
     reads one number on the host, i.e. one device sync on CUDA): the solve stops when the
-    largest L1 deviation of the row marginals (the column marginals are exact after each
-    iteration) falls below ``tol``. ``tol <= 0`` runs exactly ``max_iter`` iterations.
+    largest L1 deviation of the marginals (for non-symmetric problems the column marginals are
+    exact after each iteration) falls below ``tol``. Problems whose error is not finite (a NaN
+    cost) are left out of the check, so they cannot keep the others iterating. ``tol <= 0``
+    runs exactly ``max_iter`` iterations.
+
+    An empty batch (``B = 0``) gives an empty result whose ``cost`` is still connected to the
+    graph of ``cost``; a distribution with no points (``n = 0`` or ``m = 0``) raises
+    :class:`ValueError`.
 
     Args:
         cost: ``(B, n, m)`` cost matrices.
@@ -149,9 +253,19 @@ def sinkhorn(
         cost_range: an upper bound on ``max_j C_ij - min_j C_ij`` for every row, known to the
             caller (2 for :func:`otface.ot.cosine_cost`); lets ``kernel="auto"`` choose
             without reading the cost on the host. None: measured.
+        symmetric: optional ``(B,)`` bool mask of problems that the caller knows to be
+            symmetric (``C = C^T``, ``a = b``; needs ``n = m``), such as the self-terms
+            ``OT_eps(alpha, alpha)`` of the Sinkhorn divergence. They take averaged updates
+            ``u <- (v + T(v)) / 2`` (Feydy et al. 2019, as in GeomLoss), with the same fixed
+            point: alternating updates oscillate on them (their plan is close to diagonal) and
+            can need thousands of iterations where the averaged ones need tens.
 
     Returns:
-        :class:`SinkhornResult`.
+        :class:`SinkhornResult` (with its ``potentials``).
+
+    Raises:
+        ValueError: a cost that is not 3-D, ``n = 0`` or ``m = 0``, bad marginal shapes, or
+            ``eps``, ``max_iter``, ``check_every`` out of range.
     """
     if cost.dim() != 3:
         raise ValueError(f"sinkhorn: cost must be (B, n, m), got shape {tuple(cost.shape)}")
@@ -163,13 +277,23 @@ def sinkhorn(
         )
     batch, n, m = cost.shape
     dtype = torch.promote_types(cost.dtype, torch.float32)
+    like = cost.new_empty((), dtype=dtype)  # dtype and device of the solve
+    a_ = _marginals(a, n, batch, like, "a")
+    b_ = _marginals(b, m, batch, like, "b")
+    if symmetric is not None:
+        if tuple(symmetric.shape) != (batch,) or n != m:
+            raise ValueError(
+                f"sinkhorn: symmetric must be a ({batch},) mask of square problems, got shape "
+                f"{tuple(symmetric.shape)} for costs {tuple(cost.shape)}"
+            )
+        symmetric = symmetric.to(device=cost.device, dtype=torch.bool).unsqueeze(-1)
+    if batch == 0:
+        # Built outside no_grad: the (empty) cost stays connected to the caller's graph.
+        plan = like.new_zeros((0, n, m))
+        potentials = (like.new_zeros((0, n)), like.new_zeros((0, m)))
+        return SinkhornResult(plan, transport_cost(plan, cost), 0, like.new_zeros(()), potentials)
     with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
         logk = cost.detach().to(dtype) * (-1.0 / eps)
-        a_ = _marginals(a, n, batch, logk, "a")
-        b_ = _marginals(b, m, batch, logk, "b")
-        if batch == 0 or n == 0 or m == 0:
-            plan = torch.zeros_like(logk)
-            return SinkhornResult(plan, transport_cost(plan, cost), 0, logk.new_zeros(()))
         log_a, log_b = torch.log(a_), torch.log(b_)
         ker = KERNELS[_pick_kernel(kernel, logk, eps=eps, cost_range=cost_range)](logk)
 
@@ -178,19 +302,24 @@ def sinkhorn(
         n_iter, converged = 0, False
         for n_iter in range(1, max_iter + 1):
             u = log_a - lse_row
-            v = log_b - ker.col(u)
+            if symmetric is not None:
+                u = torch.where(symmetric, 0.5 * (v + u), u)
+            lse_col = ker.col(u)
+            v_new = log_b - lse_col
+            v = v_new if symmetric is None else torch.where(symmetric, 0.5 * (u + v_new), v_new)
             lse_row = ker.row(v)  # reused by the next u update, and by the check below
             if tol > 0 and (n_iter % check_every == 0 or n_iter == max_iter):
-                row_err = (torch.exp(u + lse_row) - a_).abs().sum(dim=-1).amax()
-                if float(row_err) < tol:
+                # Problems with a non-finite error (NaN cost) are masked: they must not keep
+                # the rest of the batch iterating until max_iter.
+                err = (torch.exp(u + lse_row) - a_).abs().sum(dim=-1)
+                if symmetric is not None:
+                    err = torch.maximum(err, (torch.exp(v + lse_col) - b_).abs().sum(dim=-1))
+                if float(_finite_max(err)) < tol:
                     converged = True
                     break
 
         plan = torch.exp(logk.add_(u.unsqueeze(-1)).add_(v.unsqueeze(-2)))
-        err = torch.maximum(
-            (plan.sum(dim=-1) - a_).abs().sum(dim=-1).amax(),
-            (plan.sum(dim=-2) - b_).abs().sum(dim=-1).amax(),
-        )
+        err = marginal_error(plan, a_, b_)
     global _warned_no_convergence
     if tol > 0 and not converged and not _warned_no_convergence:
         _warned_no_convergence = True
@@ -200,4 +329,4 @@ def sinkhorn(
             RuntimeWarning,
             stacklevel=2,
         )
-    return SinkhornResult(plan, transport_cost(plan, cost), n_iter, err)
+    return SinkhornResult(plan, transport_cost(plan, cost), n_iter, err, (u, v))

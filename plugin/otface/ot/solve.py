@@ -21,6 +21,7 @@ def solve_ot(
     tol: float,
     solver: str = "auto",
     cost_range: Optional[float] = None,
+    symmetric: Optional[torch.Tensor] = None,
 ) -> SinkhornResult:
     """Solve ``(B, n, m)`` entropic OT problems with uniform marginals.
 
@@ -34,6 +35,9 @@ def solve_ot(
             than POT on every size in ``benchmarks/bench_ot.py``.
         cost_range: known bound on each cost row's range (see
             :func:`otface.ot.sinkhorn.sinkhorn`); unused by POT.
+        symmetric: optional ``(B,)`` mask of symmetric problems, solved with averaged updates
+            by ``"torch"`` (see :func:`otface.ot.sinkhorn.sinkhorn`); POT solves them with its
+            plain updates (same fixed point, more iterations).
 
     Returns:
         :class:`otface.ot.sinkhorn.SinkhornResult`.
@@ -44,4 +48,6 @@ def solve_ot(
         from otface.ot.pot_backend import pot_sinkhorn
 
         return pot_sinkhorn(cost, eps=eps, max_iter=max_iter, tol=tol)
-    return sinkhorn(cost, eps=eps, max_iter=max_iter, tol=tol, cost_range=cost_range)
+    return sinkhorn(
+        cost, eps=eps, max_iter=max_iter, tol=tol, cost_range=cost_range, symmetric=symmetric
+    )
