@@ -496,3 +496,26 @@ def test_unknown_key_still_fails_at_start(tmp_path):
     path, _ = _config(tmp_path, extra="config.max_consecutive_skip = 5\n")
     with pytest.raises(ConfigError, match="max_consecutive_skips"):
         load_config(path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_during_a_save_waits_for_it(tmp_path, monkeypatch, sig):
+    # A signal inside torch.save would surface as its zip writer's RuntimeError and leave a
+    # traceback; the save finishes first, then the interrupt is raised.
+    path, out = _config(tmp_path)
+    trainer = loop.Trainer(load_config(path), _env())
+    original = loop.save_checkpoint
+    seen = []
+
+    def save_with_signal(state, output, rank):
+        os.kill(os.getpid(), sig)  # arrives while the checkpoint is being written
+        seen.append("saving")
+        return original(state, output, rank)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_with_signal)
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.save_state(epoch=0, epoch_step=1)
+    assert seen == ["saving"]
+    assert isinstance(info.value, loop._Terminated) == (sig == signal.SIGTERM)
+    assert trainer.last_checkpoint == checkpoint_path(out, 0)
+    assert torch.load(checkpoint_path(out, 0), weights_only=False)["epoch_step"] == 1

@@ -226,7 +226,12 @@ def worker_start_method() -> str:
 
 
 def build_train_loader(
-    cfg: Any, *, rank: int, world_size: int, normalize: bool = True
+    cfg: Any,
+    *,
+    rank: int,
+    world_size: int,
+    normalize: bool = True,
+    dataset: Dataset | None = None,
 ) -> TrainLoader:
     """The training DataLoader of one rank.
 
@@ -235,11 +240,14 @@ def build_train_loader(
     ``loader.batch_sampler.set_epoch(epoch, start_batch=s)`` selects the epoch's order and skips
     its first ``s`` batches without reading them. ``normalize=False`` yields ``uint8`` images
     (normalise them with :func:`otface.data.datasets.normalize_images`, e.g. on the GPU).
+    ``dataset`` is the one :func:`build_dataset` made with ``normalize=False, report_bad=True``
+    (built here when not given).
 
     Config keys used: ``rec, batch_size, num_classes, num_image, seed, num_workers,
     sampler.type ("pk" | "uniform"), sampler.k``.
     """
-    dataset = build_dataset(cfg, normalize=False, report_bad=True)
+    if dataset is None:
+        dataset = build_dataset(cfg, normalize=False, report_bad=True)
     labels = np.asarray(dataset.labels)
     if labels.size and int(labels.max()) >= int(cfg.num_classes):
         raise ValueError(

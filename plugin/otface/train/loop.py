@@ -265,16 +265,19 @@ class Trainer:
         }
 
     def save_state(self, *, epoch: int, epoch_step: int) -> str:
-        """Write this rank's checkpoint (checksummed; the previous one is kept)."""
-        path = save_checkpoint(
-            self.state(epoch=epoch, epoch_step=epoch_step), self.cfg.output, self.env.rank
-        )
-        self.last_checkpoint = path
+        """Write this rank's checkpoint (checksummed; the previous one is kept). Ctrl-C or
+        SIGTERM during the write takes effect when it is complete."""
+        with _signals_deferred():
+            path = save_checkpoint(
+                self.state(epoch=epoch, epoch_step=epoch_step), self.cfg.output, self.env.rank
+            )
+            self.last_checkpoint = path
         return path
 
     def save_model(self) -> str:
         path = model_path(self.cfg.output)
-        atomic_save(self.backbone.state_dict(), path)
+        with _signals_deferred():
+            atomic_save(self.backbone.state_dict(), path)
         return path
 
     def resume(self) -> None:
@@ -395,19 +398,25 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def prepare_data(cfg) -> None:
-    """Resolve ``cfg.rec`` (generating the demo data on first use) and check the data against
-    the config: index, labels, sizes, and the sampler's needs. Bad data or a mismatch is a
-    :class:`ConfigError` naming the file or key; run it before anything is written."""
-    from otface.data import check_dataset_config, dataset_info, prepare_rec
+def prepare_data(cfg):
+    """Resolve ``cfg.rec`` (generating the demo data on first use), open the training set and
+    check it against the config: index, labels, sizes, and the sampler's needs. Bad data or a
+    mismatch is a :class:`ConfigError` naming the file or key; run it before anything is
+    written. Returns the dataset for :func:`fit` (opened once: a ``.rec`` index check reads
+    every record's header)."""
+    from otface.data import DatasetInfo, build_dataset, check_dataset_config, prepare_rec
     from otface.data.sampler import num_batches_per_epoch
 
     try:
         cfg.rec = prepare_rec(cfg.rec)
-        check_dataset_config(cfg, dataset_info(cfg.rec))
+        dataset = build_dataset(cfg, normalize=False, report_bad=True)
+        if cfg.rec != "synthetic":
+            labels = dataset.labels
+            check_dataset_config(cfg, DatasetInfo(int(labels.max()) + 1, int(labels.size)))
         num_batches_per_epoch(cfg.num_image, batch_size=cfg.batch_size, world_size=1)
     except (ValueError, OSError) as err:  # RecordIOError is a ValueError
         raise ConfigError(str(err)) from None
+    return dataset
 
 
 def _log_config(cfg) -> None:
@@ -415,7 +424,7 @@ def _log_config(cfg) -> None:
         logging.info(": %s %s", key.ljust(25), value)
 
 
-def _build_loader(cfg, env: DistEnv):
+def _build_loader(cfg, env: DistEnv, dataset):
     from otface.data import build_train_loader
 
     # On CUDA the loader's uint8 batches stay pinned and are normalised on the GPU in
@@ -423,7 +432,11 @@ def _build_loader(cfg, env: DistEnv):
     # (4x the bytes, a synchronous copy) and cost the main process CPU time every step.
     try:
         return build_train_loader(
-            cfg, rank=env.rank, world_size=env.world_size, normalize=env.device.type != "cuda"
+            cfg,
+            rank=env.rank,
+            world_size=env.world_size,
+            normalize=env.device.type != "cuda",
+            dataset=dataset,
         )
     except ValueError as err:  # the sampler's or dataset's checks: too few identities, ...
         raise ConfigError(str(err)) from None
@@ -434,17 +447,17 @@ def fit(
     env: DistEnv,
     *,
     backbone_factory: BackboneFactory | None = None,
-    data_ready: bool = False,
+    dataset=None,
 ) -> Trainer:
     """Run the whole training job of ``cfg`` on this rank.
 
     ``backbone_factory(cfg, device)`` builds the network (default :func:`build_backbone`).
-    ``data_ready=True`` skips :func:`prepare_data` (the caller ran it).
+    ``dataset`` is what :func:`prepare_data` returned, when the caller ran it.
     """
     seed_everything(cfg.seed)
-    if not data_ready:
-        prepare_data(cfg)
-    loader = _build_loader(cfg, env)
+    if dataset is None:
+        dataset = prepare_data(cfg)
+    loader = _build_loader(cfg, env, dataset)
     for stale in remove_stale_temp_files(cfg.output, rank=env.rank):
         logging.warning("removed %s, left by an interrupted save", stale)
     trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
@@ -593,6 +606,32 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated()
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C and SIGTERM until the block is done, then raise them.
+
+    An interrupt inside ``torch.save`` surfaces as an unrelated ``RuntimeError`` from its zip
+    writer; a checkpoint save takes seconds, so the interrupt waits for it instead.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        if pending[0] == signal.SIGTERM:
+            raise _Terminated()
+        raise KeyboardInterrupt()
+
+
 def main(
     config_path: str,
     *,
@@ -618,12 +657,12 @@ def main(
     env = None
     try:
         env = init_distributed(timeout_s=float(cfg.collective_timeout_s))
-        prepare_data(cfg)  # before anything is written: a bad rec leaves no empty log behind
+        dataset = prepare_data(cfg)  # before anything is written: no empty log on bad data
         _check_output_writable(cfg.output)
         init_logging(env.rank, cfg.output)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        fit(cfg, env, backbone_factory=backbone_factory, data_ready=True)
+        fit(cfg, env, backbone_factory=backbone_factory, dataset=dataset)
     except ConfigError as err:
         _report_error(str(err))
         return 2
