@@ -206,7 +206,9 @@ class Trainer:
         self._synced_once = self._synced_once or update
         skipped = update and not self._optimizer_step()
         with warnings.catch_warnings():
-            if skipped:  # torch warns when the schedule moves on without an optimiser step
+            if skipped or not update:
+                # The schedule counts batches (as arcface_torch); torch warns when it moves on
+                # without an optimiser step, which skips and accumulation do by design.
                 warnings.simplefilter("ignore", UserWarning)
             self.lr_scheduler.step()
         metrics = dict(out.metrics)
