@@ -28,10 +28,11 @@ autograd returns ``T*`` through ``C`` only:
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from otface.ot import triton_sinkhorn
 from otface.ot.softmin import KERNELS, matmul_max_range
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
     "transport_cost",
 ]
 
-KERNEL_CHOICES = ("auto",) + tuple(KERNELS)
+KERNEL_CHOICES = ("auto",) + tuple(KERNELS) + ("triton",)
 _warned_no_convergence = False
 
 
@@ -53,19 +54,27 @@ class SinkhornResult(NamedTuple):
         plan: ``(B, n, m)`` entropic plans ``T*`` (no autograd history), float32 or float64.
         cost: ``(B,)`` transport costs ``<T*, C>``; differentiable w.r.t. ``C`` with gradient
             ``T*`` (the envelope gradient of ``OT_eps``, only an approximation of ``d<T*,C>/dC``).
-        n_iter: number of Sinkhorn iterations run (one iteration updates both potentials).
+        n_iter: number of Sinkhorn iterations run (one iteration updates both potentials):
+            an int, or with the Triton kernel a 0-d int32 tensor on the device, the largest of
+            ``problem_iters`` (reading it on the host is a device sync).
         marginal_error: 0-d tensor, largest over the problems with a finite error of the L1
             deviation of both marginals of ``plan`` from ``a`` and ``b`` (a problem whose plan
             holds NaN/Inf is left out here; its plan and cost show it).
         potentials: ``((B, n), (B, m))`` log-scalings ``(u, v)`` in units of ``eps`` with
             ``plan = exp(u_i + v_j - C_ij / eps)``, or None when the solver gives none.
+        problem_iters: ``(B,)`` int32 iterations each problem ran, on the device, from the
+            Triton kernel (which stops each problem on its own); None otherwise.
+        problem_errors: ``(B,)`` L1 marginal error of each problem's plan (the larger of rows
+            and columns), on the device, from the Triton kernel; None otherwise.
     """
 
     plan: torch.Tensor
     cost: torch.Tensor
-    n_iter: int
+    n_iter: Union[int, torch.Tensor]
     marginal_error: torch.Tensor
     potentials: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    problem_iters: Optional[torch.Tensor] = None
+    problem_errors: Optional[torch.Tensor] = None
 
 
 def _marginals(
@@ -195,8 +204,6 @@ def _finite_max(err: torch.Tensor) -> torch.Tensor:
 def _pick_kernel(
     kernel: str, logk: torch.Tensor, *, eps: float, cost_range: Optional[float]
 ) -> str:
-    if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"sinkhorn: unknown kernel {kernel!r}; choices: {KERNEL_CHOICES}")
     if kernel != "auto":
         return kernel
     # The largest row range of K = -C/eps decides whether the exponentiated kernel is exact in
@@ -248,8 +255,16 @@ def sinkhorn(
         max_iter: maximum number of iterations, >= 1.
         tol: stopping tolerance on the marginal error.
         check_every: iterations between convergence checks, >= 1.
-        kernel: softmin kernel: ``"auto"`` (the fast ``"matmul"`` kernel when it is exact for
-            this cost and eps, else the reference), ``"torch"`` or ``"matmul"``.
+        kernel: ``"torch"`` (reference softmin), ``"matmul"`` (exponentiated kernel, see
+            :mod:`otface.ot.softmin`), ``"triton"`` (the fused whole-solve kernel of
+            :mod:`otface.ot.triton_sinkhorn`: float32, ``n, m <= 128``, CUDA tensors or CPU
+            tensors under ``TRITON_INTERPRET=1``) or ``"auto"``: ``"triton"`` for float32
+            solves on CUDA with ``n, m <= 64`` when Triton is installed, else ``"matmul"``
+            when it is exact for this cost and eps, else ``"torch"``. The Triton kernel stops
+            each problem on its own (a problem gets the result it gets when solved alone) and
+            reads nothing on the host: ``n_iter`` is then a device tensor, per-problem counts
+            and errors come in ``problem_iters`` and ``problem_errors``, and non-convergence
+            is not warned about (``marginal_error`` shows it).
         cost_range: an upper bound on ``max_j C_ij - min_j C_ij`` for every row, known to the
             caller (2 for :func:`otface.ot.cosine_cost`); lets ``kernel="auto"`` choose
             without reading the cost on the host. None: measured.
@@ -271,6 +286,8 @@ def sinkhorn(
         raise ValueError(f"sinkhorn: cost must be (B, n, m), got shape {tuple(cost.shape)}")
     if not eps > 0:
         raise ValueError(f"sinkhorn: eps must be > 0, got {eps!r}")
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"sinkhorn: unknown kernel {kernel!r}; choices: {KERNEL_CHOICES}")
     if max_iter < 1 or check_every < 1:
         raise ValueError(
             f"sinkhorn: max_iter and check_every must be >= 1, got {max_iter!r}, {check_every!r}"
@@ -292,6 +309,17 @@ def sinkhorn(
         plan = like.new_zeros((0, n, m))
         potentials = (like.new_zeros((0, n)), like.new_zeros((0, m)))
         return SinkhornResult(plan, transport_cost(plan, cost), 0, like.new_zeros(()), potentials)
+    if kernel == "triton" or (kernel == "auto" and triton_sinkhorn.auto_fits(cost)):
+        return _sinkhorn_triton(
+            cost,
+            a_,
+            b_,
+            eps=eps,
+            max_iter=max_iter,
+            tol=tol,
+            check_every=check_every,
+            symmetric=symmetric,
+        )
     with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
         logk = cost.detach().to(dtype) * (-1.0 / eps)
         log_a, log_b = torch.log(a_), torch.log(b_)
@@ -330,3 +358,38 @@ def sinkhorn(
             stacklevel=2,
         )
     return SinkhornResult(plan, transport_cost(plan, cost), n_iter, err, (u, v))
+
+
+def _sinkhorn_triton(
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    eps: float,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    symmetric: Optional[torch.Tensor],
+) -> SinkhornResult:
+    with torch.no_grad():
+        sol = triton_sinkhorn.sinkhorn_triton(
+            cost,
+            a,
+            b,
+            eps=eps,
+            max_iter=max_iter,
+            tol=tol,
+            check_every=check_every,
+            symmetric=symmetric,
+        )
+        err = _finite_max(sol.errors)
+        n_iter = sol.iters.amax()
+    return SinkhornResult(
+        sol.plan,
+        transport_cost(sol.plan, cost),
+        n_iter,
+        err,
+        (sol.u, sol.v),
+        sol.iters,
+        sol.errors,
+    )

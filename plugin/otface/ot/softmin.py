@@ -19,7 +19,9 @@ only in speed and in the range of ``K`` they handle exactly:
   float32, 600 in float64) nothing that matters underflows and the result equals the reference
   to rounding. For the cosine cost (range <= 2) this holds for ``eps >= 2/60``.
 
-A fused GPU kernel would be a third entry in :data:`KERNELS` with the same two methods.
+The fused GPU solver does not fit this seam: it runs the whole iteration per problem on chip,
+so it sits behind :func:`otface.ot.sinkhorn.sinkhorn` as ``kernel="triton"`` instead
+(:mod:`otface.ot.triton_sinkhorn`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,216 @@
+"""The fused Triton Sinkhorn kernel against the torch kernel of :func:`otface.ot.sinkhorn`
+(same eps, tol, max_iter, check_every): compiled on CUDA tensors where a GPU is present, else
+run by Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set here before anything
+imports triton, and only without a GPU so that a GPU run tests the compiled kernel).
+
+The Triton kernel stops each problem on its own, so with ``tol > 0`` each of its problems is
+compared with the torch kernel solving that problem alone; with ``tol = 0`` (a fixed number
+of iterations) with the torch kernel's batched solve.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Before anything imports triton: its jit decides at decoration time whether to interpret.
+# (Importing torch does not import triton.)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from otface.ot import (  # noqa: E402
+    cosine_cost,
+    entropic_objective,
+    ot_distances,
+    sinkhorn,
+    triton_sinkhorn,
+)
+
+# The interpreter evaluates log(0) = -inf for padded rows with numpy, which warns.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+
+PLAN_ATOL = 1e-5
+
+
+def _costs(batch, n, m, *, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, 16, generator=g)
+    y = torch.randn(batch, m, 16, generator=g) + 0.5 * x.mean(1, keepdim=True)
+    return cosine_cost(x, y).to(DEVICE)
+
+
+def _assert_same_solve(fast, ref, i=None, j=None):
+    """Problem ``i`` of ``fast`` against problem ``j`` of ``ref`` (all problems if None)."""
+    sel = slice(None) if i is None else slice(i, i + 1)
+    rsel = slice(None) if j is None else slice(j, j + 1)
+    torch.testing.assert_close(fast.plan[sel], ref.plan[rsel], atol=PLAN_ATOL, rtol=0)
+    torch.testing.assert_close(fast.cost[sel], ref.cost[rsel], atol=PLAN_ATOL, rtol=0)
+    for p, q in zip(fast.potentials, ref.potentials):
+        torch.testing.assert_close(p[sel], q[rsel], atol=1e-4, rtol=1e-5)
+
+
+def test_importing_otface_does_not_import_triton():
+    code = (
+        "import sys, torch; before = 'triton' in sys.modules; "
+        "import otface.ot, otface.ot.sinkhorn, otface.ot.triton_sinkhorn, otface.loss; "
+        "assert ('triton' in sys.modules) == before, 'otface imported triton'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 13), (2, 16, 16), (2, 1, 5)])
+def test_fixed_iterations_equal_the_torch_batched_solve(shape):
+    # Uneven n != m, an exact block (no padding) and a single source point; tol = 0 runs
+    # exactly max_iter iterations in both.
+    c = _costs(*shape, seed=1)
+    kw = dict(eps=0.05, max_iter=20, tol=0.0)
+    ref = sinkhorn(c, kernel="torch", **kw)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    _assert_same_solve(fast, ref)
+    assert ref.n_iter == 20 and int(fast.n_iter) == 20
+    assert fast.problem_iters.tolist() == [20] * shape[0]
+    assert fast.plan.dtype == torch.float32 and fast.problem_iters.dtype == torch.int32
+    torch.testing.assert_close(fast.marginal_error, ref.marginal_error, atol=1e-6, rtol=1e-3)
+    # The per-problem errors are the plans' L1 marginal errors.
+    a = torch.full(shape[:2], 1 / shape[1], device=DEVICE)
+    b = torch.full(shape[::2], 1 / shape[2], device=DEVICE)
+    rows = (fast.plan.sum(-1) - a).abs().sum(-1)
+    cols = (fast.plan.sum(-2) - b).abs().sum(-1)
+    torch.testing.assert_close(fast.problem_errors, torch.maximum(rows, cols), atol=1e-6, rtol=0)
+
+
+def test_each_problem_stops_on_its_own_like_a_single_solve():
+    # Problem 1 has a constant cost: its plan is a b^T after one iteration, so it stops at
+    # the first check while the others run on; each gets what the torch kernel gives it alone.
+    c = _costs(3, 6, 9, seed=2)
+    c[1] = 0.7
+    kw = dict(eps=0.1, max_iter=60, tol=1e-4, check_every=3)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    iters = fast.problem_iters.tolist()
+    for i in range(3):
+        alone = sinkhorn(c[i : i + 1], kernel="torch", **kw)
+        _assert_same_solve(fast, alone, i, 0)
+        assert iters[i] == alone.n_iter
+    assert iters[1] == 3 and min(iters[0], iters[2]) > 3
+    assert all(k % 3 == 0 for k in iters)
+    # The batch-wide count is the slowest problem's, as in the torch kernel's batched solve.
+    batched = sinkhorn(c, kernel="torch", **kw)
+    assert int(fast.n_iter) == batched.n_iter == max(iters)
+    assert fast.marginal_error.item() < 1e-4
+
+
+def test_given_marginals():
+    c = _costs(2, 5, 7, seed=3)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 5, generator=g) + 0.1, torch.rand(7, generator=g) + 0.1
+    a, b = (a / a.sum(-1, keepdim=True)).to(DEVICE), (b / b.sum()).to(DEVICE)
+    kw = dict(a=a, b=b, eps=0.1, max_iter=25, tol=0.0)
+    _assert_same_solve(sinkhorn(c, kernel="triton", **kw), sinkhorn(c, kernel="torch", **kw))
+
+
+def test_nan_problem_does_not_hold_up_the_others():
+    c = _costs(3, 5, 6, seed=4)
+    c[1, 2, 3] = float("nan")
+    kw = dict(eps=0.1, max_iter=60, tol=1e-4, check_every=2)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    assert torch.isnan(fast.plan[1]).all() and torch.isnan(fast.cost[1])
+    for i in (0, 2):
+        _assert_same_solve(fast, sinkhorn(c[i : i + 1], kernel="torch", **kw), i, 0)
+    assert fast.problem_iters[1].item() == 2  # stopped at its first check
+    ref = sinkhorn(c[[0, 2]], kernel="torch", **kw)
+    assert int(fast.n_iter) == ref.n_iter < 60
+    assert torch.isfinite(fast.marginal_error)
+    assert 0 < fast.marginal_error.item() < 1e-4
+
+
+def test_infinite_cost_entry_carries_no_mass():
+    c = _costs(2, 5, 6, seed=5)
+    c[0, 1, 2] = float("inf")
+    kw = dict(eps=0.1, max_iter=20, tol=0.0)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    assert fast.plan[0, 1, 2].item() == 0.0 and torch.isfinite(fast.cost).all()
+    _assert_same_solve(fast, sinkhorn(c, kernel="torch", **kw))
+
+
+def test_symmetric_self_problems_in_the_same_launch():
+    # Self-problems take averaged updates in the kernel too; the cross problem plain ones.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 6, 16, generator=g)
+    x[2] += 0.8 * x[0]
+    c = torch.cat([cosine_cost(x[:2], x[:2]), cosine_cost(x[:1], x[2:3])]).to(DEVICE)
+    mask = torch.tensor([True, True, False], device=DEVICE)
+    kw = dict(eps=0.2, max_iter=100, tol=1e-5, check_every=1)
+    fast = sinkhorn(c, kernel="triton", symmetric=mask, **kw)
+    for i in range(3):
+        alone = sinkhorn(c[i : i + 1], kernel="torch", symmetric=mask[i : i + 1], **kw)
+        _assert_same_solve(fast, alone, i, 0)
+        assert fast.problem_iters[i].item() == alone.n_iter
+    assert fast.marginal_error.item() < 1e-5
+    # Without the mask the self-problems oscillate and take many more iterations.
+    plain = sinkhorn(c[:2], kernel="triton", **kw)
+    assert (plain.problem_iters > 5 * fast.problem_iters[:2]).all()
+
+
+def test_envelope_gradient_and_entropic_value():
+    c = _costs(2, 4, 6, seed=7)
+    kw = dict(eps=0.1, max_iter=30, tol=0.0)
+    cf = c.clone().requires_grad_(True)
+    fast = sinkhorn(cf, kernel="triton", **kw)
+    value = entropic_objective(fast.plan, cf, eps=0.1, potentials=fast.potentials)
+    (grad,) = torch.autograd.grad(fast.cost.sum() + value.sum(), cf)
+    torch.testing.assert_close(grad, 2 * fast.plan)
+    ref = sinkhorn(c, kernel="torch", **kw)
+    expected = entropic_objective(ref.plan, c, eps=0.1, potentials=ref.potentials)
+    torch.testing.assert_close(value.detach(), expected, atol=1e-5, rtol=0)
+
+
+def test_auto_uses_the_kernel_only_where_it_fits(monkeypatch):
+    c = _costs(2, 4, 5, seed=8)
+    # CPU tensors: auto keeps the torch kernels, even under the interpreter.
+    assert not triton_sinkhorn.auto_fits(c.cpu())
+    assert sinkhorn(c.cpu(), eps=0.1, max_iter=5, tol=0.0).problem_iters is None
+    if DEVICE == "cuda":
+        assert triton_sinkhorn.auto_fits(c)
+        assert not triton_sinkhorn.auto_fits(c.double())
+        assert not triton_sinkhorn.auto_fits(torch.zeros(1, 65, 3, device=DEVICE))
+    # Where it fits (as on CUDA), the divergence's cross and self problems go to one launch.
+    launches = []
+    real = triton_sinkhorn.sinkhorn_triton
+    monkeypatch.setattr(triton_sinkhorn, "auto_fits", lambda cost: True)
+    monkeypatch.setattr(
+        triton_sinkhorn,
+        "sinkhorn_triton",
+        lambda cost, *args, **kw: launches.append(cost.shape[0]) or real(cost, *args, **kw),
+    )
+    g = torch.Generator().manual_seed(9)
+    points = torch.randn(3, 5, 8, generator=g).to(DEVICE)
+    src, tgt = torch.tensor([0, 1], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
+    kw = dict(distance="divergence", eps=0.1, max_iter=15, tol=0.0)
+    fast = ot_distances(points, src, tgt, **kw)
+    assert launches == [5]  # 2 pairs + 3 distinct self-problems
+    monkeypatch.setattr(triton_sinkhorn, "auto_fits", lambda cost: False)
+    ref = ot_distances(points, src, tgt, **kw)
+    assert launches == [5]
+    torch.testing.assert_close(fast.value, ref.value, atol=1e-5, rtol=0)
+
+
+def test_what_it_does_not_take_is_named(monkeypatch):
+    c = _costs(1, 4, 4)
+    kw = dict(eps=0.1, max_iter=5, tol=0.0, kernel="triton")
+    with pytest.raises(ValueError, match="float32"):
+        sinkhorn(c.double(), **kw)
+    with pytest.raises(ValueError, match="n, m <= 128"):
+        sinkhorn(torch.zeros(1, 129, 3, device=DEVICE), **kw)
+    with pytest.raises(ValueError, match="'auto', 'torch', 'matmul', 'triton'"):
+        sinkhorn(c, eps=0.1, max_iter=5, tol=0.0, kernel="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sinkhorn(c.cpu(), **kw)
+    monkeypatch.setattr(triton_sinkhorn, "available", lambda: False)
+    with pytest.raises(ValueError, match="pip install triton"):
+        sinkhorn(c, **kw)
