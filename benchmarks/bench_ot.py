@@ -16,6 +16,14 @@ eps from ``diameter^2`` down to ``blur^2`` by ``scaling^2`` per step and returns
 dual value ``OT_eps`` (so its error includes the entropic term). Two scalings are shown: the
 default 0.5 (about 6 iterations) and 0.95 (about 45, comparable to ours).
 
+Our kernels are shown side by side: "auto" (what training uses), the torch reference, the
+exponentiated "matmul" kernel and the fused Triton kernel (``kernel="triton"``: CUDA only here,
+n, m <= 128; Triton's CPU interpreter, ``TRITON_INTERPRET=1``, is for tests and far too slow
+to time). The Triton kernel stops each problem on its own, so its "iters" is the largest
+per-problem count. The last line of each table gives the issue-10 target ratio: the time of
+the fastest of POT and GeomLoss (either scaling) over ours (auto), target >= 10x on the
+spatial case on an H100/H200.
+
     python benchmarks/bench_ot.py                 # CPU, plus CUDA when present
     python benchmarks/bench_ot.py --device cpu --repeats 5
 """
@@ -23,6 +31,7 @@ default 0.5 (about 6 iterations) and 0.95 (about 45, comparable to ours).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import platform
 import statistics
@@ -65,7 +74,7 @@ def _sync(device):
 def _ours(kernel):
     def run(x, y):
         res = sinkhorn(cosine_cost(x, y), eps=EPS, max_iter=MAX_ITER, tol=TOL, kernel=kernel)
-        return res.cost, res.n_iter
+        return res.cost, int(res.n_iter)  # a device tensor from the Triton kernel
 
     return run
 
@@ -128,18 +137,37 @@ def _exact(x, y, count):
     return np.array([ot.emd2(a, b, c[i], numItermax=10**7) for i in range(count)])
 
 
+def _triton_unavailable(device, n):
+    """Why the Triton kernel is not timed here, or None when it is."""
+    from otface.ot.triton_sinkhorn import MAX_SIZE
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton not installed"
+    if not device.startswith("cuda"):
+        return "needs CUDA (TRITON_INTERPRET=1 runs it on CPU, for tests only)"
+    if n > MAX_SIZE:
+        return f"n, m > {MAX_SIZE}"
+    return None
+
+
 def run_size(name, batch, n, *, device, repeats, exact_count):
     x, y = make_points(batch, n, 512, seed=0, device=device)
     exact = _exact(x, y, exact_count)
+    triton_note = _triton_unavailable(device, n)
     solvers = [
         ("ours (auto kernel)", _ours("auto")),
         ("ours (torch logsumexp kernel)", _ours("torch")),
+        ("ours (matmul kernel)", _ours("matmul")),
+        ("ours (triton kernel)", None if triton_note else _ours("triton")),
         ("POT ot.solve_batch", _pot),
         ("GeomLoss scaling=0.5", _geomloss(0.5)),
         ("GeomLoss scaling=0.95", _geomloss(0.95)),
     ]
     rows = []
     for label, fn in solvers:
+        if fn is None:
+            rows.append((label, None, None, None))
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             secs, (value, n_iter) = _time(fn, x, y, repeats=repeats, device=device)
@@ -152,7 +180,12 @@ def run_size(name, batch, n, *, device, repeats, exact_count):
     )
     print(f"{'solver':32s} {'fwd+bwd ms':>11s} {'x ours':>8s} {'iters':>6s} {'rel err':>9s}")
     for label, secs, n_iter, err in rows:
+        if secs is None:
+            print(f"{label:32s} {'-':>11s}  not timed: {triton_note}")
+            continue
         print(f"{label:32s} {secs * 1e3:11.2f} {secs / base:8.2f} {n_iter:6d} {err:9.2e}")
+    anchor = min(secs for label, secs, _, _ in rows if not label.startswith("ours"))
+    print(f"fastest of POT and GeomLoss (either scaling) / ours (auto): {anchor / base:.2f}x")
 
 
 def main() -> None:
