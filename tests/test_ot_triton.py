@@ -63,6 +63,42 @@ def test_importing_otface_does_not_import_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from otface.ot._triton_sinkhorn_kernel import sinkhorn_kernel
+from otface.ot.triton_sinkhorn import _num_warps
+
+ints = ("n", "m", "max_iter", "check_every")
+sig = {
+    name: "*i8" if name == "sym_ptr" else "*i32" if name == "iters_ptr" else
+    "*fp32" if name.endswith("_ptr") else "i32" if name in ints else
+    "fp32" if name in ("neg_inv_eps", "tol") else "constexpr"
+    for name in sinkhorn_kernel.arg_names
+}
+for block in (16, 64):
+    const = {"BLOCK_N": block, "BLOCK_M": block, "HAS_SYM": True}
+    src = ASTSource(sinkhorn_kernel, sig, constexprs=const)
+    opts = {"num_warps": _num_warps(block, block)}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    assert kernel.asm["cubin"]
+"""
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu():
+    # The interpreter does not check what only the GPU compiler does (layouts, the device
+    # while loop, registers): compile for an H100/H200 (sm_90) with the wheel's ptxas, in a
+    # process where TRITON_INTERPRET is unset.
+    import triton.backends
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; its default
+    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], check=True, env=env)
+
+
 @pytest.mark.parametrize("shape", [(3, 7, 13), (2, 16, 16), (2, 1, 5)])
 def test_fixed_iterations_equal_the_torch_batched_solve(shape):
     # Uneven n != m, an exact block (no padding) and a single source point; tol = 0 runs
