@@ -149,6 +149,16 @@ def test_given_marginals():
     _assert_same_solve(sinkhorn(c, kernel="triton", **kw), sinkhorn(c, kernel="torch", **kw))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cost_is_solved_in_float32(dtype):
+    # As the torch path: the kernel reads the 16-bit cost and solves in float32.
+    c = _costs(2, 5, 6, seed=10).to(dtype)
+    kw = dict(eps=0.1, max_iter=15, tol=0.0)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    assert fast.plan.dtype == torch.float32 and fast.cost.dtype == torch.float32
+    _assert_same_solve(fast, sinkhorn(c.float(), kernel="torch", **kw))
+
+
 def test_nan_problem_does_not_hold_up_the_others():
     c = _costs(3, 5, 6, seed=4)
     c[1, 2, 3] = float("nan")

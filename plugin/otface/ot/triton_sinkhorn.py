@@ -139,7 +139,8 @@ def sinkhorn_triton(
     iters = torch.empty((batch,), dtype=torch.int32, device=dev)
     errors = torch.empty((batch,), dtype=torch.float32, device=dev)
     has_sym = symmetric is not None
-    sym = (symmetric.reshape(batch) if has_sym else iters).to(torch.int8).contiguous()
+    # Without symmetric problems the kernel never reads sym_ptr (HAS_SYM is a constexpr).
+    sym = symmetric.reshape(batch).to(torch.int8).contiguous() if has_sym else iters
     block_n = max(16, 1 << (n - 1).bit_length())
     block_m = max(16, 1 << (m - 1).bit_length())
     if has_sym:
