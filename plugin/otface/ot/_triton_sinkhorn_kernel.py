@@ -52,11 +52,13 @@ def sinkhorn_kernel(
     BLOCK_M: tl.constexpr,
     HAS_SYM: tl.constexpr,
 ):
-    """Solve problem ``program_id(0)``; all tensors contiguous, float32 except ``iters``.
+    """Solve problem ``program_id(0)``. All tensors contiguous.
 
-    Shapes: ``cost``, ``plan`` ``(B, n, m)``; ``a``, ``u`` ``(B, n)``; ``b``, ``v`` ``(B, m)``;
-    ``sym`` ``(B,)`` int8 (read only when ``HAS_SYM``; then ``n == m`` and
-    ``BLOCK_N == BLOCK_M``); ``iters`` ``(B,)`` int32; ``err`` ``(B,)``.
+    Shapes: ``cost`` (float32, float16 or bfloat16, read as float32) and ``plan`` (float32)
+    ``(B, n, m)``; ``a``, ``u`` ``(B, n)`` and ``b``, ``v`` ``(B, m)`` float32; ``sym``
+    ``(B,)`` int8, read only when ``HAS_SYM`` (then ``n == m`` and ``BLOCK_N == BLOCK_M``);
+    ``iters`` ``(B,)`` int32; ``err`` ``(B,)`` float32. ``BLOCK_N >= n`` and
+    ``BLOCK_M >= m`` are powers of two; the padding is masked.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
