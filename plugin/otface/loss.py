@@ -203,7 +203,8 @@ def hard_triplet_ot_loss(
         loss_ot=loss.detach(),
         w_ap=w_ap.detach().mean(),
         w_an=w_an.detach().mean(),
-        sinkhorn_iters=torch.full((), float(res.n_iter), device=device),
+        # n_iter is an int (torch kernels) or a device tensor (fused kernel): no host read.
+        sinkhorn_iters=torch.as_tensor(res.n_iter, device=device).float(),
         sinkhorn_err=res.marginal_error.detach().float(),
     )
     return OTLossOutput(loss, metrics)

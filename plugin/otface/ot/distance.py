@@ -38,14 +38,14 @@ class OTDistances(NamedTuple):
 
     Attributes:
         value: ``(P,)`` distances, differentiable w.r.t. the points (envelope rule).
-        n_iter: Sinkhorn iterations of the solve.
+        n_iter: Sinkhorn iterations of the solve (a 0-d device tensor from the fused kernel).
         marginal_error: 0-d tensor, largest L1 marginal error over all problems solved
             (self-problems of the divergence included).
         n_problems: number of OT problems solved (pairs, plus distinct self-problems).
     """
 
     value: torch.Tensor
-    n_iter: int
+    n_iter: int | torch.Tensor
     marginal_error: torch.Tensor
     n_problems: int
 
