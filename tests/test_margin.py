@@ -199,3 +199,21 @@ def test_bad_shapes_raise():
         margin_logits(COS, torch.tensor([0, 1]), scale=64.0, m1=1.0, m2=0.5, m3=0.0)
     with pytest.raises(ValueError, match="cos"):
         margin_logits(COS[0], LABELS, scale=64.0, m1=1.0, m2=0.5, m3=0.0)
+
+
+@pytest.mark.parametrize("exact_grad", [False, True])
+def test_rows_of_other_ranks_pass_through_with_finite_gradients(exact_grad):
+    # Rows labelled -1 (class held by another rank) must come out as s*cos with gradient s,
+    # even where column 0 sits at cos = +-1 (acos has an infinite slope there).
+    cos = torch.tensor(
+        [[1.0, 0.2, -0.1], [-1.0, 0.5, 0.3], [0.1, 0.7, 0.4]], dtype=torch.float64
+    ).requires_grad_()
+    labels = torch.tensor([-1, -1, 1])
+    out = margin_logits(cos, labels, scale=2.0, m1=1.0, m2=0.5, m3=0.0, exact_grad=exact_grad)
+    theta = math.acos(0.7)
+    expected = 2.0 * cos.detach().clone()
+    expected[2, 1] = 2.0 * math.cos(theta + 0.5)
+    assert torch.allclose(out.detach(), expected, atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(cos.grad).all()
+    assert torch.equal(cos.grad[:2], torch.full((2, 3), 2.0, dtype=torch.float64))

@@ -301,3 +301,28 @@ def test_two_ranks_gloo_equal_one_rank(tmp_path):
         assert_close(emb_grad, ref[1])
         weight_grad = torch.cat([r[name + "/result"][2] for r in ranks])
         assert_close(weight_grad, ref[2])
+
+
+def test_margin_and_loss_read_nothing_on_the_host():
+    # Host syncs on a GPU come from ops whose output size or value the host must know:
+    # nonzero (index lists) and _local_scalar_dense (.item(), .tolist(), bool()). The margin and
+    # the sharded cross-entropy must use neither, forward or backward.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    cos = (torch.rand(6, 5, generator=g) * 2 - 1).requires_grad_()
+    labels = torch.tensor([0, -1, 3, 4, -1, 1])  # -1: the class is on another rank
+    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0, interclass_filtering_threshold=0.2)
+    with Record():
+        loss = dist_softmax_cross_entropy(margin(cos, labels), labels)
+        loss.backward()
+    syncing = {name for name in seen if name.startswith(("nonzero", "_local_scalar_dense"))}
+    assert not syncing, syncing
+    assert torch.isfinite(cos.grad).all()

@@ -144,17 +144,23 @@ def margin_logits(
             f"{tuple(cos.shape)}, got {tuple(labels.shape)}"
         )
     labels = labels.to(device=cos.device, dtype=torch.long)
-    rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-    cols = labels[rows]
+    # Fixed-shape masks instead of index lists (no host sync): rows labelled -1 (their class is
+    # on another rank) read column 0 and write it back unchanged.
+    held = (labels != -1).unsqueeze(1)
+    column = labels.clamp(min=0).unsqueeze(1)
 
     if interclass_filtering_threshold > 0:
         with torch.no_grad():
             keep = cos <= interclass_filtering_threshold
-            keep[rows, cols] = True
+            keep.scatter_(1, column, keep.gather(1, column) | held)
         cos = cos * keep.to(cos.dtype)
 
-    target = _target_margin(cos[rows, cols], m1=m1, m2=m2, m3=m3, exact_grad=exact_grad)
-    logits = cos.index_put((rows, cols), target)
+    picked = cos.gather(1, column)
+    # Unlabelled rows get a harmless 0 inside the margin, so no NaN/Inf gradient can leak
+    # through the branch torch.where discards.
+    safe = torch.where(held, picked, torch.zeros_like(picked))
+    target = _target_margin(safe, m1=m1, m2=m2, m3=m3, exact_grad=exact_grad)
+    logits = cos.scatter(1, column, torch.where(held, target, picked))
     return logits * scale
 
 

@@ -86,27 +86,30 @@ class _DistSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        n = logits.shape[0]
         row_max = logits.detach().amax(dim=1, keepdim=True)
         all_reduce_(row_max, "max")
         probs = (logits.detach() - row_max).exp_()
         sum_exp = all_reduce_(probs.sum(dim=1, keepdim=True), "sum")
-        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-        # Shifted target logit, contributed by the one rank that holds the row's class.
-        target = torch.zeros(n, 1, dtype=logits.dtype, device=logits.device)
-        target[rows, 0] = logits.detach()[rows, labels[rows]] - row_max[rows, 0]
+        # Fixed-shape masks, not index lists: no host sync for the number of rows this rank
+        # holds. The shifted target logit is contributed by the one rank that holds the class.
+        held = (labels != -1).unsqueeze(1)
+        column = labels.clamp(min=0).unsqueeze(1)
+        picked = logits.detach().gather(1, column) - row_max
+        target = torch.where(held, picked, torch.zeros_like(picked))
         all_reduce_(target, "sum")
         probs.div_(sum_exp)
-        ctx.save_for_backward(probs, rows, labels)
+        ctx.save_for_backward(probs, labels)
         return (sum_exp.log() - target).mean()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        probs, rows, labels = ctx.saved_tensors
+        probs, labels = ctx.saved_tensors
         # d mean_i(-log p_i,y_i) / d z_ij = (p_ij - [j = y_i]) / N. A copy (not the saved
-        # buffer, as arcface_torch does) so that retain_graph / gradcheck still work.
+        # buffer, as arcface_torch does) so that retain_graph / gradcheck still work. Rows
+        # whose class another rank holds add -0.0 to column 0, which changes nothing.
         grad = probs.clone()
-        grad[rows, labels[rows]] -= 1.0
+        held = (labels != -1).unsqueeze(1)
+        grad.scatter_add_(1, labels.clamp(min=0).unsqueeze(1), -held.to(grad.dtype))
         grad.mul_(grad_out / probs.shape[0])
         return grad, None
 
@@ -231,6 +234,21 @@ class PartialFC(nn.Module):
         parts: List[torch.Tensor] = all_gather_no_grad(labels)
         return torch.cat(parts) if len(parts) > 1 else labels
 
+    def _check_label_range(self, labels: torch.Tensor) -> None:
+        """Labels in ``[0, num_classes)``. The training loader checks them once when the data is
+        opened; here a CPU batch gets a clear error, and a CUDA batch a device-side assert
+        (reading the bounds on the host would cost a sync every step)."""
+        in_range = (labels.min() >= 0) & (labels.max() < self.num_classes)
+        if labels.device.type == "cuda":
+            torch._assert_async(in_range)
+            return
+        if not bool(in_range):
+            bad = [int(v) for v in labels if not 0 <= int(v) < self.num_classes][0]
+            raise ValueError(
+                f"label {bad} is out of range: labels must be in [0, num_classes) "
+                f"with num_classes={self.num_classes}"
+            )
+
     def forward(
         self,
         local_embeddings: torch.Tensor,
@@ -280,13 +298,7 @@ class PartialFC(nn.Module):
 
         embeddings = torch.cat(all_gather_with_grad(local_embeddings))
         labels = self._gather_labels(local_labels)
-        bounds = torch.stack([labels.min(), labels.max()]).tolist()
-        if bounds[0] < 0 or bounds[1] >= self.num_classes:
-            bad = bounds[0] if bounds[0] < 0 else bounds[1]
-            raise ValueError(
-                f"label {bad} is out of range: labels must be in [0, num_classes) "
-                f"with num_classes={self.num_classes}"
-            )
+        self._check_label_range(labels)
 
         in_shard = (labels >= self.class_start) & (labels < self.class_start + self.num_local)
         local = torch.where(in_shard, labels - self.class_start, torch.full_like(labels, -1))
