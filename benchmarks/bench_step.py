@@ -7,11 +7,20 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
 
     python benchmarks/bench_step.py                                    # CPU, r18_lite
     python benchmarks/bench_step.py --network r100 --batch-size 128 --fp16   # one GPU
+    python benchmarks/bench_step.py --sync-debug      # host reads in one otface step, by source
+
+``--sync-debug`` runs one ``otface`` step (forward, backward, optimiser step, grad scaler) under
+a dispatch mode that records every op whose result the host must wait for (a scalar read such
+as ``.item()``/``float()``/``bool()``, a data-dependent shape such as ``nonzero``/``unique``, a
+device-to-host copy) with the line of this project's code that asked for it. On a GPU each is
+a host sync; on a CPU the same list shows where they would be.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import importlib
 import os
@@ -89,6 +98,76 @@ def bench(loss_name: str, args, device: torch.device, state: dict):
     return statistics.median(times), (statistics.mean(n_hard) if n_hard else None), mem
 
 
+_SYNCING_OPS = (
+    "_local_scalar_dense",  # .item(), float(), bool(), .tolist()
+    "nonzero",
+    "_unique",
+    "unique",
+    "masked_select",
+    "repeat_interleave",
+)
+
+
+def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]]:
+    """``(op, where)`` for every host-syncing op of one ``otface`` step (after a warm-up step)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    root = str(Path(__file__).resolve().parents[1])
+    found: list[tuple[str, str]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
+            name = func.__name__
+            to_host = name in ("_to_copy", "copy_") and _leaves_device(func, args_, kwargs)
+            if name.startswith(_SYNCING_OPS) or to_host:
+                frames = [
+                    f"{Path(f.filename).relative_to(root)}:{f.lineno}"
+                    for f in traceback.extract_stack()
+                    if f.filename.startswith(root)
+                    and "site-packages" not in f.filename
+                    and "bench_step" not in f.filename
+                ]
+                found.append((name, frames[-1] if frames else "(torch internals)"))
+            return func(*args_, **(kwargs or {}))
+
+    cfg = copy.deepcopy(importlib.import_module("configs.base").config)
+    cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss="otface")
+    backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
+    backbone.load_state_dict(state)
+    backbone.to(device).train()
+    criterion = LOSSES.build("otface", cfg, backbone=backbone, rank=0, world_size=1).to(device)
+    opt = torch.optim.SGD(list(backbone.parameters()) + list(criterion.parameters()), lr=0.01)
+    scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
+    g = torch.Generator().manual_seed(0)
+    per = args.batch_size // args.k
+    for step in (1, 2):
+        x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
+        labels = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
+        labels = labels.to(device)
+        with Record() if step == 2 else contextlib.nullcontext():
+            out = criterion(backbone(x), labels, step=step)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(out.loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                out.loss.backward()
+                opt.step()
+    return found
+
+
+def _leaves_device(func, args, kwargs) -> bool:
+    src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if func.__name__ == "copy_":
+        dst, src = args[0], args[1] if len(args) > 1 else None
+        return isinstance(src, torch.Tensor) and src.is_cuda and not dst.is_cuda
+    target = (kwargs or {}).get("device")
+    return src is not None and src.is_cuda and target is not None and target.type == "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--network", default="r18_lite")
@@ -100,6 +179,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
+    parser.add_argument(
+        "--sync-debug", action="store_true", help="list the host syncs of one otface step"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,6 +198,12 @@ def main() -> None:
         f"({args.batch_size // args.k} ids x {args.k}), fp16={args.fp16}, "
         f"classes {args.num_classes}; median of {args.steps} steps after {args.warmup}"
     )
+    if args.sync_debug:
+        found = sync_report(args, device, state)
+        print(f"host syncs in one otface step: {len(found)}")
+        for (op, where), count in collections.Counter(found).most_common():
+            print(f"  {count:3d} x {op:22s} {where}")
+        return
     mem_label = "peak MiB (CUDA)" if device.type == "cuda" else "RSS MiB"
     print(f"{'criterion':10s} {'step ms':>9s} {'ratio':>7s} {'n_hard':>7s} {mem_label:>16s}")
     rows = [(name_, *bench(name_, args, device, state)) for name_ in ("arcface", "otface")]

@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh            (results in $OUT if set, else work_dirs/gpu_check)
 # 1. the CUDA twins of the CPU tests; 2. the OT solver against POT and GeomLoss; 3. the
 # OTFace step overhead on r100 and r50 (fp16, batch 128, MS1MV3's 93,431 classes);
-# 4. a short fp16 training run through train.py on synthetic data.
+# 4. a short fp16 training run through train.py on synthetic data; 5. the fused Triton
+# Sinkhorn kernel's tests compiled for the device, and the host syncs of one otface step.
 set -uo pipefail
 out="${OUT:-work_dirs/gpu_check}"
 mkdir -p "$out"
@@ -20,7 +21,10 @@ run() {  # run NAME CMD...: log to $out/NAME.txt, remember a failure, go on
 
 run env python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 run tests python -m pytest -q -m gpu tests/test_gpu.py
+run tests_triton python -m pytest -q tests/test_ot_triton.py
 run bench_ot python benchmarks/bench_ot.py --device cuda
+run sync_debug python benchmarks/bench_step.py --device cuda --network r50 --batch-size 128 \
+  --fp16 --num-classes 93431 --sync-debug
 for net in r100 r50; do
   run "bench_step_$net" python benchmarks/bench_step.py --device cuda --network "$net" \
     --batch-size 128 --fp16 --num-classes 93431
