@@ -4,6 +4,11 @@
 latest output (with its autograd history). A hook is neither a parameter nor a buffer, so the
 backbone's ``state_dict`` and its ONNX export are unchanged; :meth:`FeatureCapture.remove`
 leaves no hook behind.
+
+The captured map keeps the backbone's memory layout: under ``channels_last`` it is an
+``(N, C, H, W)`` tensor with NHWC strides, the same values as in NCHW. Readers must use
+layout-independent ops (``flatten``, ``reshape``, ``permute``), never ``.view`` on the
+channel-first order, which fails (or would need a copy) on NHWC strides.
 """
 
 from __future__ import annotations

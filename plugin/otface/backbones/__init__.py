@@ -5,6 +5,9 @@
 network class names the module whose output is its last conv feature map in a ``feature_layer``
 class attribute (``"bn2"`` for IResNet, ``"conv_sep"`` for MobileFaceNet), for feature hooks.
 
+``use_channels_last(setting, device)`` decides the memory layout a trainer puts a network and its
+input in (``config.channels_last``); the layout never changes a ``state_dict``.
+
 Networks can be built without allocating memory::
 
     with torch.device("meta"):
@@ -17,10 +20,18 @@ from typing import Callable, Dict, List
 
 from torch import nn
 
+from otface.backbones._common import use_channels_last
 from otface.backbones.iresnet import IBasicBlock, IResNet
 from otface.backbones.mobilefacenet import MobileFaceNet
 
-__all__ = ["IBasicBlock", "IResNet", "MobileFaceNet", "get_model", "list_models"]
+__all__ = [
+    "IBasicBlock",
+    "IResNet",
+    "MobileFaceNet",
+    "get_model",
+    "list_models",
+    "use_channels_last",
+]
 
 _IRESNET_LAYERS = {
     "r18": (2, 2, 2, 2),

@@ -1,0 +1,190 @@
+"""channels_last (NHWC) memory layout: the config key, the backbone's state_dict and outputs, the
+hooked feature map and the OT term, and the trainer's first step — all unchanged by the layout."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+import torch
+
+from otface.backbones import get_model, use_channels_last
+from otface.config import ConfigError, load_config
+from otface.data.datasets import normalize_images
+from otface.hooks import FeatureCapture
+from otface.loss import hard_triplet_ot_loss
+from otface.train import loop
+from otface.train.distributed import DistEnv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CL = torch.channels_last
+
+
+def _pair(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same network twice: NCHW and channels_last, equal weights, eval mode."""
+    torch.manual_seed(seed)
+    plain = get_model(name).eval()
+    nhwc = get_model(name).eval()
+    nhwc.load_state_dict(plain.state_dict())
+    nhwc.to(memory_format=CL)
+    return plain, nhwc
+
+
+def _images(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_equal_to_rounding(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5):
+    # Relative to the output's scale: r18_lite's untrained embeddings reach ~16, mbf's ~3e-6,
+    # and a different conv algorithm changes the float32 rounding, not the result.
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * expected.abs().max().item(), (err, expected.abs().max().item())
+
+
+def test_use_channels_last_resolution():
+    assert use_channels_last("auto", torch.device("cuda")) is True
+    assert use_channels_last("auto", torch.device("cuda", 1)) is True
+    assert use_channels_last("auto", torch.device("cpu")) is False
+    assert use_channels_last(True, torch.device("cpu")) is True
+    assert use_channels_last(False, torch.device("cuda")) is False
+    with pytest.raises(ValueError, match=r"'yes'.*|.*'auto', True, False"):
+        use_channels_last("yes", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["r18_lite", "mbf"])
+def test_state_dict_keys_shapes_values_identical(name):
+    plain, nhwc = _pair(name)
+    conv_w = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv_w and all(w.is_contiguous(memory_format=CL) for w in conv_w)
+    a, b = plain.state_dict(), nhwc.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", ["r18_lite", "mbf"])
+def test_channels_last_checkpoint_loads_strict_into_plain_model(name):
+    _, nhwc = _pair(name)
+    buf = io.BytesIO()
+    torch.save(nhwc.state_dict(), buf)  # what model.pt / checkpoints hold
+    buf.seek(0)
+    fresh = get_model(name).eval()
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    conv = next(m for m in fresh.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()  # the plain model keeps its own layout
+    x = _images()
+    with torch.no_grad():
+        _assert_equal_to_rounding(fresh(x), nhwc(x))
+
+
+@pytest.mark.parametrize("name", ["r18_lite", "mbf"])
+def test_outputs_equal_in_either_layout(name):
+    plain, nhwc = _pair(name)
+    x = _images()
+    with torch.no_grad():
+        ref = plain(x)
+        _assert_equal_to_rounding(nhwc(x.contiguous(memory_format=CL)), ref)
+        _assert_equal_to_rounding(nhwc(x), ref)
+
+
+def test_normalize_images_keeps_channels_last():
+    pixels = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    out = normalize_images(pixels.contiguous(memory_format=CL))
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, pixels.double().div(255).sub(0.5).div(0.5).float())
+
+
+def test_hooked_map_and_ot_term_unchanged_by_layout():
+    plain, nhwc = _pair("r18_lite")
+    x = _images(8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    maps, embs = [], []
+    for model, inp in ((plain, x), (nhwc, x.contiguous(memory_format=CL))):
+        with FeatureCapture(model) as cap, torch.no_grad():
+            embs.append(model(inp))
+            maps.append(cap.pop())
+    assert maps[0].shape == maps[1].shape == (8, 128, 7, 7)
+    assert maps[1].is_contiguous(memory_format=CL) and not maps[1].is_contiguous()
+    _assert_equal_to_rounding(maps[1], maps[0])
+    # The same embeddings for both, so that both mine the same triplets; a large mining margin
+    # makes every anchor hard and the OT term run on all of them.
+    kw = dict(mining_margin=2.0, variant="pull", solver="torch", max_iter=200, tol=1e-6)
+    out = [hard_triplet_ot_loss(m, embs[0], labels, **kw) for m in maps]
+    assert float(out[0].metrics["n_hard"]) == 8.0
+    assert float(out[0].loss) > 0
+    torch.testing.assert_close(out[1].loss, out[0].loss, atol=1e-5, rtol=1e-5)
+    # The OT term reads (B, H*W, C) points with flatten(2).transpose(1, 2); on NHWC strides that
+    # must give the points an independent, element-by-element read gives (a .view would fail).
+    nhwc_map = maps[1]
+    points = torch.stack([nhwc_map[:, c].reshape(8, 49) for c in range(128)], dim=2)
+    assert torch.equal(nhwc_map.flatten(2).transpose(1, 2), points)
+    assert points[3, 2 * 7 + 5, 17] == nhwc_map[3, 17, 2, 5]
+    with pytest.raises(RuntimeError):
+        nhwc_map.view(8, 128 * 49)
+
+
+TINY = """
+from easydict import EasyDict as edict
+config = edict()
+config.network = "r18_lite"
+config.rec = "synthetic"
+config.loss = "otface"
+config.num_classes = 4
+config.batch_size = 8
+config.num_image = 32
+config.num_epoch = 1
+config.lr = 0.05
+config.val_targets = []
+config.num_workers = 0
+config.channels_last = {channels_last!r}
+config.sampler = edict(type="pk", k=2)
+config.otface = edict(mining_margin=2.0)
+config.output = {output!r}
+"""
+
+
+def _cfg(tmp_path, channels_last):
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
+    name = f"layout_{channels_last}"
+    (folder / f"{name}.py").write_text(
+        TINY.format(channels_last=channels_last, output=str(tmp_path / name))
+    )
+    return load_config(str(folder / name))
+
+
+def test_config_key_validated(tmp_path):
+    assert _cfg(tmp_path, "auto").channels_last == "auto"
+    for bad in ("yes", 1, None):
+        with pytest.raises(ConfigError, match="channels_last"):
+            _cfg(tmp_path, bad)
+
+
+def test_trainer_steps_with_layout_on_and_off(tmp_path):
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randint(0, 256, (8, 3, 112, 112), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    results = {}
+    for setting in (False, True, "auto"):
+        cfg = _cfg(tmp_path, setting)
+        loop.seed_everything(cfg.seed)
+        trainer = loop.Trainer(cfg, env)
+        conv_w = trainer.backbone.conv1.weight
+        assert trainer.channels_last is (setting is True)
+        assert conv_w.is_contiguous(memory_format=CL) is (setting is True)
+        first = trainer.train_step(pixels, labels)
+        second = trainer.train_step(pixels, labels)
+        assert float(first.metrics["n_hard"]) > 0  # the OT term ran through the hooked map
+        results[setting] = (first.loss.item(), second.loss.item(), trainer.backbone.state_dict())
+    off, on, auto = results[False], results[True], results["auto"]
+    assert on[0] == pytest.approx(off[0], abs=1e-5)
+    assert on[1] == pytest.approx(off[1], abs=1e-4)
+    assert auto[:2] == off[:2]  # "auto" is NCHW on the CPU
+    assert list(on[2]) == list(off[2])
+    for key in off[2]:
+        torch.testing.assert_close(on[2][key], off[2][key], atol=1e-4, rtol=1e-4)
