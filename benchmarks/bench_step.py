@@ -48,9 +48,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(loss_name: str, args, device: torch.device, state: dict):
+def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str = "auto"):
     cfg = copy.deepcopy(importlib.import_module("configs.base").config)
     cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name)
+    cfg.otface.kernel = kernel
     backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
     backbone.load_state_dict(state)
     backbone.to(device).train()
@@ -182,6 +183,11 @@ def main() -> None:
     parser.add_argument(
         "--sync-debug", action="store_true", help="list the host syncs of one otface step"
     )
+    parser.add_argument(
+        "--ot-kernels",
+        default="auto",
+        help="comma-separated Sinkhorn kernels for the otface rows: auto, torch, matmul, triton",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,13 +211,23 @@ def main() -> None:
             print(f"  {count:3d} x {op:22s} {where}")
         return
     mem_label = "peak MiB (CUDA)" if device.type == "cuda" else "RSS MiB"
-    print(f"{'criterion':10s} {'step ms':>9s} {'ratio':>7s} {'n_hard':>7s} {mem_label:>16s}")
-    rows = [(name_, *bench(name_, args, device, state)) for name_ in ("arcface", "otface")]
+    print(f"{'criterion':16s} {'step ms':>9s} {'ratio':>7s} {'n_hard':>7s} {mem_label:>16s}")
+    rows = [("arcface", *bench("arcface", args, device, state))]
+    notes = []
+    for kernel in args.ot_kernels.split(","):
+        label = "otface" if kernel == "auto" else f"otface[{kernel}]"
+        if kernel == "triton" and device.type != "cuda":
+            notes.append(f"{label}: not timed, the Triton kernel needs CUDA")
+            continue
+        rows.append((label, *bench("otface", args, device, state, kernel=kernel)))
     base = rows[0][1]
     for crit, secs, n_hard, mem in rows:
         hard = "-" if n_hard is None else f"{n_hard:.1f}"
-        print(f"{crit:10s} {secs * 1e3:9.1f} {secs / base:7.3f} {hard:>7s} {mem:16.0f}")
-    print(f"OTFace overhead: {100 * (rows[1][1] / base - 1):+.1f}% of the arcface step")
+        print(f"{crit:16s} {secs * 1e3:9.1f} {secs / base:7.3f} {hard:>7s} {mem:16.0f}")
+    for crit, secs, _, _ in rows[1:]:
+        print(f"{crit} overhead: {100 * (secs / base - 1):+.1f}% of the arcface step")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

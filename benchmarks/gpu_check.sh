@@ -27,7 +27,7 @@ run sync_debug python benchmarks/bench_step.py --device cuda --network r50 --bat
   --fp16 --num-classes 93431 --sync-debug
 for net in r100 r50; do
   run "bench_step_$net" python benchmarks/bench_step.py --device cuda --network "$net" \
-    --batch-size 128 --fp16 --num-classes 93431
+    --batch-size 128 --fp16 --num-classes 93431 --ot-kernels auto,torch,matmul,triton
 done
 
 cfg_dir=$(mktemp -d)

@@ -95,6 +95,9 @@ config.otface.max_iter = 50
 config.otface.tol = 1e-3  # stop when the marginal error falls below this
 config.otface.layer = "auto"  # feature map to hook: "auto" or a module name of the backbone
 config.otface.solver = "auto"  # "auto", "torch" or "pot"
+# our solver's kernel: "auto" (the fused Triton kernel on CUDA when it fits, else "matmul" or
+# "torch"), or one of "torch", "matmul", "triton" (CUDA)
+config.otface.kernel = "auto"
 config.otface.distance = "divergence"  # W: "divergence", "entropic" or "transport" (approx. grad)
 
 # Weights & Biases (arcface_torch keys, accepted so upstream configs load; logging to W&B is

@@ -113,6 +113,7 @@ _SCHEMA: dict[str, _Spec] = {
     "otface.tol": _POS,
     "otface.layer": _STR,
     "otface.solver": _Spec((str,), choices=("auto", "torch", "pot")),
+    "otface.kernel": _Spec((str,), choices=("auto", "torch", "matmul", "triton")),
     "otface.distance": _Spec((str,), choices=("divergence", "entropic", "transport")),
     "using_wandb": _Spec((bool,), choices=(False,)),
     "wandb_key": _STR,

@@ -101,6 +101,7 @@ def hard_triplet_ot_loss(
     tol: float = 1e-3,
     solver: str = "auto",
     distance: str = "divergence",
+    kernel: str = "auto",
 ) -> OTLossOutput:
     """OT loss between the feature distributions of hard triplets (design spec §2, steps 1-4).
 
@@ -122,6 +123,8 @@ def hard_triplet_ot_loss(
         solver: ``"auto"``, ``"torch"`` or ``"pot"`` (:func:`otface.ot.solve_ot`).
         distance: ``"divergence"``, ``"entropic"`` or ``"transport"``
             (:func:`otface.ot.ot_distances`).
+        kernel: our solver's kernel, ``"auto"``, ``"torch"``, ``"matmul"`` or ``"triton"``
+            (:func:`otface.ot.sinkhorn.sinkhorn`).
 
     Returns:
         :class:`OTLossOutput`.
@@ -190,6 +193,7 @@ def hard_triplet_ot_loss(
         tol=tol,
         solver=solver,
         cost_range=2.0,
+        kernel=kernel,
     )
     w = res.value
     half = w.shape[0] // 2
@@ -281,6 +285,7 @@ class OTFaceCriterion(MarginCriterion):
             tol=o["tol"],
             solver=o["solver"],
             distance=o["distance"],
+            kernel=o.get("kernel", "auto"),
         )
         update = -(-int(step) // self.batches_per_update)
         lam = lambda_at(update, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])

@@ -62,6 +62,7 @@ def ot_distances(
     solver: str = "auto",
     cost_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cosine_cost,
     cost_range: Optional[float] = None,
+    kernel: str = "auto",
 ) -> OTDistances:
     """OT distance between ``points[source[k]]`` and ``points[target[k]]`` for every pair ``k``.
 
@@ -85,6 +86,7 @@ def ot_distances(
         cost_fn: ``(B, n, C), (B, m, C) -> (B, n, m)`` ground cost; cosine by default.
         cost_range: bound on each cost row's range known to the caller (2 for the cosine
             cost), for the solver's kernel choice; None: measured.
+        kernel: our solver's kernel (:func:`otface.ot.solve_ot`).
 
     Returns:
         :class:`OTDistances`.
@@ -119,6 +121,7 @@ def ot_distances(
         solver=solver,
         cost_range=cost_range,
         symmetric=symmetric,
+        kernel=kernel,
     )
     if distance == "transport":
         value = res.cost

@@ -22,6 +22,7 @@ def solve_ot(
     solver: str = "auto",
     cost_range: Optional[float] = None,
     symmetric: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
 ) -> SinkhornResult:
     """Solve ``(B, n, m)`` entropic OT problems with uniform marginals.
 
@@ -38,6 +39,8 @@ def solve_ot(
         symmetric: optional ``(B,)`` mask of symmetric problems, solved with averaged updates
             by ``"torch"`` (see :func:`otface.ot.sinkhorn.sinkhorn`); POT solves them with its
             plain updates (same fixed point, more iterations).
+        kernel: our solver's kernel (:data:`otface.ot.sinkhorn.KERNEL_CHOICES`: ``"auto"``,
+            ``"torch"``, ``"matmul"``, ``"triton"``); ignored by POT.
 
     Returns:
         :class:`otface.ot.sinkhorn.SinkhornResult`.
@@ -49,5 +52,11 @@ def solve_ot(
 
         return pot_sinkhorn(cost, eps=eps, max_iter=max_iter, tol=tol)
     return sinkhorn(
-        cost, eps=eps, max_iter=max_iter, tol=tol, cost_range=cost_range, symmetric=symmetric
+        cost,
+        eps=eps,
+        max_iter=max_iter,
+        tol=tol,
+        cost_range=cost_range,
+        symmetric=symmetric,
+        kernel=kernel,
     )
