@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from otface.backbones import get_model
+from otface.backbones import get_model, use_channels_last
 from otface.registry import LOSSES
 
 # configs/ is a folder of the repository, not of the package.
@@ -55,6 +55,9 @@ def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str =
     backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
     backbone.load_state_dict(state)
     backbone.to(device).train()
+    layout = use_channels_last(args.channels_last, device)
+    if layout:  # as the trainer does (config.channels_last)
+        backbone.to(memory_format=torch.channels_last)
     criterion = LOSSES.build(loss_name, cfg, backbone=backbone, rank=0, world_size=1).to(device)
     params = list(backbone.parameters()) + list(criterion.parameters())
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -67,6 +70,8 @@ def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str =
     batches = []
     for _ in range(args.warmup + args.steps):
         x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
+        if layout:
+            x = x.contiguous(memory_format=torch.channels_last)
         ids = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
         batches.append((x, ids.to(device)))
 
@@ -182,6 +187,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
     parser.add_argument(
         "--sync-debug", action="store_true", help="list the host syncs of one otface step"
+    )
+    parser.add_argument(
+        "--channels-last",
+        default="auto",
+        type=lambda v: {"true": True, "false": False}.get(v.lower(), v),
+        help="auto (on for CUDA, as the trainer), true or false",
     )
     parser.add_argument(
         "--ot-kernels",

@@ -142,7 +142,10 @@ def hard_triplet_ot_loss(
             f"{batch}: was the backbone's forward for this batch the last one?"
         )
     with torch.no_grad():
-        finite = torch.isfinite(features.detach().flatten(1)).all(dim=1)
+        # Reduced dimension by dimension: flatten(1) would copy a channels_last map.
+        finite = torch.isfinite(features.detach())
+        while finite.dim() > 1:
+            finite = finite.all(dim=-1)
         finite &= torch.isfinite(embeddings.detach()).all(dim=1)
     triplets = mine_hard_triplets(
         embeddings.detach(),
@@ -157,7 +160,7 @@ def hard_triplet_ot_loss(
     # element so that a half-precision sum cannot overflow.
     keep = finite.view(-1, *([1] * (features.dim() - 1)))
     safe = torch.where(keep, features, 0.0)
-    zero = safe.reshape(-1)[:1].float().sum() * 0.0
+    zero = safe[(slice(0, 1),) * safe.dim()].float().sum() * 0.0  # a view, in any layout
     n_hard = triplets.anchor.numel()
     device = features.device
     # Scalars for the log are filled on the device: torch.tensor(x, device="cuda") is a
