@@ -184,7 +184,9 @@ def test_trainer_steps_with_layout_on_and_off(tmp_path):
     off, on, auto = results[False], results[True], results["auto"]
     assert on[0] == pytest.approx(off[0], abs=1e-5)
     assert on[1] == pytest.approx(off[1], abs=1e-4)
-    assert auto[:2] == off[:2]  # "auto" is NCHW on the CPU
+    # "auto" is NCHW on the CPU (asserted above); after the NHWC run in between, oneDNN may
+    # pick other CPU kernels, so equal to rounding rather than bit for bit.
+    assert auto[:2] == pytest.approx(off[:2], abs=1e-5)
     assert list(on[2]) == list(off[2])
     for key in off[2]:
         torch.testing.assert_close(on[2][key], off[2][key], atol=1e-4, rtol=1e-4)
