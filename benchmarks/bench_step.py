@@ -48,32 +48,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str = "auto"):
-    cfg = copy.deepcopy(importlib.import_module("configs.base").config)
-    cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name)
-    cfg.otface.kernel = kernel
-    backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
-    backbone.load_state_dict(state)
-    backbone.to(device).train()
-    layout = use_channels_last(args.channels_last, device)
-    if layout:  # as the trainer does (config.channels_last)
-        backbone.to(memory_format=torch.channels_last)
-    criterion = LOSSES.build(loss_name, cfg, backbone=backbone, rank=0, world_size=1).to(device)
-    params = list(backbone.parameters()) + list(criterion.parameters())
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
+class _Step:
+    """Backbone, criterion, optimiser and fp16 scaler of one contender, and its step."""
 
-    # A fresh batch each step (the same sequence for both criteria): reusing one batch lets the
-    # model fit it within a few steps and leaves nothing hard to mine.
-    g = torch.Generator().manual_seed(0)
-    per = args.batch_size // args.k
-    batches = []
-    for _ in range(args.warmup + args.steps):
-        x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
-        if layout:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ids = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
-        batches.append((x, ids.to(device)))
+    def __init__(self, loss_name: str, args, device: torch.device, state: dict, kernel: str):
+        cfg = copy.deepcopy(importlib.import_module("configs.base").config)
+        cfg.update(
+            network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name
+        )
+        cfg.otface.kernel = kernel
+        self.backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
+        self.backbone.load_state_dict(state)
+        self.backbone.to(device).train()
+        self.channels_last = use_channels_last(args.channels_last, device)
+        if self.channels_last:  # as the trainer does (config.channels_last)
+            self.backbone.to(memory_format=torch.channels_last)
+        self.criterion = LOSSES.build(
+            loss_name, cfg, backbone=self.backbone, rank=0, world_size=1
+        ).to(device)
+        params = list(self.backbone.parameters()) + list(self.criterion.parameters())
+        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
+
+    def batches(self, args, device: torch.device, count: int):
+        # A fresh batch each step (the same sequence for every contender): reusing one batch
+        # lets the model fit it within a few steps and leaves nothing hard to mine.
+        g = torch.Generator().manual_seed(0)
+        per = args.batch_size // args.k
+        out = []
+        for _ in range(count):
+            x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ids = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
+            out.append((x, ids.to(device)))
+        return out
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, step: int):
+        out = self.criterion(self.backbone(x), labels, step=step)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(out.loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            out.loss.backward()
+            self.opt.step()
+        return out
+
+
+def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str = "auto"):
+    run = _Step(loss_name, args, device, state, kernel)
+    batches = run.batches(args, device, args.warmup + args.steps)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,15 +107,7 @@ def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str =
     for step, (x, labels) in enumerate(batches, start=1):
         _sync(device)
         t0 = time.perf_counter()
-        out = criterion(backbone(x), labels, step=step)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(out.loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            out.loss.backward()
-            opt.step()
+        out = run(x, labels, step)
         _sync(device)
         if step > args.warmup:
             times.append(time.perf_counter() - t0)
@@ -99,8 +117,8 @@ def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str =
         mem = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         mem = _rss_mib()
-    if hasattr(criterion, "remove_hook"):
-        criterion.remove_hook()
+    if hasattr(run.criterion, "remove_hook"):
+        run.criterion.remove_hook()
     return statistics.median(times), (statistics.mean(n_hard) if n_hard else None), mem
 
 
@@ -138,30 +156,10 @@ def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]
                 found.append((name, frames[-1] if frames else "(torch internals)"))
             return func(*args_, **(kwargs or {}))
 
-    cfg = copy.deepcopy(importlib.import_module("configs.base").config)
-    cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss="otface")
-    backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
-    backbone.load_state_dict(state)
-    backbone.to(device).train()
-    criterion = LOSSES.build("otface", cfg, backbone=backbone, rank=0, world_size=1).to(device)
-    opt = torch.optim.SGD(list(backbone.parameters()) + list(criterion.parameters()), lr=0.01)
-    scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
-    g = torch.Generator().manual_seed(0)
-    per = args.batch_size // args.k
-    for step in (1, 2):
-        x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
-        labels = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
-        labels = labels.to(device)
+    run = _Step("otface", args, device, state, "auto")
+    for step, (x, labels) in enumerate(run.batches(args, device, 2), start=1):
         with Record() if step == 2 else contextlib.nullcontext():
-            out = criterion(backbone(x), labels, step=step)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(out.loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                out.loss.backward()
-                opt.step()
+            run(x, labels, step)
     return found
 
 
