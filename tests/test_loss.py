@@ -335,3 +335,26 @@ def test_two_rank_gloo_no_deadlock(tmp_path):
     assert all(h > 0 for h in results[1][0]), results
     # DDP kept the replicas equal although only rank 1 had an OT term.
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["spatial"])  # group mode: not yet (see the README)
+def test_backward_repeats_bit_for_bit_with_threads(mode):
+    # Anchors recur across pairs (and as self-terms): gathering them with advanced indexing
+    # made the backward accumulate in a thread-dependent order, so two CPU runs with the same
+    # seed drifted apart. The gradient must be identical call after call.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        feat0 = torch.randn(48, 64, 7, 7, generator=g, dtype=torch.float32)
+        emb = torch.randn(48, 32, generator=g)
+        labels = torch.arange(12).repeat_interleave(4)
+        grads = []
+        for _ in range(4):
+            f = feat0.clone().requires_grad_()
+            hard_triplet_ot_loss(f, emb, labels, mode=mode, mining_margin=2.0).loss.backward()
+            grads.append(f.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].abs().sum() > 0
+    assert all(torch.equal(g_, grads[0]) for g_ in grads[1:])

@@ -182,7 +182,8 @@ def hard_triplet_ot_loss(
         source, target = torch.cat([a, a]), torch.cat([p, n])
     else:
         pooled = F.normalize(_points(safe).float().mean(dim=1), dim=-1)
-        bank = torch.stack([pooled[a], pooled[p], pooled[n]])
+        # index_select: a deterministic backward with repeated indices (see ot_distances).
+        bank = torch.stack([pooled.index_select(0, i) for i in (a, p, n)])
         source = torch.zeros(2, dtype=torch.long, device=device)
         target = torch.arange(1, 3, device=device)
     # The cosine cost lies in [0, 2]: the solver picks its kernel without a host sync.

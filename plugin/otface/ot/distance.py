@@ -112,7 +112,9 @@ def ot_distances(
         symmetric = torch.arange(x_idx.numel(), device=x_idx.device) >= n_pairs
     else:
         x_idx, y_idx = source, target
-    cost = cost_fn(points[x_idx], points[y_idx])
+    # index_select, not points[idx]: the backward of advanced indexing with repeated indices
+    # accumulates in a thread-dependent order on CPU, so runs would not repeat bit for bit.
+    cost = cost_fn(points.index_select(0, x_idx), points.index_select(0, y_idx))
     res = solve_ot(
         cost,
         eps=eps,
