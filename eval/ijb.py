@@ -24,29 +24,16 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, DEMO_IJB_TARGET, is_demo, resolve_data_dir
 from otface.evaluation.ijb import evaluate_ijb, feature_cache_key, format_table, save_roc_plot
 from otface.evaluation.ijb_meta import ijb_layout
 from otface.evaluation.models import open_embedder, resolve_model_path, resolve_network
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model", required=True, help="model.pt, its training output folder, or model.onnx"
-    )
-    parser.add_argument(
-        "--network",
-        default=None,
-        help="backbone name for a model.pt, e.g. r100 (default: the one in its training.log)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         required=True,
@@ -57,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=None,
         help=f"meta file prefix: IJBB or IJBC (default IJBC; {DEMO_IJB_TARGET!r} with --data demo)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--num-workers", type=int, default=4, help="image loading threads")
     parser.add_argument("--no-flip", action="store_true", help="skip the flip test")
     parser.add_argument(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from otface.evaluation.bin_io import list_bin_sets, read_bin
+from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, is_demo, resolve_data_dir
 from otface.evaluation.models import Embedder, open_embedder, resolve_network
 from otface.evaluation.verification import VerificationResult, evaluate_pairs, read_pairs_list
@@ -31,13 +32,6 @@ def _report(name: str, res: VerificationResult) -> None:
     print(f"[{name}]XNorm: {res.xnorm:f}")
     print(f"[{name}]Accuracy: {res.accuracy:1.5f}+-{res.accuracy_std:1.5f}")
     print(f"[{name}]Accuracy-Flip: {res.accuracy_flip:1.5f}+-{res.accuracy_flip_std:1.5f}")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _targets(requested: Optional[str], data: str, folder: Path) -> List[str]:
@@ -64,14 +58,7 @@ def _run_bins(embedder: Embedder, names: List[str], folder: Path, n_folds: int) 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model", required=True, help="model.pt, its training output folder, or model.onnx"
-    )
-    parser.add_argument(
-        "--network",
-        default=None,
-        help="backbone name for a model.pt, e.g. r100 (default: the one in its training.log)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         default=None,
@@ -84,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "demo's sets)",
     )
     parser.add_argument("--pairs", default=None, help="a pairs list instead of .bin sets")
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)
