@@ -99,6 +99,10 @@ config.otface.solver = "auto"  # "auto", "torch" or "pot"
 # "torch"), or one of "torch", "matmul", "triton" (CUDA)
 config.otface.kernel = "auto"
 config.otface.distance = "divergence"  # W: "divergence", "entropic" or "transport" (approx. grad)
+# ours: "auto" (True on CUDA): spatial mode solves every anchor's triplet and masks those that
+# are not hard, so the step never waits for the host to learn how many are hard; False solves
+# only the hard ones (fewer problems, one device sync per step).
+config.otface.fixed_shapes = "auto"
 
 # Weights & Biases (arcface_torch keys, accepted so upstream configs load; logging to W&B is
 # not implemented here and using_wandb=True is refused).

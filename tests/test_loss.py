@@ -110,9 +110,10 @@ def _mine(emb, labels, margin):
     return out
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True])
 @pytest.mark.parametrize("distance", ["divergence", "entropic", "transport"])
 @pytest.mark.parametrize("variant", ["hinge", "pull"])
-def test_spatial_mode_equals_loop_of_single_solves(variant, distance):
+def test_spatial_mode_equals_loop_of_single_solves(variant, distance, fixed_shapes):
     # Reference: a plain loop over the triplets, each distance from separate single solves
     # (numpy log-domain Sinkhorn for OT_eps and its self-terms, POT's plan for <T, C>).
     feats, emb, labels = _batch(1)
@@ -128,6 +129,7 @@ def test_spatial_mode_equals_loop_of_single_solves(variant, distance):
         eps=EPS,
         max_iter=3000,
         tol=1e-10,
+        fixed_shapes=fixed_shapes,
     )
     pts = list(feats.flatten(2).transpose(1, 2).numpy())
     ref = _REFERENCE[distance]
@@ -180,23 +182,27 @@ def test_pot_solver_gives_the_same_loss():
     assert pot.loss.item() == pytest.approx(ours.loss.item(), abs=1e-8)
 
 
-def test_nothing_hard_is_a_connected_exact_zero():
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_nothing_hard_is_a_connected_exact_zero(fixed_shapes):
     feats, emb, _ = _batch(3)
     feats.requires_grad_(True)
-    out = hard_triplet_ot_loss(feats, emb, torch.arange(8), eps=EPS, max_iter=50, tol=1e-3)
+    out = hard_triplet_ot_loss(
+        feats, emb, torch.arange(8), eps=EPS, max_iter=50, tol=1e-3, fixed_shapes=fixed_shapes
+    )
     assert out.loss.item() == 0.0 and out.loss.requires_grad
     out.loss.backward()
     assert feats.grad is not None and torch.count_nonzero(feats.grad) == 0
     assert out.metrics["n_hard"].item() == 0
 
 
-def test_nonfinite_rows_are_skipped_and_counted():
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_nonfinite_rows_are_skipped_and_counted(fixed_shapes):
     feats, emb, labels = _batch(4, batch=12)
     bad_f, bad_e = feats.clone(), emb.clone()
     bad_f[0, 3, 1, 1] = float("nan")
     bad_e[5, 2] = float("inf")
     bad_f.requires_grad_(True)
-    kw = dict(mining_margin=1.0, eps=EPS, max_iter=2000, tol=1e-10)
+    kw = dict(mining_margin=1.0, eps=EPS, max_iter=2000, tol=1e-10, fixed_shapes=fixed_shapes)
     out = hard_triplet_ot_loss(bad_f, bad_e, labels, **kw)
     assert out.metrics["ot_nonfinite"].item() == 2
     out.loss.backward()
@@ -206,6 +212,30 @@ def test_nonfinite_rows_are_skipped_and_counted():
     ref = hard_triplet_ot_loss(feats[keep], emb[keep], labels[keep], **kw)
     assert out.loss.item() == pytest.approx(ref.loss.item(), abs=1e-9)
     assert out.metrics["n_hard"].item() == ref.metrics["n_hard"].item() > 0
+
+
+@pytest.mark.parametrize("max_triplets", [0, 3])
+@pytest.mark.parametrize("distance", ["divergence", "transport"])
+def test_fixed_slots_give_the_gathered_loss_and_gradient(distance, max_triplets):
+    # The slot path solves every anchor (or the max_triplets largest violations) and masks
+    # the rest: the loss and the gradient are those of solving the hard triplets alone.
+    feats, _, labels = _batch(6, batch=12)
+    g = torch.Generator().manual_seed(1)
+    templates = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    emb = templates[labels] + 0.5 * torch.randn(12, 6, generator=g, dtype=torch.float64)
+    kw = dict(mining_margin=0.0, eps=EPS, max_iter=3000, tol=1e-10, distance=distance)
+    grads, losses = [], []
+    for fixed in (False, True):
+        f = feats.clone().requires_grad_(True)
+        kw.update(fixed_shapes=fixed, max_triplets=max_triplets)
+        out = hard_triplet_ot_loss(f, emb, labels, **kw)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append(f.grad)
+        n_hard = out.metrics["n_hard"].item()
+    assert n_hard == (6 if max_triplets == 0 else 3)  # 6 of the 12 anchors are hard
+    assert losses[1] == pytest.approx(losses[0], abs=1e-9)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-9, rtol=1e-7)
 
 
 def test_bad_options_are_named():
@@ -240,10 +270,13 @@ def test_lambda_warmup():
     assert lambda_at(0, lambda_ot=2.0, warmup_steps=0) == 2.0
 
 
-@pytest.mark.parametrize("mode", ["spatial", "group"])
-def test_criterion_end_to_end(mode):
+@pytest.mark.parametrize(
+    "mode,fixed_shapes", [("spatial", "auto"), ("spatial", True), ("group", True)]
+)
+def test_criterion_end_to_end(mode, fixed_shapes):
     net = TinyBackbone()
     cfg = _cfg(mode=mode, mining_margin=2.0, warmup_steps=4, lambda_ot=1.5)
+    cfg.otface.fixed_shapes = fixed_shapes
     crit = LOSSES.build("otface", cfg, backbone=net, rank=0, world_size=1)
     arc = LOSSES.build("arcface", cfg, backbone=net, rank=0, world_size=1)
     assert isinstance(crit, OTFaceCriterion)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from otface.mining import HardTriplets, mine_hard_triplets
+from otface.mining import HardTriplets, mine_hard_triplet_slots, mine_hard_triplets
 
 
 def _unit(*angles_deg):
@@ -123,3 +123,28 @@ def test_similarities_stay_float32_under_autocast():
         got = mine_hard_triplets(emb, labels)
     got_rows = list(zip(got.anchor.tolist(), got.positive.tolist(), got.negative.tolist()))
     assert got_rows == ref
+
+
+@pytest.mark.parametrize("max_triplets", [0, 4, 100])
+def test_slots_hold_the_loop_triplets(max_triplets):
+    # Fixed-shape slots: their hard entries are the reference triplets (the max_triplets
+    # largest violations when capped), and the shape depends only on B and the cap.
+    g = torch.Generator().manual_seed(3)
+    labels = torch.arange(16) // 4
+    emb = torch.randn(4, 5, generator=g)[labels] + 0.6 * torch.randn(16, 5, generator=g)
+    valid = [i != 6 for i in range(16)]
+    slots = mine_hard_triplet_slots(
+        emb, labels, mining_margin=0.0, max_triplets=max_triplets, valid=torch.tensor(valid)
+    )
+    width = 16 if max_triplets in (0, 100) else max_triplets
+    assert all(t.shape == (width,) for t in slots)
+    ref = _loop(emb, labels, 0.0, valid)
+    assert 4 < len(ref) < 15
+    got = sorted((a, p, n) for a, p, n, h in zip(*(t.tolist() for t in slots)) if h)
+    if max_triplets == 4:
+        capped = mine_hard_triplets(
+            emb, labels, mining_margin=0.0, max_triplets=4, valid=torch.tensor(valid)
+        )
+        ref = list(zip(capped.anchor.tolist(), capped.positive.tolist(), capped.negative.tolist()))
+        assert len(ref) == 4
+    assert got == sorted(ref)

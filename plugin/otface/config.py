@@ -115,6 +115,7 @@ _SCHEMA: dict[str, _Spec] = {
     "otface.solver": _Spec((str,), choices=("auto", "torch", "pot")),
     "otface.kernel": _Spec((str,), choices=("auto", "torch", "matmul", "triton")),
     "otface.distance": _Spec((str,), choices=("divergence", "entropic", "transport")),
+    "otface.fixed_shapes": _Spec((str, bool), choices=("auto", True, False)),
     "using_wandb": _Spec((bool,), choices=(False,)),
     "wandb_key": _STR,
     "suffix_run_name": _Spec((str,), nullable=True),

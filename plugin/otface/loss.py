@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from otface.criterion import LossOutput, MarginCriterion
-from otface.mining import mine_hard_triplets
+from otface.mining import mine_hard_triplet_slots, mine_hard_triplets
 from otface.ot import DISTANCES, ot_distances
 from otface.registry import HOOKS, LOSSES
 
@@ -102,6 +102,7 @@ def hard_triplet_ot_loss(
     solver: str = "auto",
     distance: str = "divergence",
     kernel: str = "auto",
+    fixed_shapes: bool = False,
 ) -> OTLossOutput:
     """OT loss between the feature distributions of hard triplets (design spec §2, steps 1-4).
 
@@ -125,6 +126,11 @@ def hard_triplet_ot_loss(
             (:func:`otface.ot.ot_distances`).
         kernel: our solver's kernel, ``"auto"``, ``"torch"``, ``"matmul"`` or ``"triton"``
             (:func:`otface.ot.sinkhorn.sinkhorn`).
+        fixed_shapes: spatial mode only: solve a fixed number of triplet slots (every anchor,
+            or ``max_triplets``) and mask the ones that are not hard, instead of gathering the
+            hard ones (:func:`otface.mining.mine_hard_triplet_slots`). The same loss and
+            gradient; more problems solved, but no host read of the number of hard triplets
+            (a device sync per step on CUDA).
 
     Returns:
         :class:`OTLossOutput`.
@@ -147,6 +153,26 @@ def hard_triplet_ot_loss(
         while finite.dim() > 1:
             finite = finite.all(dim=-1)
         finite &= torch.isfinite(embeddings.detach()).all(dim=1)
+    if fixed_shapes and mode == "spatial":
+        return _slot_ot_loss(
+            features,
+            embeddings,
+            labels,
+            finite,
+            variant=variant,
+            ot_margin=ot_margin,
+            mining_margin=mining_margin,
+            max_triplets=max_triplets,
+            ot_kwargs=dict(
+                distance=distance,
+                eps=eps,
+                max_iter=max_iter,
+                tol=tol,
+                solver=solver,
+                cost_range=2.0,
+                kernel=kernel,
+            ),
+        )
     triplets = mine_hard_triplets(
         embeddings.detach(),
         labels,
@@ -154,13 +180,7 @@ def hard_triplet_ot_loss(
         max_triplets=max_triplets,
         valid=finite,
     )
-    # Non-finite rows are zeroed before any use, so neither their values nor a NaN gradient
-    # can leak (always applied: testing for them first would cost a host sync per step). The
-    # zero term keeps the feature map in the graph when nothing is hard; it is built from one
-    # element so that a half-precision sum cannot overflow.
-    keep = finite.view(-1, *([1] * (features.dim() - 1)))
-    safe = torch.where(keep, features, 0.0)
-    zero = safe[(slice(0, 1),) * safe.dim()].float().sum() * 0.0  # a view, in any layout
+    safe, zero = _zero_nonfinite(features, finite)
     n_hard = triplets.anchor.numel()
     device = features.device
     # Scalars for the log are filled on the device: torch.tensor(x, device="cuda") is a
@@ -207,15 +227,87 @@ def hard_triplet_ot_loss(
     else:
         loss = w_ap.mean()
     loss = loss + zero
-    metrics.update(
-        loss_ot=loss.detach(),
-        w_ap=w_ap.detach().mean(),
-        w_an=w_an.detach().mean(),
-        # n_iter is an int (torch kernels) or a device tensor (fused kernel): no host read.
-        sinkhorn_iters=torch.as_tensor(res.n_iter, device=device).float(),
-        sinkhorn_err=res.marginal_error.detach().float(),
-    )
+    metrics.update(_solve_metrics(res, device), loss_ot=loss.detach())
+    metrics.update(w_ap=w_ap.detach().mean(), w_an=w_an.detach().mean())
     return OTLossOutput(loss, metrics)
+
+
+def _zero_nonfinite(
+    features: torch.Tensor, finite: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``features`` with the non-finite rows zeroed, and a zero connected to ``features``.
+
+    Non-finite rows are zeroed before any use, so neither their values nor a NaN gradient can
+    leak (always applied: testing for them first would cost a host sync per step). The zero
+    keeps the feature map in the graph when nothing is hard; it is built from one element so
+    that a half-precision sum cannot overflow.
+    """
+    keep = finite.view(-1, *([1] * (features.dim() - 1)))
+    safe = torch.where(keep, features, 0.0)
+    return safe, safe[(slice(0, 1),) * safe.dim()].float().sum() * 0.0  # a view, any layout
+
+
+def _solve_metrics(res, device: torch.device) -> Dict[str, torch.Tensor]:
+    # n_iter is an int (torch kernels) or a device tensor (fused kernel): no host read.
+    return {
+        "sinkhorn_iters": torch.as_tensor(res.n_iter, device=device).float(),
+        "sinkhorn_err": res.marginal_error.detach().float(),
+    }
+
+
+def _slot_ot_loss(
+    features: torch.Tensor,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    finite: torch.Tensor,
+    *,
+    variant: str,
+    ot_margin: float,
+    mining_margin: float,
+    max_triplets: int,
+    ot_kwargs: dict,
+) -> OTLossOutput:
+    """Spatial-mode OT loss over fixed triplet slots: shapes never depend on the data."""
+    slots = mine_hard_triplet_slots(
+        embeddings.detach(),
+        labels,
+        mining_margin=mining_margin,
+        max_triplets=max_triplets,
+        valid=finite,
+    )
+    safe, zero = _zero_nonfinite(features, finite)
+    a, p, n, hard = slots
+    # Every sample's self-problem is solved ("all"): finding the ones in use would read their
+    # number on the host.
+    res = ot_distances(
+        _points(safe),
+        torch.cat([a, a]),
+        torch.cat([p, n]),
+        self_terms="all",
+        **ot_kwargs,
+    )
+    w_ap, w_an = res.value.chunk(2)
+    n_hard = hard.sum()
+    count = n_hard.clamp(min=1).float()
+    # where, not a product with the mask: a slot that is not hard contributes nothing, not
+    # even a NaN times zero.
+    term = F.relu(w_ap - w_an + ot_margin) if variant == "hinge" else w_ap
+    loss = torch.where(hard, term, 0.0).sum() / count + zero
+    metrics = {
+        "n_hard": n_hard.float(),
+        "ot_nonfinite": (~finite).sum().float(),
+        "loss_ot": loss.detach(),
+        "w_ap": torch.where(hard, w_ap.detach(), 0.0).sum() / count,
+        "w_an": torch.where(hard, w_an.detach(), 0.0).sum() / count,
+    }
+    metrics.update(_solve_metrics(res, features.device))
+    return OTLossOutput(loss, metrics)
+
+
+def _fixed_shapes(setting, device: torch.device) -> bool:
+    # "auto": on CUDA, where a data-dependent shape stalls the host until the GPU catches up;
+    # on the CPU there is nothing to stall, and solving only the hard triplets is cheaper.
+    return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
 class OTFaceCriterion(MarginCriterion):
@@ -290,6 +382,7 @@ class OTFaceCriterion(MarginCriterion):
             solver=o["solver"],
             distance=o["distance"],
             kernel=o.get("kernel", "auto"),
+            fixed_shapes=_fixed_shapes(o.get("fixed_shapes", "auto"), features.device),
         )
         update = -(-int(step) // self.batches_per_update)
         lam = lambda_at(update, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])

@@ -31,6 +31,7 @@ from otface.ot.solve import solve_ot
 __all__ = ["DISTANCES", "OTDistances", "ot_distances"]
 
 DISTANCES = ("divergence", "entropic", "transport")
+SELF_TERMS = ("used", "all")
 
 
 class OTDistances(NamedTuple):
@@ -63,15 +64,18 @@ def ot_distances(
     cost_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cosine_cost,
     cost_range: Optional[float] = None,
     kernel: str = "auto",
+    self_terms: str = "used",
 ) -> OTDistances:
     """OT distance between ``points[source[k]]`` and ``points[target[k]]`` for every pair ``k``.
 
     Every point cloud is a uniform distribution. All problems go to ONE batched solve: the
-    ``P`` cross problems and, for ``"divergence"``, one self-problem per distinct cloud index
-    in ``source`` and ``target`` (a cloud that appears in several pairs, e.g. as an anchor in
-    one and a negative in another, is solved against itself once). Finding the distinct
-    indices (:func:`torch.unique`) reads their count on the host: one device sync on CUDA. The
-    self-problems are flagged symmetric, for the solver's averaged updates.
+    ``P`` cross problems and, for ``"divergence"``, the self-problems: with
+    ``self_terms="used"``, one per distinct cloud index in ``source`` and ``target`` (a cloud
+    that appears in several pairs, e.g. as an anchor in one and a negative in another, is
+    solved against itself once), whose count :func:`torch.unique` reads on the host (one
+    device sync on CUDA); with ``self_terms="all"``, one per cloud of the bank, ``N`` in all,
+    which needs no host read. The self-problems are flagged symmetric, for the solver's
+    averaged updates.
 
     Args:
         points: ``(N, n, C)`` bank of ``N`` point clouds of ``n`` points each (with grad).
@@ -87,13 +91,14 @@ def ot_distances(
         cost_range: bound on each cost row's range known to the caller (2 for the cosine
             cost), for the solver's kernel choice; None: measured.
         kernel: our solver's kernel (:func:`otface.ot.solve_ot`).
+        self_terms: ``"used"`` or ``"all"``: the divergence's self-problems (above).
 
     Returns:
         :class:`OTDistances`.
 
     Raises:
-        ValueError: an unknown ``distance``, or indices that are not two 1-D tensors of the
-            same length.
+        ValueError: an unknown ``distance`` or ``self_terms``, or indices that are not two
+            1-D tensors of the same length.
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown OT distance {distance!r}; choices: {', '.join(DISTANCES)}")
@@ -104,10 +109,16 @@ def ot_distances(
             f"ot_distances: source and target must be 1-D of equal length, got "
             f"{tuple(source.shape)} and {tuple(target.shape)}"
         )
+    if self_terms not in SELF_TERMS:
+        raise ValueError(f"unknown self_terms {self_terms!r}; choices: {', '.join(SELF_TERMS)}")
     n_pairs = source.numel()
     symmetric = None
     if distance == "divergence":
-        distinct, inverse = torch.unique(torch.cat([source, target]), return_inverse=True)
+        if self_terms == "all":
+            distinct = torch.arange(points.shape[0], device=source.device)
+            inverse = torch.cat([source, target])
+        else:
+            distinct, inverse = torch.unique(torch.cat([source, target]), return_inverse=True)
         x_idx, y_idx = torch.cat([source, distinct]), torch.cat([target, distinct])
         symmetric = torch.arange(x_idx.numel(), device=x_idx.device) >= n_pairs
     else:
@@ -131,5 +142,7 @@ def ot_distances(
         value = entropic_objective(res.plan, cost, eps=eps, potentials=res.potentials)
     if distance == "divergence":
         cross, self_ot = value[:n_pairs], value[n_pairs:]
-        value = cross - 0.5 * self_ot[inverse[:n_pairs]] - 0.5 * self_ot[inverse[n_pairs:]]
+        self_x = self_ot.index_select(0, inverse[:n_pairs])
+        self_y = self_ot.index_select(0, inverse[n_pairs:])
+        value = cross - 0.5 * self_x - 0.5 * self_y
     return OTDistances(value, res.n_iter, res.marginal_error, int(x_idx.numel()))
