@@ -119,11 +119,19 @@ def _train(path, *args, timeout=300, env=None):
 # -- NaN batches -------------------------------------------------------------------------------
 
 
-def test_nan_batch_leaves_every_tensor_of_the_model_as_before(tmp_path):
+def _cpu_grad_scaler():
+    # The fp16 path's scaler on CPU tensors: unscale_, the Inf flag and update() as on CUDA.
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
+
+
+@pytest.mark.parametrize("scaler", [False, True])
+def test_nan_batch_leaves_every_tensor_of_the_model_as_before(tmp_path, scaler):
     path, _ = _config(tmp_path, extra="config.sampler = edict(type='uniform')\n")
     cfg = load_config(path)
     loop.seed_everything(cfg.seed)
     trainer = loop.Trainer(cfg, _env())
+    if scaler:
+        trainer.grad_scaler = _cpu_grad_scaler()
     g = torch.Generator().manual_seed(0)
     trainer.train_step(torch.rand(8, 3, 112, 112, generator=g) * 2 - 1, torch.arange(8))
     before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
@@ -142,6 +150,36 @@ def test_nan_batch_leaves_every_tensor_of_the_model_as_before(tmp_path):
     trainer.train_step(torch.rand(8, 3, 112, 112, generator=g) * 2 - 1, torch.arange(8))
     assert trainer.skipped_steps == 1 and trainer.skips.consecutive == 0
     assert torch.isfinite(trainer.backbone.state_dict()["bn2.running_var"]).all()
+    if scaler:  # the Inf step halved the scale, the clean ones kept it
+        assert trainer.grad_scaler.get_scale() == 2.0**9
+
+
+def test_optimiser_step_reads_the_device_once_with_a_grad_scaler(tmp_path):
+    # fp16 training: the step's only host read is its skip decision; the scaler's Inf flag
+    # joins it on the device instead of being read again by scaler.step().
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    path, _ = _config(tmp_path, extra="config.sampler = edict(type='uniform')\n")
+    trainer = loop.Trainer(load_config(path), _env())
+    trainer.grad_scaler = _cpu_grad_scaler()
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("_local_scalar_dense"):
+                stack = traceback.extract_stack()
+                reads.append([f"{os.path.basename(f.filename)}:{f.name}" for f in stack])
+            return func(*args, **(kwargs or {}))
+
+    img = torch.rand(8, 3, 112, 112) * 2 - 1
+    trainer.train_step(img, torch.arange(8))
+    with Reads():
+        trainer.train_step(img, torch.arange(8))
+    in_step = [r for r in reads if "loop.py:_optimizer_step" in r]
+    assert len(in_step) == 1
+    assert not any("grad_scaler.py:step" in frame for r in reads for frame in r)
 
 
 def test_consecutive_skips_stop_the_run(tmp_path):

@@ -236,12 +236,18 @@ class Trainer:
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         grad_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), GRAD_CLIP_NORM)
+        ok = torch.isfinite(grad_norm)
+        found_inf = _found_inf(self.grad_scaler, self.optimizer)
+        if found_inf is not None:
+            # The scaler's Inf flag (class centres included; all-reduced by ShardedGradScaler,
+            # so ranks agree) joins the decision, and optimizer.step() is called here rather
+            # than through scaler.step(), which would read that flag on the host once more.
+            ok = ok & (found_inf.to(ok.device) == 0)
         # The one host read of the step. The backbone's gradients are all-reduced, so every
-        # rank decides the same; under fp16 the scaler reads its own Inf flag at this point
-        # anyway, so this adds no stall.
-        finite = bool(torch.isfinite(grad_norm))
+        # rank decides the same.
+        finite = bool(ok)
         if finite:
-            if self.grad_scaler is not None:
+            if self.grad_scaler is not None and found_inf is None:
                 self.grad_scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
@@ -389,6 +395,20 @@ class Trainer:
                 target,
             )
         return ckpt, path
+
+
+def _found_inf(scaler, optimizer) -> torch.Tensor | None:
+    """The Inf/NaN flag ``scaler.unscale_(optimizer)`` left on the device (> 0: skip), or None
+    without a scaler, or where this torch keeps it elsewhere (then scaler.step() decides)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    flags = list(state.get("found_inf_per_device", {}).values())
+    if not flags:
+        return None
+    return (
+        flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).sum()
+    )
 
 
 def _rank_local_buffers() -> dict[str, bool]:
