@@ -20,7 +20,6 @@ from torch import nn
 
 from otface.config import ConfigError, load_config
 from otface.criterion import LossOutput
-from otface.data.datasets import normalize_images
 from otface.data.loader import TooManyBadImages
 from otface.registry import LOSSES
 from otface.train.checkpoint import (
@@ -36,6 +35,7 @@ from otface.train.distributed import DistEnv, init_distributed, shutdown_distrib
 from otface.train.guard import BufferSnapshot, SkipCounter, TooManySkippedSteps
 from otface.train.log import StepLogger, init_logging
 from otface.train.lr import build_lr_scheduler
+from otface.train.prefetch import DevicePrefetcher, to_training_layout
 from otface.train.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["Trainer", "build_backbone", "build_grad_scaler", "main", "seed_everything"]
@@ -200,15 +200,9 @@ class Trainer:
         if (self.global_step - 1) % acc == 0:  # first batch of an accumulation
             self._buffers.take()
         update = self.global_step % acc == 0
-        img = img.to(self.device, non_blocking=True)
-        if self.channels_last:
-            # Before the normalisation: it keeps the layout, and uint8 is 4x cheaper to permute.
-            img = img.contiguous(memory_format=torch.channels_last)
-        if img.dtype == torch.uint8:
-            # The loader hands uint8 batches to CUDA runs (pinned, 4x fewer bytes to copy);
-            # they are normalised here, on the device.
-            img = normalize_images(img)
-        labels = labels.to(self.device, non_blocking=True)
+        # The loader hands uint8 batches to CUDA runs (pinned, 4x fewer bytes to copy); the
+        # prefetcher has usually moved and normalised them already, and then this is a no-op.
+        img, labels = to_training_layout(img, labels, self.device, channels_last=self.channels_last)
         # DDP's static graph records its first step with gradient hooks on: no_sync only after.
         no_sync = getattr(self.model, "no_sync", None) if self._synced_once else None
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
@@ -544,7 +538,8 @@ def fit(
         for epoch in range(trainer.start_epoch, cfg.num_epoch):
             first = trainer.start_batch if epoch == trainer.start_epoch else 0
             loader.batch_sampler.set_epoch(epoch, start_batch=first)
-            for batch_idx, (img, labels) in enumerate(loader, start=first):
+            batches = DevicePrefetcher(loader, env.device, channels_last=trainer.channels_last)
+            for batch_idx, (img, labels) in enumerate(batches, start=first):
                 out = trainer.train_step(img, labels)
                 step = trainer.global_step
                 if step % cfg.frequent == 0:
