@@ -60,6 +60,7 @@ def _config(args, output: str):
         frequent=args.frequent,
         val_targets=[],
         output=output,
+        compile=args.compile,
     )
     cfg.sampler.update(type="pk", k=args.k)
     validate_config(cfg)
@@ -80,6 +81,12 @@ def main() -> None:
     parser.add_argument("--block-steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--compile",
+        default=False,
+        type=lambda v: {"true": True, "false": False}.get(v.lower(), v),
+        help="config.compile: false (default), true, default, reduce-overhead, max-autotune",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -130,6 +137,11 @@ def main() -> None:
             _sync(device)
             return count * cfg.batch_size / (time.perf_counter() - t0)
 
+        _sync(device)
+        t0 = time.perf_counter()
+        loop_steps(1)  # with config.compile, the compilation happens here
+        _sync(device)
+        first_step_s = time.perf_counter() - t0
         loop_steps(args.warmup)
         step_steps(args.warmup)
         drain = max(args.num_workers, 1) * PREFETCH_FACTOR
@@ -146,8 +158,9 @@ def main() -> None:
     print(
         f"device: {name}; {args.network} {args.loss}, batch {args.batch_size}, "
         f"fp16={args.fp16}, classes {args.num_classes}, {args.num_workers} workers, "
-        f"{args.blocks} pairs of {args.block_steps}-step blocks"
+        f"{args.blocks} pairs of {args.block_steps}-step blocks, compile={args.compile}"
     )
+    print(f"first step (compilation included, if any): {first_step_s:.1f} s")
     print(f"{'mode':6s} {'img/s (median)':>15s} {'min':>9s} {'max':>9s}")
     for label, rates in (("step", step_rates), ("loop", loop_rates)):
         print(f"{label:6s} {statistics.median(rates):15.1f} {min(rates):9.1f} {max(rates):9.1f}")

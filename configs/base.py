@@ -30,6 +30,10 @@ config.fp16 = False
 # CUDA, where cuDNN's convolutions skip two layout transposes each (r50 step 1.7x faster on an
 # H200), plain NCHW on the CPU; True/False force it. model.pt and checkpoints are unchanged.
 config.channels_last = "auto"
+# ours: torch.compile the backbone in place (its state_dict keys do not change): False, True
+# (mode "default"), or a mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune".
+# The first steps pay the compile time; benchmarks/gpu_check.sh measures both.
+config.compile = False
 config.batch_size = 128
 
 # SGD (optimizer="sgd") or AdamW (optimizer="adamw": lr 0.001, weight_decay 0.1 upstream)

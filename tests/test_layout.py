@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from otface.backbones import get_model, use_channels_last
-from otface.config import ConfigError, load_config
+from otface.config import ConfigError, load_config, validate_config
 from otface.data.datasets import normalize_images
 from otface.hooks import FeatureCapture
 from otface.loss import hard_triplet_ot_loss
@@ -190,3 +190,19 @@ def test_trainer_steps_with_layout_on_and_off(tmp_path):
     assert list(on[2]) == list(off[2])
     for key in off[2]:
         torch.testing.assert_close(on[2][key], off[2][key], atol=1e-4, rtol=1e-4)
+
+
+def test_compile_key_keeps_the_state_dict_and_is_validated(tmp_path):
+    # Module.compile() works in place: no "_orig_mod." prefix in model.pt or checkpoints, and
+    # the module the feature hook sits on is the same. (The compilation itself happens at the
+    # first forward, which benchmarks/gpu_check.sh times on a GPU.)
+    net = get_model("r18_lite")
+    keys = list(net.state_dict())
+    loop.compile_backbone(net, "max-autotune")
+    assert list(net.state_dict()) == keys
+    cfg = _cfg(tmp_path, False)
+    assert cfg.compile is False
+    for bad in ("fast", 1):
+        cfg.compile = bad
+        with pytest.raises(ConfigError, match="compile"):
+            validate_config(cfg)

@@ -74,6 +74,9 @@ _SCHEMA: dict[str, _Spec] = {
     "interclass_filtering_threshold": _num("in [0, 1)", lambda v: 0 <= v < 1),
     "fp16": _BOOL,
     "channels_last": _Spec((str, bool), choices=("auto", True, False)),
+    "compile": _Spec(
+        (str, bool), choices=(False, True, "default", "reduce-overhead", "max-autotune")
+    ),
     "batch_size": _POS_INT,
     "optimizer": _Spec((str,), choices=("sgd", "adamw")),
     "lr": _POS,

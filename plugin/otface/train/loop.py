@@ -61,6 +61,19 @@ def _use_channels_last(setting, device: torch.device) -> bool:
         raise ConfigError(f"key {err}") from None
 
 
+def compile_backbone(backbone: nn.Module, setting) -> None:
+    """``torch.compile`` the backbone in place (config ``compile``: False, True or a mode).
+
+    In place (``Module.compile``), so the state_dict keys, the feature hook and DDP see the
+    same module as without it.
+    """
+    if setting is False:
+        return
+    if not hasattr(backbone, "compile"):  # torch < 2.2 (requirements allow 2.1)
+        raise ConfigError("key 'compile': needs torch >= 2.2 (nn.Module.compile)")
+    backbone.compile(mode=None if setting is True else setting)
+
+
 def build_backbone(cfg, device: torch.device) -> nn.Module:
     """The config's network; an unknown name is a :class:`ConfigError`."""
     from otface.backbones import get_model, list_models
@@ -130,6 +143,7 @@ class Trainer:
         self.channels_last = _use_channels_last(cfg.get("channels_last", "auto"), self.device)
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        compile_backbone(self.backbone, cfg.get("compile", False))
         try:
             builder = LOSSES.get(cfg.loss)
         except KeyError as err:
