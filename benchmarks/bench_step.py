@@ -14,6 +14,20 @@ a dispatch mode that records every op whose result the host must wait for (a sca
 as ``.item()``/``float()``/``bool()``, a data-dependent shape such as ``nonzero``/``unique``, a
 device-to-host copy) with the line of this project's code that asked for it. On a GPU each is
 a host sync; on a CPU the same list shows where they would be.
+
+``--arcface-torch PATH`` times arcface_torch's own step, imported at run time from the checkout
+at PATH (its ``backbones``, ``losses.CombinedMarginLoss`` and ``partial_fc_v2.PartialFC_V2``;
+nothing of it is copied here), beside ours ("arcface", "otface" and any ``--ot-kernels``), on
+the same batches, from the same backbone weights and class centres, with the same margins and
+SGD settings; each side clips and steps as its trainer does (``_upstream.py`` lists what is left
+out). A GPU's speed drifts by tens of percent between runs and within one, so one long run per
+contender can rank them wrongly: the contenders run in short blocks (``--block-steps``),
+interleaved in an order rotated every round (ABC, BCA, CAB, ...) for ``--blocks`` rounds. Each
+block gives a median step time; each of ours is divided by arcface_torch's block of the same
+round, and the table shows the median and spread of those paired ratios.
+
+    python benchmarks/bench_step.py --arcface-torch ../insightface/recognition/arcface_torch \
+        --network r100 --batch-size 128 --fp16 --num-classes 93431 --warmup 5 --blocks 20
 """
 
 from __future__ import annotations
@@ -28,11 +42,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
 from otface.backbones import get_model, use_channels_last
+from otface.evaluation.cli import positive_int
 from otface.registry import LOSSES
+from otface.train.loop import GRAD_CLIP_NORM
 
 # configs/ is a folder of the repository, not of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,15 +65,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _config(args, loss_name: str = "arcface"):
+    cfg = copy.deepcopy(importlib.import_module("configs.base").config)
+    cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name)
+    return cfg
+
+
 class _Step:
     """Backbone, criterion, optimiser and fp16 scaler of one contender, and its step."""
 
-    def __init__(self, loss_name: str, args, device: torch.device, state: dict, kernel: str):
-        cfg = copy.deepcopy(importlib.import_module("configs.base").config)
-        cfg.update(
-            network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name
-        )
+    def __init__(
+        self,
+        loss_name: str,
+        args,
+        device: torch.device,
+        state: dict,
+        kernel: str,
+        *,
+        as_trainer: bool = False,
+    ):
+        cfg = _config(args, loss_name)
         cfg.otface.kernel = kernel
+        # as_trainer: the trainer's learning rate and gradient clipping (as arcface_torch's
+        # step, for the comparison with it); otherwise the plain step of the overhead table.
+        self.as_trainer = as_trainer
         self.backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
         self.backbone.load_state_dict(state)
         self.backbone.to(device).train()
@@ -67,34 +99,51 @@ class _Step:
             loss_name, cfg, backbone=self.backbone, rank=0, world_size=1
         ).to(device)
         params = list(self.backbone.parameters()) + list(self.criterion.parameters())
-        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        lr, momentum = (cfg.lr, cfg.momentum) if as_trainer else (0.01, 0.9)
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=5e-4)
         self.scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
 
     def batches(self, args, device: torch.device, count: int):
-        # A fresh batch each step (the same sequence for every contender): reusing one batch
-        # lets the model fit it within a few steps and leaves nothing hard to mine.
-        g = torch.Generator().manual_seed(0)
-        per = args.batch_size // args.k
-        out = []
-        for _ in range(count):
-            x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            ids = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
-            out.append((x, ids.to(device)))
-        return out
+        return _batches(args, device, count, channels_last=self.channels_last)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, step: int):
         out = self.criterion(self.backbone(x), labels, step=step)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
         else:
             out.loss.backward()
+        finite = self._clip() if self.as_trainer else True
+        if self.scaler is not None:
+            if finite:
+                self.scaler.step(self.opt)
+            self.scaler.update()
+        elif finite:
             self.opt.step()
         return out
+
+    def _clip(self) -> bool:
+        # As the trainer's optimiser step: unscale, clip the backbone's gradient norm, and read
+        # whether it is finite (its one host read per step).
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), GRAD_CLIP_NORM)
+        return bool(torch.isfinite(norm))
+
+
+def _batches(args, device: torch.device, count: int, *, channels_last: bool):
+    # A fresh batch each step (the same sequence for every contender): reusing one batch
+    # lets the model fit it within a few steps and leaves nothing hard to mine.
+    g = torch.Generator().manual_seed(0)
+    per = args.batch_size // args.k
+    out = []
+    for _ in range(count):
+        x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ids = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
+        out.append((x, ids.to(device)))
+    return out
 
 
 def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str = "auto"):
@@ -120,6 +169,157 @@ def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str =
     if hasattr(run.criterion, "remove_hook"):
         run.criterion.remove_hook()
     return statistics.median(times), (statistics.mean(n_hard) if n_hard else None), mem
+
+
+class Spread(NamedTuple):
+    """Median, quartiles and range of ``n`` values."""
+
+    median: float
+    q1: float
+    q3: float
+    lo: float
+    hi: float
+    n: int
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """:class:`Spread` of ``values`` (quartiles by linear interpolation, as numpy's default)."""
+    if not values:
+        raise ValueError("spread of no values")
+    vals = sorted(values)
+    q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else vals * 3
+    return Spread(statistics.median(vals), q1, q3, vals[0], vals[-1], len(vals))
+
+
+def paired_ratios(block_s: Mapping[str, Sequence[float]], anchor: str) -> dict:
+    """Per block, each contender's time over the anchor's in the same round.
+
+    Args:
+        block_s: contender name -> its median step time of each round, all of one length.
+        anchor: the name to divide by.
+
+    Returns:
+        ``{name: [ratio of round 0, round 1, ...]}`` for every contender but the anchor.
+    """
+    if anchor not in block_s:
+        raise ValueError(f"anchor {anchor!r} is not a contender; got {sorted(block_s)}")
+    base = block_s[anchor]
+    out = {}
+    for name, times in block_s.items():
+        if len(times) != len(base):
+            raise ValueError(f"{name} has {len(times)} blocks, {anchor} has {len(base)}")
+        if name != anchor:
+            out[name] = [t / b for t, b in zip(times, base)]
+    return out
+
+
+class Interleaved(NamedTuple):
+    """Result of :func:`interleave`: per contender, the median step seconds of each block (one
+    block per round, rounds in order) and the number of hard triplets of each timed step."""
+
+    block_s: dict
+    n_hard: dict
+
+
+def interleave(contenders: Mapping[str, tuple], args, device: torch.device) -> Interleaved:
+    """Time the contenders in short alternating blocks rather than one long run each.
+
+    ``args.warmup`` steps of each first; then ``args.blocks`` rounds, in each of which every
+    contender runs ``args.block_steps`` steps, in an order rotated by one per round (ABC, BCA,
+    CAB, ...), so a slow spell of the device (clocks, a neighbour) falls on all of them and
+    none always runs first or after the same one.
+
+    Args:
+        contenders: name -> ``(step, batches)``: ``step(x, labels, step_number)`` (returns
+            an output with ``metrics`` or None) and at least ``warmup + blocks * block_steps``
+            ``(x, labels)`` batches, the same sequence for all, each in its contender's layout.
+    """
+    names = list(contenders)
+    done = dict.fromkeys(names, 0)
+    block_s = {name: [] for name in names}
+    n_hard = {name: [] for name in names}
+
+    def run(name: str, count: int, timed: bool) -> None:
+        step_fn, batches = contenders[name]
+        times = []
+        for _ in range(count):
+            x, labels = batches[done[name]]
+            done[name] += 1
+            _sync(device)
+            t0 = time.perf_counter()
+            out = step_fn(x, labels, done[name])
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            metrics = getattr(out, "metrics", {})
+            if timed and "n_hard" in metrics:  # read after the clock stopped
+                n_hard[name].append(float(metrics["n_hard"]))
+        if timed:
+            block_s[name].append(statistics.median(times))
+
+    for name in names:
+        run(name, args.warmup, timed=False)
+    for round_ in range(args.blocks):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            run(name, args.block_steps, timed=True)
+    return Interleaved(block_s, n_hard)
+
+
+def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None:
+    """Time arcface_torch's step (``mods``: ``_upstream.load_arcface_torch``) beside ours,
+    interleaved, and print the step times and paired ratios."""
+    from _upstream import UpstreamStep, single_process_group
+
+    count = args.warmup + args.blocks * args.block_steps
+    with single_process_group(device):
+        ours = {"arcface": _Step("arcface", args, device, state, "auto", as_trainer=True)}
+        for kernel in args.ot_kernels.split(","):
+            if kernel == "triton" and device.type != "cuda":
+                print("otface[triton]: not timed, the Triton kernel needs CUDA")
+                continue
+            label = "otface" if kernel == "auto" else f"otface[{kernel}]"
+            ours[label] = _Step("otface", args, device, state, kernel, as_trainer=True)
+        centres = ours["arcface"].criterion.partial_fc.weight.detach()
+        upstream = UpstreamStep(mods, _config(args), device, state, centres)
+        print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
+        runs = {"upstream": upstream, **ours}
+        layouts = {name: run.channels_last for name, run in runs.items()}
+        nchw = _batches(args, device, count, channels_last=False)
+        batches = {False: nchw}
+        if any(layouts.values()):
+            batches[True] = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in nchw]
+        result = interleave(
+            {name: (run, batches[layouts[name]]) for name, run in runs.items()}, args, device
+        )
+        for run in ours.values():
+            if hasattr(run.criterion, "remove_hook"):
+                run.criterion.remove_hook()
+    _print_comparison(result, layouts, "upstream")
+
+
+def _print_comparison(result: Interleaved, layouts: Mapping[str, bool], anchor: str) -> None:
+    ratios = paired_ratios(result.block_s, anchor)
+    n_blocks = len(result.block_s[anchor])
+    print(
+        f"step ms: median step of each block, median [IQR] (min-max) over {n_blocks} blocks; "
+        f"ratio: each block over {anchor}'s block of the same round, median [IQR] (min-max) "
+        f"of the {n_blocks} pairs"
+    )
+    print(f"{'contender':16s} {'layout':6s} {'step ms':>34s}  {'ratio':>34s} {'n_hard':>7s}")
+    for name, times in result.block_s.items():
+        t = spread([1e3 * v for v in times])
+        step = f"{t.median:.1f} [{t.q1:.1f}-{t.q3:.1f}] ({t.lo:.1f}-{t.hi:.1f})"
+        if name == anchor:
+            ratio = "1 (anchor)"
+        else:
+            r = spread(ratios[name])
+            ratio = f"{r.median:.3f} [{r.q1:.3f}-{r.q3:.3f}] ({r.lo:.3f}-{r.hi:.3f})"
+        hard = result.n_hard[name]
+        hard_s = f"{statistics.mean(hard):.1f}" if hard else "-"
+        layout = "NHWC" if layouts[name] else "NCHW"
+        print(f"{name:16s} {layout:6s} {step:>34s}  {ratio:>34s} {hard_s:>7s}")
+    for name, values in ratios.items():
+        print(f"{name} vs {anchor}: {100 * (spread(values).median - 1):+.1f}% (median of pairs)")
 
 
 _SYNCING_OPS = (
@@ -172,7 +372,7 @@ def _leaves_device(func, args, kwargs) -> bool:
     return src is not None and src.is_cuda and target is not None and target.type == "cpu"
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--network", default="r18_lite")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -197,7 +397,30 @@ def main() -> None:
         default="auto",
         help="comma-separated Sinkhorn kernels for the otface rows: auto, torch, matmul, triton",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--arcface-torch",
+        metavar="PATH",
+        help="an arcface_torch checkout: time its own step beside ours, interleaved",
+    )
+    parser.add_argument(
+        "--blocks", type=positive_int, default=10, help="with --arcface-torch: rounds of blocks"
+    )
+    parser.add_argument(
+        "--block-steps",
+        type=positive_int,
+        default=5,
+        help="with --arcface-torch: steps per contender in each block",
+    )
+    args = parser.parse_args(argv)
+    if args.arcface_torch and args.sync_debug:
+        parser.error("--sync-debug and --arcface-torch are separate runs; give one")
+    if args.arcface_torch:
+        from _upstream import load_arcface_torch
+
+        try:
+            upstream = load_arcface_torch(args.arcface_torch)
+        except (FileNotFoundError, ImportError) as err:
+            parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -211,8 +434,17 @@ def main() -> None:
     print(
         f"device: {name}; network {args.network}, batch {args.batch_size} "
         f"({args.batch_size // args.k} ids x {args.k}), fp16={args.fp16}, "
-        f"classes {args.num_classes}; median of {args.steps} steps after {args.warmup}"
+        f"classes {args.num_classes}; "
+        + (
+            f"{args.blocks} rounds of {args.block_steps}-step blocks per contender in rotating "
+            f"order, after {args.warmup} warm-up steps each"
+            if args.arcface_torch
+            else f"median of {args.steps} steps after {args.warmup}"
+        )
     )
+    if args.arcface_torch:
+        compare_with_upstream(args, device, state, upstream)
+        return
     if args.sync_debug:
         found = sync_report(args, device, state)
         print(f"host syncs in one otface step: {len(found)}")
