@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True
     logging.basicConfig(level=logging.WARNING)  # the step logger's lines are not the output
 

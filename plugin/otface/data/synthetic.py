@@ -5,7 +5,8 @@ Image ``i`` of identity ``y`` depends only on ``(seed, i)``::
     x_i = clip(a_i * shift(T_y, d_i) + w_i * L_{j_i} + b_i + sigma * noise_i, -1, 1)
 
 * ``T_y``, the identity template: a smooth random colour image (an 8×8 pattern, bilinearly
-  upsampled), the same for every image of ``y``;
+  upsampled), the same for every image of ``y``, mixed with the pattern of its family of
+  look-alikes (``y mod 16``), so that a batch holds hard negatives after the lighting is learnt;
 * ``shift(., d_i)``, a small circular translation (a "pose"), ``|d| <= 6`` pixels;
 * ``L_j``, a "lighting" pattern from a small bank shared by all identities (smooth, as large as
   a template), picked per image and weighted by ``w_i``; ``a_i`` (contrast), ``b_i``
@@ -45,6 +46,12 @@ _NOISE_MARGIN_PX = 48  # a window of a (112 + 48)² noise field: 49² different 
 # a different identity does, which is what makes some hardest negatives closer than some hardest
 # positives.
 _AMPLITUDE = 0.5
+# Identities come in families, "look-alikes" whose templates share a pattern: a P×K batch of 32
+# identities holds about two of each of the 16 families, whose hard negatives stay hard long
+# after the network has learnt to ignore the lighting. _OWN is the weight of each identity's
+# own pattern (templates of one family have cosine about 1 - _OWN^2).
+_N_FAMILIES = 16
+_OWN = 0.6
 
 
 def _smooth_patterns(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -85,14 +92,25 @@ class SyntheticDataset(Dataset):
         self.labels = synthetic_labels(self.num_image, self.num_classes, seed=self.seed)
         # Shared by all images, built on first use in each worker.
         self._lights: np.ndarray | None = None
+        self._families: np.ndarray | None = None
         self._noise_field: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.num_image
 
     def template(self, label: int) -> np.ndarray:
-        """The identity template ``T_label``, float32 ``(3, 112, 112)``."""
-        return _smooth_patterns(np.random.default_rng([self.seed, 1, int(label)]), 1)[0]
+        """The identity template ``T_label``, float32 ``(3, 112, 112)``: its family's pattern
+        and its own, ``sqrt(1 - r^2) F + r O`` with ``r = _OWN``."""
+        own = _smooth_patterns(np.random.default_rng([self.seed, 1, int(label)]), 1)[0]
+        family = self.families()[int(label) % _N_FAMILIES]
+        return family * np.float32(np.sqrt(1.0 - _OWN**2)) + own * np.float32(_OWN)
+
+    def families(self) -> np.ndarray:
+        """The family patterns, float32 ``(_N_FAMILIES, 3, 112, 112)``."""
+        if self._families is None:
+            rng = np.random.default_rng([self.seed, 5])
+            self._families = _smooth_patterns(rng, _N_FAMILIES)
+        return self._families
 
     def lights(self) -> np.ndarray:
         """The shared lighting bank, float32 ``(_N_LIGHTS, 3, 112, 112)``."""

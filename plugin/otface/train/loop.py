@@ -264,11 +264,18 @@ class Trainer:
             # step), and the BatchNorm statistics its forward wrote are put back.
             self._buffers.restore()
             if self.skips.total == 0 or (self.skips.total + 1) % 100 == 0:
+                why = f"non-finite gradient norm ({float(grad_norm)})"
+                if self.grad_scaler is not None:
+                    # Normal at the start of fp16 training, while the scaler calibrates.
+                    why = (
+                        f"fp16 gradients overflowed at loss scale "
+                        f"{self.grad_scaler.get_scale():g}, which is now lowered"
+                    )
                 logging.warning(
-                    "step %d: non-finite gradient norm (%s), optimiser step skipped and "
-                    "BatchNorm statistics restored (%d skipped so far)",
+                    "step %d: %s; optimiser step skipped and BatchNorm statistics restored "
+                    "(%d skipped so far)",
                     self.global_step,
-                    float(grad_norm),
+                    why,
                     self.skips.total + 1,
                 )
         if self.grad_scaler is not None:
