@@ -46,6 +46,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _steps_needed(args) -> int:
+    drain = max(args.num_workers, 1) * PREFETCH_FACTOR
+    return 4 + 2 * (1 + args.warmup) + args.blocks * (2 * args.block_steps + drain) + 10
+
+
 def _config(args, output: str):
     cfg = copy.deepcopy(importlib.import_module("configs.base").config)
     cfg.update(
@@ -55,7 +60,9 @@ def _config(args, output: str):
         rec="synthetic",
         num_classes=args.num_classes,
         batch_size=args.batch_size,
-        num_image=args.batch_size * 10**6,  # one long epoch
+        # One epoch longer than the benchmark, with sampler.k images per identity; no more
+        # (the sampler and the labels are built for the whole epoch at start-up).
+        num_image=max(args.k * args.num_classes, args.batch_size * _steps_needed(args)),
         num_workers=args.num_workers,
         frequent=args.frequent,
         val_targets=[],
