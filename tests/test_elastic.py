@@ -16,7 +16,12 @@ from otface.config import load_config
 from otface.data.sampler import PKBatchSampler, UniformBatchSampler
 from otface.partial_fc import shard_range
 from otface.train import loop
-from otface.train.checkpoint import CheckpointError, checkpoint_path, checksum_path
+from otface.train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    checksum_path,
+    previous_checkpoint_path,
+)
 from otface.train.elastic import resume_position
 
 # 16 classes, batch 8 per rank, 96 images, 2 epochs: 6 steps per epoch on 2 ranks, 12 on 1,
@@ -124,8 +129,20 @@ def _fc_rows(states):
     return weight, momentum
 
 
-@pytest.mark.parametrize("world_size", [1, 3])
-def test_resume_on_another_world_size_reshards_exactly(two_rank_run, tmp_path, world_size):
+def _as_written_by_older_otface(output):
+    """Drop the keys that record the world size and schedule (and the checksums that no
+    longer match): the world size is then inferred from the files."""
+    for r in range(2):
+        for path in (checkpoint_path(output, r), previous_checkpoint_path(output, r)):
+            state = torch.load(path, weights_only=False)
+            for key in ("world_size", "total_batch_size", "lr_schedule"):
+                del state[key]
+            torch.save(state, path)
+            os.unlink(checksum_path(path))
+
+
+@pytest.mark.parametrize("world_size, legacy", [(1, False), (1, True), (3, False)])
+def test_resume_on_another_world_size_reshards_exactly(two_rank_run, tmp_path, world_size, legacy):
     path, out = two_rank_run
     saved = _saved(out)
     weight, momentum = _fc_rows(saved)
@@ -133,6 +150,8 @@ def test_resume_on_another_world_size_reshards_exactly(two_rank_run, tmp_path, w
     saved_lr = saved[0]["state_optimizer"]["param_groups"][0]["lr"]
     output = str(tmp_path / "resumed")
     shutil.copytree(out, output)
+    if legacy:
+        _as_written_by_older_otface(output)
     if world_size == 1:
         _resume_worker(0, 1, None, path, output, str(tmp_path))
     else:

@@ -2,8 +2,10 @@
 
 ``model.pt`` is the backbone's ``state_dict``. ``checkpoint_gpu_{rank}.pt`` holds ``epoch``,
 ``global_step``, ``state_dict_backbone``, ``state_dict_softmax_fc``, ``state_optimizer``,
-``state_lr_scheduler`` (upstream's keys) plus ``epoch_step`` (batches done in ``epoch``) and
-``state_grad_scaler`` (ours). Both stay plain ``torch.save`` files that arcface_torch reads.
+``state_lr_scheduler`` (upstream's keys) plus ``epoch_step`` (batches done in ``epoch``),
+``state_grad_scaler``, ``rng_state``, ``skipped_steps``, and for resuming on another number of
+ranks ``world_size``, ``total_batch_size`` and ``lr_schedule`` (ours). Both stay plain
+``torch.save`` files that arcface_torch reads.
 
 Every file is written to a temporary ``.NAME.XXXXXXXX.tmp`` beside it, fsynced and renamed over
 the old one, so a kill never leaves a truncated file under a real name. For the training
