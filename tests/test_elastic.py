@@ -273,3 +273,38 @@ def test_full_state_errors_name_the_file(two_rank_run, tmp_path, capsys):
         f.write(b"\0" * 64)
     with pytest.raises(CheckpointError, match="full.pt: corrupt"):
         full_state.split(full_path, 2, str(tmp_path / "y"))
+
+
+def test_a_stretched_schedule_is_kept_by_a_resume_on_the_same_ranks():
+    # Resumed 2 -> 1 rank at step 9 (epoch 1, 48 images in); saved again at step 13.
+    first = resume_position(
+        {"epoch": 1, "epoch_step": 3, "global_step": 9},
+        saved_total_batch_size=16,
+        total_batch_size=8,
+        num_image=96,
+        num_epoch=2,
+        warmup_epoch=0.5,
+    )
+    assert (first.epoch, first.epoch_step, first.schedule.end_step()) == (1, 6, 15)
+    record = {"reference_total_batch_size": 16, **first.schedule.anchors()}
+    ckpt = {"epoch": 1, "epoch_step": 10, "global_step": 13, "lr_schedule": record}
+    again = resume_position(
+        ckpt,
+        saved_total_batch_size=8,
+        total_batch_size=8,
+        num_image=96,
+        num_epoch=2,
+        warmup_epoch=0.5,
+    )
+    assert again.schedule == first.schedule and again.note == ""
+    # A longer run (num_epoch 3) re-anchors at step 13 with the same rate there.
+    longer = resume_position(
+        ckpt,
+        saved_total_batch_size=8,
+        total_batch_size=8,
+        num_image=96,
+        num_epoch=3,
+        warmup_epoch=0.5,
+    )
+    assert longer.schedule.end_step() == 13 + 2 + 12
+    assert longer.schedule.position(13) == pytest.approx(first.schedule.position(13))

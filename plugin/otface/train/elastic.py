@@ -11,11 +11,12 @@ Two things change with the world size ``N → M`` (the per-rank ``batch_size`` s
   global batch ``G = batch_size * N``. The images already read in the epoch,
   ``epoch_step * G_old``, are re-expressed in new global batches, rounded down: the new run
   restarts the epoch's global order at that point (both samplers deal one global order out to
-  the ranks), so at most one new global batch of images is read twice in that epoch, and from the
-  next epoch on the order is the new world size's. The global step continues where it was, with
-  the same learning rate; the rest of the schedule is stretched over the steps that remain
-  under the new world size, so that it still reaches zero at the end of the last epoch
-  (:class:`otface.train.lr.ScheduleMap`).
+  the ranks), so at most one new global batch of images is read twice in that epoch (with the
+  P×K sampler, a few groups that a step deferred to the next may also fall on the other side
+  of that point), and from the next epoch on the order is the new world size's. The global
+  step continues where it was, with the same learning rate; the rest of the schedule is
+  stretched over the steps that remain under the new world size, so that it still reaches zero
+  at the end of the last epoch (:class:`otface.train.lr.ScheduleMap`).
 
 Checkpoints record ``world_size`` and ``total_batch_size``; for files without them (older otface,
 arcface_torch) the world size is the number of ``checkpoint_gpu_{r}.pt`` files present.
@@ -191,11 +192,13 @@ def resume_position(
     steps_per_epoch = num_image // total_batch_size
     epoch, batch = int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0))
     step = int(ckpt["global_step"])
-    record = dict(ckpt.get("lr_schedule") or {})
-    reference = int(record.pop("reference_total_batch_size", saved_total_batch_size))
+    record = ckpt.get("lr_schedule") or {}
+    reference = int(record.get("reference_total_batch_size", saved_total_batch_size))
     reference_epoch = num_image // reference
     schedule = ScheduleMap(
-        int(reference_epoch * warmup_epoch), reference_epoch * num_epoch, **record
+        int(reference_epoch * warmup_epoch),
+        reference_epoch * num_epoch,
+        **{k: record[k] for k in ("anchor_step", "anchor_position", "rate") if k in record},
     )
     note = ""
     if saved_total_batch_size != total_batch_size:
@@ -208,7 +211,7 @@ def resume_position(
         batch = new_batch
     if batch >= steps_per_epoch:
         epoch, batch = epoch + 1, 0
-    remaining = (steps_per_epoch - batch) + steps_per_epoch * max(0, num_epoch - epoch - 1)
+    remaining = max(0, (num_epoch - epoch) * steps_per_epoch - batch)
     if note or (not schedule.is_identity and schedule.end_step() != step + remaining):
         schedule = schedule.reanchored(step, remaining)
         note += f"{'; ' if note else ''}the learning-rate schedule spans the {remaining} steps left"
