@@ -391,6 +391,10 @@ def _fake_checkpoint(cfg, rank, *, global_step):
     half = cfg.num_classes // 2
     fc = state["state_dict_softmax_fc"]
     fc["weight"] = fc["weight"][rank * half : (rank + 1) * half].clone()
+    # Written as by an older otface, which did not record the world size: it is inferred from
+    # the two ranks' files.
+    for key in ("world_size", "total_batch_size", "lr_schedule"):
+        del state[key]
     save_checkpoint(state, cfg.output, rank)
 
 

@@ -2,8 +2,10 @@
 
 ``model.pt`` is the backbone's ``state_dict``. ``checkpoint_gpu_{rank}.pt`` holds ``epoch``,
 ``global_step``, ``state_dict_backbone``, ``state_dict_softmax_fc``, ``state_optimizer``,
-``state_lr_scheduler`` (upstream's keys) plus ``epoch_step`` (batches done in ``epoch``) and
-``state_grad_scaler`` (ours). Both stay plain ``torch.save`` files that arcface_torch reads.
+``state_lr_scheduler`` (upstream's keys) plus ``epoch_step`` (batches done in ``epoch``),
+``state_grad_scaler``, ``rng_state``, ``skipped_steps``, and for resuming on another number of
+ranks ``world_size``, ``total_batch_size`` and ``lr_schedule`` (ours). Both stay plain
+``torch.save`` files that arcface_torch reads.
 
 Every file is written to a temporary ``.NAME.XXXXXXXX.tmp`` beside it, fsynced and renamed over
 the old one, so a kill never leaves a truncated file under a real name. For the training
@@ -52,8 +54,10 @@ __all__ = [
     "load_latest_checkpoint",
     "model_path",
     "previous_checkpoint_path",
+    "load_verified",
     "remove_stale_temp_files",
     "save_checkpoint",
+    "save_verified",
 ]
 
 logger = logging.getLogger(__name__)
@@ -282,6 +286,38 @@ def save_checkpoint(state: dict[str, Any], output: str, rank: int) -> str:
             raise _write_error(step, err) from err
         raise
     return newest
+
+
+def save_verified(obj: Any, path: str) -> FileDigest:
+    """:func:`atomic_save` plus a ``path.sha256`` sidecar (the checkpoints' checksum rule) for a
+    file that is not rotated. An old sidecar is removed first, so a kill in between leaves a
+    file that loads unverified, never one that reads as corrupt."""
+    _unlink_quietly(checksum_path(path))
+    digest = atomic_save(obj, path)
+    _write_checksum(path, digest)
+    return digest
+
+
+def load_verified(path: str, *, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of ``path`` after checking it against its sidecar (warns once when it has
+    none).
+
+    Raises:
+        CheckpointError: missing, corrupt or unreadable; the message names the file and why.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        verified = _verify(path, path)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: corrupt, {err}") from None
+    if not verified and path not in _warned_unverified:
+        _warned_unverified.add(path)
+        logger.warning("%s has no checksum file: it cannot be verified", path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
 
 
 def _read_checksum(path: str) -> FileDigest | None:

@@ -32,9 +32,10 @@ from otface.train.checkpoint import (
     save_checkpoint,
 )
 from otface.train.distributed import DistEnv, init_distributed, shutdown_distributed
+from otface.train.elastic import find_saved_runs, load_resharded, resume_position
 from otface.train.guard import BufferSnapshot, SkipCounter, TooManySkippedSteps
 from otface.train.log import StepLogger, init_logging
-from otface.train.lr import build_lr_scheduler
+from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.prefetch import DevicePrefetcher, to_training_layout
 from otface.train.rng import capture_rng_state, restore_rng_state
 
@@ -172,6 +173,8 @@ class Trainer:
         self.steps_per_epoch = cfg.num_image // self.total_batch_size
         self.warmup_step = int(self.steps_per_epoch * cfg.warmup_epoch)
         self.total_step = self.steps_per_epoch * cfg.num_epoch
+        self.schedule = ScheduleMap(self.warmup_step, self.total_step)
+        self.schedule_batch_size = self.total_batch_size  # the global batch it is laid out for
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, warmup_steps=self.warmup_step, total_steps=self.total_step
         )
@@ -301,6 +304,14 @@ class Trainer:
             "state_grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
             "rng_state": capture_rng_state(),
             "skipped_steps": self.skips.total,
+            # Elastic resume: the layout of the class centres, what epoch_step counts, and
+            # where the global step sits on the schedule.
+            "world_size": self.env.world_size,
+            "total_batch_size": self.total_batch_size,
+            "lr_schedule": {
+                "reference_total_batch_size": self.schedule_batch_size,
+                **self.schedule.anchors(),
+            },
         }
 
     def save_state(self, *, epoch: int, epoch_step: int) -> str:
@@ -326,8 +337,30 @@ class Trainer:
         All ranks must resume from the same step: otherwise they would train at different
         learning rates and deadlock at the end. A rank ahead of the others falls back to its
         previous checkpoint when that matches; else every rank fails naming each rank's step.
+
+        Checkpoints written by another number of ranks are resharded, and the position in the
+        data and the schedule re-derived (:mod:`otface.train.elastic`).
         """
-        ckpt, path = self._load_agreed_checkpoint()
+        ckpt, path, source_world_size = self._load_resume_checkpoint()
+        cfg = self.cfg
+        position = resume_position(
+            ckpt,
+            saved_total_batch_size=int(
+                ckpt.get("total_batch_size", cfg.batch_size * source_world_size)
+            ),
+            total_batch_size=self.total_batch_size,
+            num_image=cfg.num_image,
+            num_epoch=cfg.num_epoch,
+            warmup_epoch=cfg.warmup_epoch,
+        )
+        self.schedule_batch_size = position.reference_total_batch_size
+        if position.schedule != self.schedule:
+            # Before the optimiser's state: a new LambdaLR sets the learning rate of step 0.
+            self.schedule = position.schedule
+            self.total_step = position.schedule.end_step()
+            self.lr_scheduler = build_lr_scheduler(
+                self.optimizer, warmup_steps=0, total_steps=0, schedule=position.schedule
+            )
         self.backbone.load_state_dict(ckpt["state_dict_backbone"])
         self.criterion.partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
         self.optimizer.load_state_dict(ckpt["state_optimizer"])
@@ -336,11 +369,20 @@ class Trainer:
             self.grad_scaler.load_state_dict(ckpt["state_grad_scaler"])
         self.global_step = int(ckpt["global_step"])
         self.skips.total = int(ckpt.get("skipped_steps", 0))
-        self.start_epoch = int(ckpt["epoch"])
-        self.start_batch = int(ckpt.get("epoch_step", 0))
-        if self.start_batch >= self.steps_per_epoch:
-            self.start_epoch, self.start_batch = self.start_epoch + 1, 0
+        self.start_epoch, self.start_batch = position.epoch, position.epoch_step
         self._resumed_rng = ckpt.get("rng_state")
+        if source_world_size != self.env.world_size:
+            logging.info(
+                "resharded Partial FC's %d class centres and their optimiser state from %d "
+                "checkpoint files to %d ranks at global step %d; %s",
+                cfg.num_classes,
+                source_world_size,
+                self.env.world_size,
+                self.global_step,
+                position.note,
+            )
+        elif position.note:
+            logging.info("resuming at global step %d: %s", self.global_step, position.note)
         self.last_checkpoint = path
         logging.info(
             "resumed from %s: epoch %d, batch %d of the epoch, global step %d, learning rate %.6f",
@@ -361,6 +403,25 @@ class Trainer:
         """Put back the RNG state of the resumed checkpoint; call just before the first step."""
         restore_rng_state(self._resumed_rng)
         self._resumed_rng = None
+
+    def _load_resume_checkpoint(self) -> tuple[dict, str, int]:
+        """This rank's checkpoint, resharded when another number of ranks wrote it, the file
+        it came from, and that number of ranks."""
+        candidates = find_saved_runs(self.cfg.output) if self.env.rank == 0 else None
+        if self.env.distributed:
+            candidates = _gather(candidates)[0]
+        if not candidates or candidates[0][1] == self.env.world_size:
+            ckpt, path = self._load_agreed_checkpoint()
+            return ckpt, path, self.env.world_size
+        source = candidates[0][1]
+        state, path, source = load_resharded(
+            self.cfg.output,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            num_classes=self.cfg.num_classes,
+            candidates=[c for c in candidates if c[1] == source],
+        )
+        return state, path, source
 
     def _load_agreed_checkpoint(self) -> tuple[dict, str]:
         output, rank = self.cfg.output, self.env.rank
