@@ -93,3 +93,17 @@ def test_identities_are_learnable():
         means /= np.bincount(y, minlength=n_id)[:, None] - (np.arange(n_id) == y[i])[:, None]
         correct += int(np.argmin(((means - flat[i]) ** 2).sum(1)) == y[i])
     assert correct / len(y) > 0.9
+
+
+def test_pixels_are_the_float_images_rounded_to_uint8():
+    # GPU runs load uint8 pixels (normalised on the device): (x + 1) * 127.5, rounded; the
+    # project's normalisation brings them back to within half a grey level.
+    from otface.data.datasets import normalize_images
+
+    floats, pixels = SyntheticDataset(64, 8, seed=2), SyntheticDataset(64, 8, seed=2, pixels=True)
+    x, label = floats[11]
+    p, label_p = pixels[11]
+    assert p.dtype == torch.uint8 and p.shape == x.shape and label == label_p
+    expected = np.rint((x.numpy().astype(np.float64) + 1.0) * 127.5)
+    assert np.array_equal(p.numpy(), expected.astype(np.uint8))
+    assert (normalize_images(p) - x).abs().max() <= 0.5 / 127.5 + 1e-6

@@ -136,13 +136,15 @@ def build_dataset(
 ) -> Dataset:
     """The training dataset named by ``cfg.rec`` (``labels`` attribute included).
 
-    ``normalize=False`` makes file datasets return ``uint8`` images for
-    :func:`otface.data.datasets.normalize_images` (synthetic images are always float32).
+    ``normalize=False`` makes every dataset return ``uint8`` images for
+    :func:`otface.data.datasets.normalize_images`.
     ``report_bad=True`` makes file datasets return ``(image, label, n_undecodable_replaced)``.
     """
     rec = prepare_rec(cfg.rec)
     if rec == "synthetic":
-        return SyntheticDataset(int(cfg.num_image), int(cfg.num_classes), seed=int(cfg.seed))
+        return SyntheticDataset(
+            int(cfg.num_image), int(cfg.num_classes), seed=int(cfg.seed), pixels=not normalize
+        )
     path = Path(rec)
     if _is_rec_folder(path):
         return RecDataset(path, flip=flip, normalize=normalize, report_bad=report_bad)
