@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from otface.criterion import LossOutput, MarginCriterion
-from otface.mining import mine_hard_triplet_slots, mine_hard_triplets
+from otface.mining import HardTripletSlots, mine_hard_triplet_slots, mine_hard_triplets
 from otface.ot import DISTANCES, ot_distances
 from otface.registry import HOOKS, LOSSES
 
@@ -153,33 +153,28 @@ def hard_triplet_ot_loss(
         while finite.dim() > 1:
             finite = finite.all(dim=-1)
         finite &= torch.isfinite(embeddings.detach()).all(dim=1)
+    mine = dict(mining_margin=mining_margin, max_triplets=max_triplets, valid=finite)
+    # The cosine cost lies in [0, 2]: the solver picks its kernel without a host sync.
+    solve = dict(
+        distance=distance,
+        eps=eps,
+        max_iter=max_iter,
+        tol=tol,
+        solver=solver,
+        cost_range=2.0,
+        kernel=kernel,
+    )
     if fixed_shapes and mode == "spatial":
+        slots = mine_hard_triplet_slots(embeddings.detach(), labels, **mine)
         return _slot_ot_loss(
             features,
-            embeddings,
-            labels,
+            slots,
             finite,
             variant=variant,
             ot_margin=ot_margin,
-            mining_margin=mining_margin,
-            max_triplets=max_triplets,
-            ot_kwargs=dict(
-                distance=distance,
-                eps=eps,
-                max_iter=max_iter,
-                tol=tol,
-                solver=solver,
-                cost_range=2.0,
-                kernel=kernel,
-            ),
+            ot_kwargs=solve,
         )
-    triplets = mine_hard_triplets(
-        embeddings.detach(),
-        labels,
-        mining_margin=mining_margin,
-        max_triplets=max_triplets,
-        valid=finite,
-    )
+    triplets = mine_hard_triplets(embeddings.detach(), labels, **mine)
     safe, zero = _zero_nonfinite(features, finite)
     n_hard = triplets.anchor.numel()
     device = features.device
@@ -206,19 +201,7 @@ def hard_triplet_ot_loss(
         bank = torch.stack([pooled.index_select(0, i) for i in (a, p, n)])
         source = torch.zeros(2, dtype=torch.long, device=device)
         target = torch.arange(1, 3, device=device)
-    # The cosine cost lies in [0, 2]: the solver picks its kernel without a host sync.
-    res = ot_distances(
-        bank,
-        source,
-        target,
-        distance=distance,
-        eps=eps,
-        max_iter=max_iter,
-        tol=tol,
-        solver=solver,
-        cost_range=2.0,
-        kernel=kernel,
-    )
+    res = ot_distances(bank, source, target, **solve)
     w = res.value
     half = w.shape[0] // 2
     w_ap, w_an = w[:half], w[half:]
@@ -257,24 +240,14 @@ def _solve_metrics(res, device: torch.device) -> Dict[str, torch.Tensor]:
 
 def _slot_ot_loss(
     features: torch.Tensor,
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
+    slots: HardTripletSlots,
     finite: torch.Tensor,
     *,
     variant: str,
     ot_margin: float,
-    mining_margin: float,
-    max_triplets: int,
     ot_kwargs: dict,
 ) -> OTLossOutput:
     """Spatial-mode OT loss over fixed triplet slots: shapes never depend on the data."""
-    slots = mine_hard_triplet_slots(
-        embeddings.detach(),
-        labels,
-        mining_margin=mining_margin,
-        max_triplets=max_triplets,
-        valid=finite,
-    )
     safe, zero = _zero_nonfinite(features, finite)
     a, p, n, hard = slots
     # Every sample's self-problem is solved ("all"): finding the ones in use would read their
