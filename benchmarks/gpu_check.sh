@@ -35,7 +35,7 @@ run sync_debug 90 python benchmarks/bench_step.py "${common[@]}" --network r50 -
 if [ -n "$upstream" ]; then
   for net in r50 r100; do
     run "vs_upstream_$net" 150 python benchmarks/bench_step.py "${common[@]}" --network "$net" \
-      --arcface-torch "$upstream" --blocks 8 --block-steps 5
+      --arcface-torch "$upstream" --warmup 5 --blocks 20 --block-steps 5
   done
 else
   echo "== vs_upstream: skipped (give an arcface_torch checkout as the first argument)"
