@@ -199,7 +199,7 @@ def test_report_table_and_files(tmp_path):
 
 def test_cli_end_to_end_on_tiny_data(tmp_path, capsys):
     from otface.ablate.__main__ import main
-    from otface.data.demo import generate_demo
+    from otface.demo import generate_demo
 
     data = generate_demo(
         tmp_path / "data",
@@ -208,6 +208,9 @@ def test_cli_end_to_end_on_tiny_data(tmp_path, capsys):
         val_identities=4,
         val_images_per_identity=3,
         val_pairs=20,
+        hard_identities=3,
+        hard_images_per_identity=2,
+        hard_pairs=6,
         ijb_identities=6,
         ijb_images_per_identity=3,
         ijb_impostor_pairs=40,
@@ -221,7 +224,7 @@ def test_cli_end_to_end_on_tiny_data(tmp_path, capsys):
     assert "run 1/2: demo_arcface seed 2048" in first and "run 2/2: demo_otface" in first
     assert "Δ vs demo_arcface" in first and "TAR@1e-3" in first
     result = read_result(out / "demo_otface" / "seed2048")
-    assert set(result.verification) == {"demo_lfw"} and result.ijb_target == "demo"
+    assert set(result.verification) == {"demo_lfw", "demo_hard"} and result.ijb_target == "demo"
     assert result.curve["demo_lfw"][-1][0] == 2  # verified at the last of 2 steps
     assert main(argv) == 0  # again: both runs are skipped
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2

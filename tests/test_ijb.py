@@ -260,7 +260,7 @@ def _table_values(path):
 
 def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
     from otface.backbones import get_model
-    from otface.data.demo import generate_demo
+    from otface.demo import generate_demo
     from otface.export import export_model
 
     data = generate_demo(
@@ -270,6 +270,9 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
         val_identities=2,
         val_images_per_identity=2,
         val_pairs=2,
+        hard_identities=2,
+        hard_images_per_identity=2,
+        hard_pairs=2,
         ijb_identities=6,
         ijb_images_per_identity=4,
         ijb_impostor_pairs=30,
@@ -330,6 +333,9 @@ SMALL_DEMO = dict(
     val_identities=2,
     val_images_per_identity=2,
     val_pairs=2,
+    hard_identities=2,
+    hard_images_per_identity=2,
+    hard_pairs=2,
     ijb_identities=6,
     ijb_images_per_identity=4,
     ijb_impostor_pairs=30,
@@ -348,7 +354,7 @@ Training: 2024-05-01 11:00:00,002-: embedding_size           512
 @pytest.fixture(scope="module")
 def _demo_cache(tmp_path_factory):
     """A cache folder holding a small demo set, built by the real ensure_demo."""
-    from otface.data import demo
+    from otface.demo import generate as demo
 
     root = tmp_path_factory.mktemp("otface_cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -360,7 +366,7 @@ def _demo_cache(tmp_path_factory):
 @pytest.fixture
 def demo_env(_demo_cache, monkeypatch):
     """$OTFACE_CACHE points at the small demo; building another one is an error."""
-    from otface.data import demo
+    from otface.demo import generate as demo
 
     def no_build(*args, **kwargs):
         raise AssertionError("the demo data should come from $OTFACE_CACHE")
