@@ -144,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runs,
             spec,
             train=lambda run, resume: train_subprocess(run, launcher=launcher, resume=resume),
+            progress=lambda line: print(line, flush=True),
         )
     except KeyboardInterrupt:
         print(
