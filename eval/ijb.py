@@ -28,6 +28,7 @@ from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, DEMO_IJB_TARGET, is_demo, resolve_data_dir
 from otface.evaluation.ijb import evaluate_ijb, feature_cache_key, format_table, save_roc_plot
 from otface.evaluation.ijb_meta import ijb_layout
+from otface.evaluation.metrics import TAR_METHODS
 from otface.evaluation.models import open_embedder, resolve_model_path, resolve_network
 
 
@@ -55,10 +56,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument(
         "--tar-method",
-        choices=("interp", "nearest"),
-        default="interp",
-        help="read TAR@FAR from the ROC by interpolation, or at the nearest ROC point as "
-        "arcface_torch's eval_ijbc.py does",
+        choices=TAR_METHODS,
+        default=TAR_METHODS[0],
+        help="how TAR@FAR is read from the ROC: as arcface_torch's eval_ijbc.py does (default; "
+        "its published tables are read this way), or by interpolation on the full ROC",
     )
     parser.add_argument("--output", default=None, help="result folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")

@@ -1,4 +1,4 @@
-"""Tests of the embedded demo data generator (otface.data.demo and its render helpers)."""
+"""Tests of the embedded demo data generator (otface.demo and its render helpers)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-import otface.data.demo as demo
-from otface.data.demo_identity import sample_identity, sample_scene, sample_shot
-from otface.data.demo_render import render_face
+import otface.demo.generate as demo
 from otface.data.recordio import IndexedRecordReader, unpack_payload
+from otface.demo.identity import sample_identity, sample_scene, sample_shot
+from otface.demo.render import render_face
 
 # The ArcFace 112×112 reference landmarks, as published with InsightFace's alignment code.
 TEMPLATE = np.array(
@@ -28,6 +28,9 @@ TINY = dict(
     val_identities=4,
     val_images_per_identity=3,
     val_pairs=20,
+    hard_identities=4,
+    hard_images_per_identity=4,
+    hard_pairs=20,
     ijb_identities=4,
     ijb_images_per_identity=5,
     ijb_impostor_pairs=10,
@@ -175,6 +178,65 @@ def test_bin_is_plain_lfw_pickle(tiny):
     assert len(set(pairs)) == 20  # no repeated pair
 
 
+def test_hard_set_pairs_references_with_hard_photos(tiny):
+    with open(tiny / "demo_hard.bin", "rb") as f:
+        bins, issame = pickle.load(f)
+    assert len(issame) == 20 and sum(issame) == 10 and len(bins) == 40
+    for fold in np.array_split(np.array(issame), 10):
+        assert fold.any() and not fold.all()
+    references, hard = set(bins[0::2]), set(bins[1::2])
+    assert not references & hard  # every pair: a reference photo, then a hard one
+    assert len(references) <= 4 * 2 and len(hard) <= 4 * 2  # 2 of each per identity
+    assert len({(a, b) for a, b in zip(bins[0::2], bins[1::2])}) == 20
+
+
+def _flat_render(identity, shot, scene, rng, *, loose_size=None):
+    """Stand-in renderer: a flat image whose grey level follows the shot (no drawing)."""
+    from otface.demo.render import RenderedFace
+
+    size = loose_size or 112
+    level = int(255 * (shot.yaw + 1) / 2)
+    lmk = TEMPLATE.astype(np.float32) + (size - 112) / 2
+    return RenderedFace(np.full((size, size, 3), level, np.uint8), lmk)
+
+
+@pytest.fixture(scope="module")
+def default_sizes(tmp_path_factory):
+    """The data set at its shipped sizes, drawn by the stand-in renderer: the same writers and
+    pair logic as the real build, in seconds instead of a minute."""
+    import otface.demo.ijb as ijb_writer
+    import otface.demo.photos as photos
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(photos, "render_face", _flat_render)
+        mp.setattr(ijb_writer, "render_face", _flat_render)
+        root = demo.generate_demo(tmp_path_factory.mktemp("default") / "d", seed=0)
+        again = tmp_path_factory.mktemp("again")
+        ijb_writer.write_ijb_set(again / "ijb", 0, 256 + 300, photos.identities(0, 556, 160), 8,
+                                 100_000)  # fmt: skip
+    return root, again
+
+
+def test_default_sizes_reach_lfw_and_ijb_power(default_sizes):
+    root, again = default_sizes
+    for name in ("demo_lfw", "demo_hard"):
+        with open(root / f"{name}.bin", "rb") as f:
+            bins, issame = pickle.load(f)
+        assert len(issame) == 6000 and len(bins) == 12000 and sum(issame) == 3000
+        for fold in np.array_split(np.array(issame), 10):  # 10 folds of 300 + 300
+            assert fold.sum() == 300
+    _, _, pairs = _read_ijb(root / "ijb")
+    n_impostor = int((pairs[:, 2] == 0).sum())
+    assert n_impostor == 100_000 and n_impostor * 1e-4 >= 10  # TAR@1e-4 rests on 10 impostors
+    assert len({(a, b) for a, b, _ in pairs}) == len(pairs)
+    assert (pairs[:, 2] == 1).sum() >= 2 * 160 // 2  # every identity has >= 2 templates
+    # The generator is deterministic at full size too: the IJB layout drawn again is the same.
+    for meta in ("demo_face_tid_mid.txt", "demo_template_pair_label.txt"):
+        assert (again / "ijb/meta" / meta).read_bytes() == (root / "ijb/meta" / meta).read_bytes()
+    readme = (root / "README.txt").read_text()
+    assert "6000 pairs" in readme and "100000 impostor pairs" in readme
+
+
 def _read_ijb(root: Path):
     tid_mid = [ln.split() for ln in (root / "meta/demo_face_tid_mid.txt").read_text().splitlines()]
     pts = [ln.split() for ln in (root / "meta/demo_name_5pts_score.txt").read_text().splitlines()]
@@ -212,29 +274,39 @@ def test_ijb_meta_consistent(tiny):
 
 def test_parts_use_disjoint_identities(tmp_path, monkeypatch):
     import otface.data.rec_writer as rec_writer
+    import otface.demo.ijb as ijb_writer
+    import otface.demo.photos as photos
 
-    seen: dict[str, set] = {"train": set(), "val": set(), "ijb": set()}
-    phase = ["val"]
-    real_render, real_write = demo.render_face, rec_writer.write_rec
+    parts = ("train", "val", "hard", "ijb")
+    seen: dict[str, set] = {k: set() for k in parts}
+    phase = [""]
+    real_render = photos.render_face
 
     def render(identity, *args, loose_size=None, **kw):
         key = (identity.face_half_w, identity.face_half_h, identity.eye_y, identity.mouth_y)
         seen["ijb" if loose_size else phase[0]].add(key)
         return real_render(identity, *args, loose_size=loose_size, **kw)
 
-    def write(*args, **kw):
-        phase[0] = "train"
-        try:
-            return real_write(*args, **kw)
-        finally:
-            phase[0] = "val"
+    def in_phase(name, real):
+        def wrapped(*args, **kw):
+            phase[0] = name
+            return real(*args, **kw)
 
-    monkeypatch.setattr(demo, "render_face", render)
-    monkeypatch.setattr(rec_writer, "write_rec", write)
+        return wrapped
+
+    monkeypatch.setattr(photos, "render_face", render)
+    monkeypatch.setattr(ijb_writer, "render_face", render)
+    for name, module, attr in [
+        ("train", rec_writer, "write_rec"),
+        ("val", demo, "write_lfw_set"),
+        ("hard", demo, "write_hard_set"),
+    ]:
+        monkeypatch.setattr(module, attr, in_phase(name, getattr(module, attr)))
     demo.generate_demo(tmp_path / "d", **TINY)
-    assert [len(seen[k]) for k in ("train", "val", "ijb")] == [3, 4, 4]
-    assert not (seen["train"] & seen["val"] or seen["train"] & seen["ijb"])
-    assert not seen["val"] & seen["ijb"]
+    assert [len(seen[k]) for k in parts] == [3, 4, 4, 4]
+    for x, first in enumerate(parts):
+        for second in parts[x + 1 :]:
+            assert not seen[first] & seen[second], (first, second)
 
 
 def test_bad_sizes_and_seed_are_rejected(tmp_path):

@@ -76,7 +76,7 @@ def test_resolve_data_dir_keyword_and_folders(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
         resolve_data_dir(tmp_path / "file")
     # the keyword: ensure_demo under $OTFACE_CACHE, here a folder already marked complete
-    from otface.data import demo
+    from otface.demo import generate as demo
 
     built = []
 

@@ -57,10 +57,20 @@ def _scores(n=3000, seed=0):
     return scores, labels
 
 
-def test_roc_curve_equals_sklearn():
+def _sk_arcface_torch_tar(scores, labels, fars):
+    """arcface_torch's table reading, restated: sklearn's default (thinned) ROC, reversed, and
+    the first point of minimal FAR gap in that reversed order."""
+    fpr, tpr, _ = sk_roc_curve(labels, scores)
+    fpr, tpr = fpr[::-1], tpr[::-1]
+    return np.array([tpr[int(np.argmin(np.abs(fpr - far)))] for far in fars])
+
+
+@pytest.mark.parametrize("drop_intermediate", [False, True])
+def test_roc_curve_equals_sklearn(drop_intermediate):
     scores, labels = _scores()
-    ours = roc_curve(scores, labels)
-    fpr, tpr, thr = sk_roc_curve(labels, scores, drop_intermediate=False)
+    ours = roc_curve(scores, labels, drop_intermediate=drop_intermediate)
+    fpr, tpr, thr = sk_roc_curve(labels, scores, drop_intermediate=drop_intermediate)
+    assert len(ours.far) == len(fpr)
     np.testing.assert_allclose(ours.far, fpr)
     np.testing.assert_allclose(ours.tar, tpr)
     np.testing.assert_allclose(ours.threshold[1:], thr[1:])
@@ -71,16 +81,39 @@ def test_tar_at_far_equals_sklearn_interpolation(seed):
     scores, labels = _scores(seed=seed)
     n_neg = int((labels == 0).sum())
     fars = list(FARS) + [3 / n_neg, 0.25, 1.0]  # some exactly on ROC vertices
-    got = tar_at_far(scores, labels, fars=fars)
+    got = tar_at_far(scores, labels, fars=fars, method="interp")
     np.testing.assert_allclose(got, _sk_polyline_tar(scores, labels, fars), atol=1e-12)
 
 
-def test_tar_at_far_nearest_rule():
-    scores, labels = _scores(seed=2)
-    fpr, tpr, _ = sk_roc_curve(labels, scores)
-    ref = [max(t for f, t in zip(fpr, tpr) if abs(f - far) == min(abs(fpr - far))) for far in FARS]
-    np.testing.assert_allclose(tar_at_far(scores, labels, fars=FARS, method="nearest"), ref)
-    with pytest.raises(ValueError, match="'interp' or 'nearest'"):
+def test_tar_at_far_arcface_torch_rule_by_hand():
+    # Distinct scores from high to low: G I I I G I G (G genuine, I impostor); 4 impostors,
+    # 3 genuine. Cumulative (impostor, genuine) counts: (0,1) (1,1) (2,1) (3,1) (3,2) (4,2)
+    # (4,3). (1,1) and (2,1) sit inside a run of equal steps (1,0) and are dropped, so the
+    # thinned ROC is FAR 0 0 .75 .75 1 1 / TAR 0 1/3 1/3 2/3 2/3 1.
+    scores = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = np.array([1, 0, 0, 0, 1, 0, 1])
+    fars = (0.25, 0.375, 0.5, 0.75)
+    # 0.25: nearest kept points are the two at FAR 0 → the later one, TAR 1/3.
+    # 0.375: FAR 0 and FAR .75 are equally near → the larger FAR, then the larger TAR: 2/3.
+    # 0.5: FAR .75 is nearest (the full ROC would have a point at .5 with TAR 1/3) → 2/3.
+    # 0.75: the later of the two points there → 2/3.
+    expected = [1 / 3, 2 / 3, 2 / 3, 2 / 3]
+    np.testing.assert_allclose(tar_at_far(scores, labels, fars=fars), expected)
+    np.testing.assert_allclose(_sk_arcface_torch_tar(scores, labels, fars), expected)
+    # Interpolation on the full ROC: 1/3 along the flat run up to FAR .75, then its top.
+    np.testing.assert_allclose(
+        tar_at_far(scores, labels, fars=fars, method="interp"), [1 / 3, 1 / 3, 1 / 3, 2 / 3]
+    )
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_tar_at_far_arcface_torch_equals_its_reading(seed):
+    scores, labels = _scores(seed=seed)
+    n_neg = int((labels == 0).sum())
+    fars = list(FARS) + [2.5 / n_neg, 0.3]
+    got = tar_at_far(scores, labels, fars=fars)
+    np.testing.assert_array_equal(got, _sk_arcface_torch_tar(scores, labels, fars))
+    with pytest.raises(ValueError, match="'arcface_torch', 'interp'.*'closest'"):
         tar_at_far(scores, labels, method="closest")
 
 
@@ -144,7 +177,9 @@ def test_evaluate_ijb_on_known_features(tmp_path):
     np.save(cache, feats.astype(np.float32))
     labels = np.array([p[2] for p in pairs])
     for weighted in (False, True):
-        res = evaluate_ijb(None, root, "tiny", faceness=weighted, cache_file=cache)
+        res = evaluate_ijb(
+            None, root, "tiny", faceness=weighted, cache_file=cache, tar_method="interp"
+        )
         w = feats * faceness[:, None] if weighted else feats
         tfeat = {}
         for t in np.unique(templates):  # hand pooling: media means, summed, normalised
@@ -155,12 +190,9 @@ def test_evaluate_ijb_on_known_features(tmp_path):
         np.testing.assert_allclose(res.scores, ref_scores, atol=1e-5)
         np.testing.assert_allclose(res.tars, _sk_polyline_tar(res.scores, labels, FARS))
         assert (res.num_faces, res.num_templates) == (n_faces, n_templates)
-    # arcface_torch's reading: the TAR of the ROC point nearest each FAR (highest on ties)
-    nearest = evaluate_ijb(None, root, "tiny", cache_file=cache, tar_method="nearest")
-    fpr, tpr, _ = sk_roc_curve(labels, nearest.scores)
-    for far, tar in zip(FARS, nearest.tars):
-        gap = np.abs(fpr - far)
-        assert tar == pytest.approx(tpr[gap == gap.min()].max())
+    # The default: arcface_torch's reading of the ROC.
+    default = evaluate_ijb(None, root, "tiny", cache_file=cache)
+    np.testing.assert_array_equal(default.tars, _sk_arcface_torch_tar(default.scores, labels, FARS))
 
 
 def test_layout_errors_name_file_and_line(tmp_path):
@@ -228,7 +260,7 @@ def _table_values(path):
 
 def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
     from otface.backbones import get_model
-    from otface.data.demo import generate_demo
+    from otface.demo import generate_demo
     from otface.export import export_model
 
     data = generate_demo(
@@ -238,6 +270,9 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
         val_identities=2,
         val_images_per_identity=2,
         val_pairs=2,
+        hard_identities=2,
+        hard_images_per_identity=2,
+        hard_pairs=2,
         ijb_identities=6,
         ijb_images_per_identity=4,
         ijb_impostor_pairs=30,
@@ -259,7 +294,7 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
     pt_table = _table_values(tmp_path / "pt" / "demo_tar_at_far.txt")
     np.testing.assert_allclose(pt_table, _table_values(tmp_path / "ox" / "demo_tar_at_far.txt"))
     labels = np.loadtxt(data / "ijb" / "meta" / "demo_template_pair_label.txt", dtype=int)[:, 2]
-    ref = 100 * _sk_polyline_tar(pt_scores, labels, FARS)
+    ref = 100 * _sk_arcface_torch_tar(pt_scores, labels, FARS)
     np.testing.assert_allclose(pt_table, ref, atol=0.006)  # the table prints 2 decimals
     assert len(list((tmp_path / "pt").glob("demo_features_*.npy"))) == 1
     if importlib.util.find_spec("matplotlib") is not None:
@@ -298,6 +333,9 @@ SMALL_DEMO = dict(
     val_identities=2,
     val_images_per_identity=2,
     val_pairs=2,
+    hard_identities=2,
+    hard_images_per_identity=2,
+    hard_pairs=2,
     ijb_identities=6,
     ijb_images_per_identity=4,
     ijb_impostor_pairs=30,
@@ -316,7 +354,7 @@ Training: 2024-05-01 11:00:00,002-: embedding_size           512
 @pytest.fixture(scope="module")
 def _demo_cache(tmp_path_factory):
     """A cache folder holding a small demo set, built by the real ensure_demo."""
-    from otface.data import demo
+    from otface.demo import generate as demo
 
     root = tmp_path_factory.mktemp("otface_cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -328,7 +366,7 @@ def _demo_cache(tmp_path_factory):
 @pytest.fixture
 def demo_env(_demo_cache, monkeypatch):
     """$OTFACE_CACHE points at the small demo; building another one is an error."""
-    from otface.data import demo
+    from otface.demo import generate as demo
 
     def no_build(*args, **kwargs):
         raise AssertionError("the demo data should come from $OTFACE_CACHE")

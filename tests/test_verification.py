@@ -101,6 +101,28 @@ def _random_faces(n, seed=0, size=112):
     return [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def test_repeated_images_are_decoded_and_embedded_once(tmp_path):
+    faces = _random_faces(4, seed=5, size=16)
+    order = [0, 1, 0, 2, 1, 3, 3, 0]  # 8 slots, 4 distinct images
+    encoded = [cv2.imencode(".png", f)[1].tobytes() for f in faces]
+    path = tmp_path / "rep.bin"
+    with open(path, "wb") as f:  # equal bytes in distinct objects, as a foreign writer makes them
+        pickle.dump(([bytes(bytearray(encoded[i])) for i in order], [0, 1, 0, 1]), f)
+    pairs = read_bin(path, image_size=(16, 16))
+    for slot, i in enumerate(order):
+        np.testing.assert_array_equal(pairs.images[slot], faces[i][:, :, ::-1].transpose(2, 0, 1))
+    batches = []
+
+    def embed(batch):  # a fixed function of the pixels
+        batches.append(len(batch))
+        return batch.reshape(len(batch), -1)[:, ::97].astype(np.float32) + 1.0
+
+    got = evaluate_pairs(embed, pairs, n_folds=2)
+    assert sum(batches) == 2 * 4  # each distinct image and its mirror, once
+    e, f = embed(pairs.images), embed(np.ascontiguousarray(pairs.images[..., ::-1]))
+    assert got == evaluate_embeddings(e, pairs.issame, flipped=f, n_folds=2)
+
+
 def test_bin_round_trip_exact(tmp_path):
     faces = _random_faces(6)
     issame = [True, False, True]
@@ -267,6 +289,9 @@ SMALL_DEMO = dict(
     val_identities=4,
     val_images_per_identity=3,
     val_pairs=20,
+    hard_identities=2,
+    hard_images_per_identity=2,
+    hard_pairs=2,
     ijb_identities=2,
     ijb_images_per_identity=2,
     ijb_impostor_pairs=1,
@@ -286,7 +311,7 @@ EXTRA_ISSAME = [True, False, False, True]
 @pytest.fixture(scope="module")
 def _demo_cache(tmp_path_factory):
     """A cache folder holding a small demo set (built by the real ensure_demo) plus extra.bin."""
-    from otface.data import demo
+    from otface.demo import generate as demo
 
     root = tmp_path_factory.mktemp("otface_cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -299,7 +324,7 @@ def _demo_cache(tmp_path_factory):
 @pytest.fixture
 def demo_env(_demo_cache, monkeypatch):
     """$OTFACE_CACHE points at the small demo; building another one is an error."""
-    from otface.data import demo
+    from otface.demo import generate as demo
 
     def no_build(*args, **kwargs):
         raise AssertionError("the demo data should come from $OTFACE_CACHE")
@@ -360,8 +385,8 @@ def test_cli_data_demo_defaults(tmp_path, demo_env, capsys):
     [
         ("missing_data", r"--data \S*nowhere does not exist \(pass a data folder, or 'demo'"),
         ("data_is_a_file", r"--data \S*model\.pt is a file, not a folder"),
-        ("missing_targets", r"none of lfw, cpl found as \.bin in .*; \.bin sets there: demo_lfw, "
-         r"extra \(pass --targets demo_lfw,extra\)"),
+        ("missing_targets", r"none of lfw, cpl found as \.bin in .*; \.bin sets there: "
+         r"demo_hard, demo_lfw, extra \(pass --targets demo_hard,demo_lfw,extra\)"),
         ("missing_model", r"model file \S*nope\.pt does not exist"),
         ("missing_model_no_log", r"model file \S*other/nope\.pt does not exist"),
         ("unknown_network", "unknown network 'banana'; valid: r18, .*r18_lite"),

@@ -66,7 +66,7 @@ def prepare_rec(rec: str | os.PathLike) -> str:
     if rec == "synthetic":
         return "synthetic"
     if rec == "demo":
-        from otface.data.demo import ensure_demo
+        from otface.demo.generate import ensure_demo
 
         return str(ensure_demo())
     path = Path(rec).expanduser()

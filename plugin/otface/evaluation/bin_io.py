@@ -113,8 +113,16 @@ def read_bin(path: PathLike, *, image_size: Tuple[int, int] = (112, 112)) -> Pai
             f"{path}: {len(bins)} images for {len(issame)} pairs (expected {2 * len(issame)})"
         )
     images = np.empty((len(bins), 3, image_size[0], image_size[1]), dtype=np.uint8)
+    # Pair sets repeat images (each demo photo is in several pairs): decode each distinct
+    # encoding once.
+    first_row: dict = {}
     for idx, item in enumerate(bins):
-        images[idx] = decode_image(item, image_size=image_size, where=f"{path} image #{idx}")
+        key = bytes(_to_buffer(item, where=f"{path} image #{idx}"))
+        row = first_row.setdefault(key, idx)
+        if row == idx:
+            images[idx] = decode_image(item, image_size=image_size, where=f"{path} image #{idx}")
+        else:
+            images[idx] = images[row]
     return PairSet(images=images, issame=issame)
 
 

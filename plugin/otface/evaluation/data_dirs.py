@@ -1,6 +1,6 @@
 """Where the evaluation command lines find their data: a folder, or the embedded demo set.
 
-``--data demo`` names the embedded demo data (:func:`otface.data.demo.ensure_demo`, in
+``--data demo`` names the embedded demo data (:func:`otface.demo.ensure_demo`, in
 ``$OTFACE_CACHE`` or ``~/.cache/otface``, generated on first use), as ``rec = "demo"`` does in a
 training config; a folder that happens to be called ``demo`` is passed as ``./demo``.
 """
@@ -38,7 +38,7 @@ def resolve_data_dir(data: PathLike, *, subdir: str = "") -> Path:
         FileNotFoundError: ``data`` is neither the demo keyword nor an existing folder.
     """
     if is_demo(data):
-        from otface.data.demo import ensure_demo
+        from otface.demo.generate import ensure_demo
 
         folder = ensure_demo() / subdir if subdir else ensure_demo()
         logger.info("demo data: %s", folder)

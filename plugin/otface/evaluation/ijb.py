@@ -230,7 +230,7 @@ def evaluate_ijb(
     batch_size: int = 128,
     num_workers: int = 4,
     fars: Sequence[float] = DEFAULT_FARS,
-    tar_method: str = "interp",
+    tar_method: str = "arcface_torch",
     cache_file: Optional[PathLike] = None,
     chunk_size: int = 16384,
 ) -> IJBResult:
@@ -245,7 +245,8 @@ def evaluate_ijb(
         faceness: multiply each face's feature by its detector score before pooling (on by
             default, as arcface_torch's IJB evaluation).
         tar_method: how the ROC is read at each FAR (:func:`otface.evaluation.metrics.tar_at_far`):
-            ``"interp"`` (linear between ROC points) or ``"nearest"`` (arcface_torch's rule).
+            ``"arcface_torch"`` (its ``eval_ijbc.py`` table, comparable with published numbers)
+            or ``"interp"`` (linear between the points of the full ROC).
         cache_file: ``.npy`` of the raw image features; read when present, written otherwise.
     """
     meta = read_ijb_meta(data_dir, target)

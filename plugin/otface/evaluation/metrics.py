@@ -13,6 +13,7 @@ __all__ = [
     "KFoldAccuracy",
     "RocCurve",
     "DEFAULT_FARS",
+    "TAR_METHODS",
     "l2_normalize",
     "kfold_accuracy",
     "mean_norm",
@@ -124,7 +125,9 @@ def kfold_accuracy(
     return KFoldAccuracy(float(fold_acc.mean()), float(fold_acc.std()), fold_acc, fold_thr)
 
 
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
+def roc_curve(
+    scores: np.ndarray, labels: np.ndarray, *, drop_intermediate: bool = False
+) -> RocCurve:
     """ROC of similarity scores (higher = more alike), one point per distinct threshold.
 
     A pair is accepted when ``score >= threshold``. The first point is ``(0, 0)`` at threshold
@@ -133,6 +136,11 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
     Args:
         scores: ``(P,)`` similarity scores.
         labels: ``(P,)`` 1 for genuine (same identity), 0 for impostor pairs.
+        drop_intermediate: drop the thresholds whose step in (impostor, genuine) counts equals
+            the step after them, i.e. points in the middle of a straight run of equal steps.
+            This is the rule of ``sklearn.metrics.roc_curve`` (its default), which
+            arcface_torch's IJB evaluation relies on; the origin and the first and last
+            thresholds are always kept.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1).astype(bool)
@@ -146,9 +154,18 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
     last_of_run = np.r_[s[1:] != s[:-1], True]
     tp = np.cumsum(y)[last_of_run]
     fp = np.cumsum(~y)[last_of_run]
+    threshold = s[last_of_run]
+    if drop_intermediate and len(tp) > 2:
+        corner = (np.diff(tp, 2) != 0) | (np.diff(fp, 2) != 0)
+        keep = np.r_[True, corner, True]
+        tp, fp, threshold = tp[keep], fp[keep], threshold[keep]
     far = np.r_[0.0, fp / n_neg]
     tar = np.r_[0.0, tp / n_pos]
-    return RocCurve(far=far, tar=tar, threshold=np.r_[np.inf, s[last_of_run]])
+    return RocCurve(far=far, tar=tar, threshold=np.r_[np.inf, threshold])
+
+
+#: The ways :func:`tar_at_far` reads the ROC; the first is the default.
+TAR_METHODS = ("arcface_torch", "interp")
 
 
 def tar_at_far(
@@ -156,41 +173,49 @@ def tar_at_far(
     labels: np.ndarray,
     *,
     fars: Sequence[float] = DEFAULT_FARS,
-    method: str = "interp",
+    method: str = "arcface_torch",
 ) -> np.ndarray:
     """True-accept rate at each false-accept rate in ``fars``.
 
-    ``method="interp"``: the ROC polyline read at each FAR, linearly between its points; where
-    the ROC rises vertically at that FAR, its top. ``method="nearest"``: the TAR of the ROC
-    point whose FAR is closest (the highest such TAR on ties), the rule of arcface_torch's
-    ``eval_ijbc.py``.
+    ``method="arcface_torch"`` (default) reproduces the table of arcface_torch's
+    ``eval_ijbc.py``: the ROC thinned as ``sklearn.metrics.roc_curve`` thins it by default
+    (``drop_intermediate``), then the TAR of the remaining point whose FAR is closest to the
+    target; on a tie, the point later on the ROC (larger FAR, then larger TAR). Published
+    arcface_torch IJB-B/C numbers are read this way.
+
+    ``method="interp"``: the full ROC polyline read at each FAR, linearly between its points;
+    where the ROC rises vertically at that FAR, its top. It reads the TAR at the target FAR
+    itself, so it differs from the arcface_torch reading wherever the nearest kept point lies
+    off the target (on a small set, often far off).
 
     Args:
         scores: ``(P,)`` similarity scores; labels: ``(P,)`` 1 genuine / 0 impostor.
+        fars: target FARs in [0, 1].
+        method: one of :data:`TAR_METHODS`.
 
     Returns:
         ``(len(fars),)`` TAR values in [0, 1].
     """
-    roc = roc_curve(scores, labels)
+    if method not in TAR_METHODS:
+        raise ValueError(f"method must be one of {TAR_METHODS}, got {method!r}")
     fars = np.asarray(fars, dtype=np.float64).reshape(-1)
     if np.any((fars < 0) | (fars > 1)):
         raise ValueError(f"fars must lie in [0, 1], got {fars.tolist()}")
-    if method == "interp":
-        # First ROC point beyond each target; the one before it is the top of the run at or
-        # left of the target, and the segment between them is the polyline there.
-        right = np.searchsorted(roc.far, fars, side="right")
-        out = np.empty(len(fars))
-        for i, (target, j) in enumerate(zip(fars, right)):
-            if j >= len(roc.far) or roc.far[j - 1] == target:
-                out[i] = roc.tar[j - 1]
-                continue
-            x0, x1, y0, y1 = roc.far[j - 1], roc.far[j], roc.tar[j - 1], roc.tar[j]
-            out[i] = y0 + (y1 - y0) * (target - x0) / (x1 - x0)
-        return out
-    if method == "nearest":
-        out = np.empty(len(fars))
+    out = np.empty(len(fars))
+    if method == "arcface_torch":
+        roc = roc_curve(scores, labels, drop_intermediate=True)
         for i, target in enumerate(fars):
             gap = np.abs(roc.far - target)
-            out[i] = roc.tar[gap == gap.min()].max()
+            out[i] = roc.tar[np.flatnonzero(gap == gap.min())[-1]]
         return out
-    raise ValueError(f"method must be 'interp' or 'nearest', got {method!r}")
+    roc = roc_curve(scores, labels)
+    # First ROC point beyond each target; the one before it is the top of the run at or left of
+    # the target, and the segment between them is the polyline there.
+    right = np.searchsorted(roc.far, fars, side="right")
+    for i, (target, j) in enumerate(zip(fars, right)):
+        if j >= len(roc.far) or roc.far[j - 1] == target:
+            out[i] = roc.tar[j - 1]
+            continue
+        x0, x1, y0, y1 = roc.far[j - 1], roc.far[j], roc.tar[j - 1], roc.tar[j]
+        out[i] = y0 + (y1 - y0) * (target - x0) / (x1 - x0)
+    return out

@@ -7,6 +7,7 @@ flip test (embedding of the image plus that of its mirror image, ``acc2 ± std2`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -82,20 +83,40 @@ def evaluate_embeddings(
     )
 
 
+def _distinct_rows(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(first, inverse)``: row indices of the distinct images, in first-seen order, and for
+    every row the position of its image among them (``images[first][inverse] == images``)."""
+    position: Dict[bytes, int] = {}
+    first: List[int] = []
+    inverse = np.empty(len(images), dtype=np.int64)
+    for idx in range(len(images)):
+        key = hashlib.blake2b(images[idx].tobytes(), digest_size=16).digest()
+        pos = position.setdefault(key, len(first))
+        if pos == len(first):
+            first.append(idx)
+        inverse[idx] = pos
+    return np.asarray(first, dtype=np.int64), inverse
+
+
 def evaluate_pairs(
     embedder: Embedder, pairs: PairSet, *, flip: bool = True, n_folds: int = 10
 ) -> VerificationResult:
-    """Embeds a decoded pair set (and its mirror images when ``flip``) and scores it."""
+    """Embeds a decoded pair set (and its mirror images when ``flip``) and scores it.
+
+    Each distinct image is embedded once: a 6,000-pair set drawn from 1,200 photos costs 1,200
+    forward passes (twice that with ``flip``), not 12,000.
+    """
+    first, inverse = _distinct_rows(pairs.images)
     embeddings, flipped = [], []
-    for start in range(0, len(pairs.images), _CHUNK):
-        chunk = pairs.images[start : start + _CHUNK]
+    for start in range(0, len(first), _CHUNK):
+        chunk = pairs.images[first[start : start + _CHUNK]]
         embeddings.append(embedder(chunk))
         if flip:  # mirror per chunk: no second copy of the whole set
             flipped.append(embedder(np.ascontiguousarray(chunk[..., ::-1])))
     return evaluate_embeddings(
-        np.concatenate(embeddings),
+        np.concatenate(embeddings)[inverse],
         pairs.issame,
-        flipped=np.concatenate(flipped) if flip else None,
+        flipped=np.concatenate(flipped)[inverse] if flip else None,
         n_folds=n_folds,
     )
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from otface.data.demo_identity import FIELD_MARGIN, FIELD_SIZE, FaceIdentity, Scene, Shot
+from otface.demo.identity import FIELD_MARGIN, FIELD_SIZE, FaceIdentity, Scene, Shot
 
 __all__ = ["draw_face"]
 

@@ -1,6 +1,6 @@
 """Draws one synthetic face photo with OpenCV primitives and reports its five landmarks.
 
-A face is drawn upright in the template frame (see :mod:`otface.data.demo_identity`) on a canvas
+A face is drawn upright in the template frame (see :mod:`otface.demo.identity`) on a canvas
 with a margin, then one affine warp places it in the output image: onto the ArcFace template
 (plus pose jitter) for aligned 112×112 faces, or at a random place, size and angle in a larger
 "loose crop". Landmarks are pushed through the same warp, so they agree with the pixels. Light,
@@ -15,13 +15,13 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from otface.data.demo_identity import (
+from otface.demo.identity import (
     ARCFACE_TEMPLATE_112,
     FaceIdentity,
     Scene,
     Shot,
 )
-from otface.data.demo_parts import draw_face
+from otface.demo.parts import draw_face
 
 __all__ = ["RenderedFace", "render_face", "similarity_fit"]
 

@@ -1,0 +1,101 @@
+"""The demo's IJB-format 1:1 benchmark (InsightFace's release layout, target name ``demo``).
+
+Each identity's loose crops are split into templates of 1–4 images from 1–2 medias (photos of
+one sitting share a scene). Every genuine template pair is listed; impostor pairs are a random
+subset of all cross-identity template pairs, enough that TAR at FAR 1e-4 rests on ≥ 10
+impostors by default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from otface.demo.identity import FaceIdentity, Shot, sample_scene, sample_shot
+from otface.demo.photos import Stream, encode_jpeg, rng_for
+from otface.demo.render import render_face
+
+__all__ = ["LOOSE_SIZE", "template_sizes", "write_ijb_set"]
+
+#: Side of the unaligned loose crops (pixels).
+LOOSE_SIZE = 176
+
+
+def _faceness(shot: Shot, rng: np.random.Generator) -> float:
+    score = rng.uniform(0.85, 1.0) - 0.1 * shot.blur_sigma / 1.6
+    if shot.occlusion:
+        score *= rng.uniform(0.45, 0.7)
+    return float(np.clip(score, 0.3, 1.0))
+
+
+def template_sizes(rng: np.random.Generator, n_images: int) -> list[int]:
+    """Splits an identity's images into templates of 1–4 images, at least two templates."""
+    sizes: list[int] = []
+    left = n_images
+    while left:
+        cap = min(4, left if sizes else left - 1)
+        sizes.append(int(rng.integers(1, cap + 1)))
+        left -= sizes[-1]
+    return sizes
+
+
+def _impostor_pairs(owner: np.ndarray, n_impostor: int, rng: np.random.Generator) -> np.ndarray:
+    """``(K, 2)`` template pairs ``a < b`` of different identities (1-based template ids): all of
+    them when ``n_impostor`` reaches their number, else a random subset, sorted."""
+    a, b = np.triu_indices(len(owner), k=1)
+    cross = owner[a] != owner[b]
+    pairs = np.stack([a[cross], b[cross]], axis=1) + 1
+    if n_impostor < len(pairs):
+        pairs = pairs[np.sort(rng.choice(len(pairs), n_impostor, replace=False))]
+    return pairs
+
+
+def write_ijb_set(
+    root: Path,
+    seed: int,
+    first_id: int,
+    idns: list[FaceIdentity],
+    per_id: int,
+    n_impostor: int,
+) -> int:
+    """Writes ``root/meta/demo_*.txt`` and ``root/loose_crop/*.jpg``; returns the number of
+    impostor pairs listed (``n_impostor``, or all cross-identity pairs when fewer exist)."""
+    meta, crops = root / "meta", root / "loose_crop"
+    meta.mkdir(parents=True)
+    crops.mkdir()
+    layout = rng_for(seed, Stream.IJB_LAYOUT)
+    tid_mid, lmk_lines, owner = [], [], []
+    image_no, template, media = 0, 0, 0
+    for i, idn in enumerate(idns):
+        for size in template_sizes(layout, per_id):
+            template += 1
+            owner.append(i)
+            split = int(layout.integers(1, size)) if size > 1 and layout.random() < 0.5 else size
+            for k in range(size):
+                if k in (0, split):
+                    media += 1
+                    scene = sample_scene(rng_for(seed, Stream.IJB_MEDIA, media))
+                image_no += 1
+                rng = rng_for(seed, Stream.IJB_IMAGE, first_id + i, image_no)
+                shot = sample_shot(rng)
+                face = render_face(idn, shot, scene, rng, loose_size=LOOSE_SIZE)
+                name = f"{image_no}.jpg"
+                (crops / name).write_bytes(encode_jpeg(face))
+                tid_mid.append(f"{name} {template} {media}\n")
+                coords = " ".join(f"{v:.3f}" for v in face.landmarks.reshape(-1))
+                lmk_lines.append(f"{name} {coords} {_faceness(shot, rng):.3f}\n")
+    owner_arr = np.asarray(owner)
+    by_id: dict[int, list[int]] = {}
+    for t, i in enumerate(owner, start=1):
+        by_id.setdefault(i, []).append(t)
+    pairs = [(a, b, 1) for ts in by_id.values() for x, a in enumerate(ts) for b in ts[x + 1 :]]
+    impostor = _impostor_pairs(owner_arr, n_impostor, layout)
+    pairs += [(int(a), int(b), 0) for a, b in impostor]
+    pairs = [pairs[k] for k in layout.permutation(len(pairs))]
+    (meta / "demo_face_tid_mid.txt").write_text("".join(tid_mid))
+    (meta / "demo_name_5pts_score.txt").write_text("".join(lmk_lines))
+    (meta / "demo_template_pair_label.txt").write_text(
+        "".join(f"{a} {b} {y}\n" for a, b, y in pairs)
+    )
+    return len(impostor)
