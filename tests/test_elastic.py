@@ -22,6 +22,7 @@ from otface.train.checkpoint import (
     checksum_path,
     previous_checkpoint_path,
 )
+from otface.train.distributed import shutdown_distributed
 from otface.train.elastic import resume_position
 
 # 16 classes, batch 8 per rank, 96 images, 2 epochs: 6 steps per epoch on 2 ranks, 12 on 1,
@@ -50,7 +51,7 @@ def _train_worker(rank, world_size, port, path):
     except _Stop:
         pass
     finally:
-        loop.shutdown_distributed()
+        shutdown_distributed()
 
 
 def _fc_momentum(trainer):
@@ -100,7 +101,7 @@ def _resume_worker(rank, world_size, port, path, output, result_dir):
         loop.Trainer.resume, loop.Trainer.train_step = resume, train_step
         root.removeHandler(handler)
         root.setLevel(level)
-        loop.shutdown_distributed()
+        shutdown_distributed()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from otface.config import load_config
 from otface.train import loop
 from otface.train.checkpoint import load_checkpoint
-from otface.train.distributed import DistEnv
+from otface.train.distributed import DistEnv, init_distributed, shutdown_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,7 +209,7 @@ def _ddp_worker(rank, world_size, port, path, result_file):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    env = loop.init_distributed()
+    env = init_distributed()
     cfg = _ddp_cfg(path, 4)
     loop.seed_everything(cfg.seed)
     trainer = loop.Trainer(cfg, env)
@@ -219,7 +219,7 @@ def _ddp_worker(rank, world_size, port, path, result_file):
         losses.append(trainer.train_step(img[sl], labels[sl]).loss.item())
     if rank == 0:
         torch.save(losses, result_file)
-    loop.shutdown_distributed()
+    shutdown_distributed()
 
 
 def _free_port():

@@ -18,10 +18,11 @@ import torch.multiprocessing as mp
 from otface.config import ConfigError, load_config
 from otface.data.rec_writer import write_rec
 from otface.loss import OTFaceCriterion
-from otface.train import loop
+from otface.train import loop, run
 from otface.train.checkpoint import checkpoint_path, previous_checkpoint_path, save_checkpoint
-from otface.train.distributed import DistEnv
+from otface.train.distributed import DistEnv, init_distributed, shutdown_distributed
 from otface.train.guard import TooManySkippedSteps
+from otface.train.signals import Terminated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ORIGINAL_STEP = loop.Trainer.train_step
@@ -204,7 +205,7 @@ def test_nan_metrics_are_logged_and_skips_counted(tmp_path, monkeypatch):
         return original(self, img, labels)
 
     monkeypatch.setattr(loop.Trainer, "train_step", poisoned)
-    rc = loop.main(path)
+    rc = run.main(path)
     assert rc == 0
     log = open(os.path.join(out, "training.log")).read()
     lines = [line for line in log.splitlines() if "Global Step: 4 " in line]
@@ -262,10 +263,10 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypa
 def test_runs_repeat_with_any_number_of_workers(tmp_path, monkeypatch):
     rec = _write_rec(tmp_path / "rec")
     runs = []
-    for run, workers in enumerate((0, 2, 2)):
+    for index, workers in enumerate((0, 2, 2)):
         path, _ = _config(
             tmp_path,
-            name=f"run{run}",
+            name=f"run{index}",
             rec=rec,
             num_classes=8,
             num_image=32,
@@ -344,7 +345,7 @@ def _join_gloo(rank, world_size, port):
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    return loop.init_distributed(timeout_s=60)
+    return init_distributed(timeout_s=60)
 
 
 def _spawn_ranks(target, *args, world_size=2):
@@ -375,7 +376,7 @@ def _resume_worker(rank, world_size, port, path, result_dir):
             result = (type(err).__name__, str(err))
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
-        loop.shutdown_distributed()
+        shutdown_distributed()
 
 
 def _run_two_ranks(path, result_dir):
@@ -521,7 +522,7 @@ def _acc_worker(rank, world_size, port, path, result_dir):
         weights = torch.cat([p.detach().flatten() for p in trainer.backbone.parameters()])
         torch.save((sorted(set(calls)), weights), os.path.join(result_dir, f"acc{rank}.pt"))
     finally:
-        loop.shutdown_distributed()
+        shutdown_distributed()
 
 
 def test_accumulation_all_reduces_only_on_the_optimiser_step(tmp_path):
@@ -558,6 +559,6 @@ def test_interrupt_during_a_save_waits_for_it(tmp_path, monkeypatch, sig):
     with pytest.raises(KeyboardInterrupt) as info:
         trainer.save_state(epoch=0, epoch_step=1)
     assert seen == ["saving"]
-    assert isinstance(info.value, loop._Terminated) == (sig == signal.SIGTERM)
+    assert isinstance(info.value, Terminated) == (sig == signal.SIGTERM)
     assert trainer.last_checkpoint == checkpoint_path(out, 0)
     assert torch.load(checkpoint_path(out, 0), weights_only=False)["epoch_step"] == 1

@@ -150,7 +150,7 @@ def tree_backbone_factory(tree: str | os.PathLike):
 
 def main(config_path: str, *, tree: str | os.PathLike) -> int:
     """Train ``config_path`` of the checkout ``tree``; returns a process exit code."""
-    from otface.train.loop import main as train_main
+    from otface.train.run import main as train_main
 
     return train_main(
         config_path,

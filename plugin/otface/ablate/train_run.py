@@ -20,7 +20,7 @@ def _load_frozen(path: str):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from otface.train.loop import main as train_main
+    from otface.train.run import main as train_main
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:

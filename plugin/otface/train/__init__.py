@@ -5,6 +5,6 @@ __all__ = ["main"]
 
 def main(config_path: str) -> int:
     """Train with the config at ``config_path``; returns a process exit code."""
-    from otface.train.loop import main as _main
+    from otface.train.run import main as _main
 
     return _main(config_path)

@@ -8,9 +8,6 @@ import difflib
 import logging
 import os
 import random
-import signal
-import sys
-import threading
 import warnings
 from typing import Any, Callable
 
@@ -18,28 +15,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from otface.config import ConfigError, load_config
+from otface.config import ConfigError
 from otface.criterion import LossOutput
-from otface.data.loader import TooManyBadImages
 from otface.registry import LOSSES
 from otface.train.checkpoint import (
     CheckpointError,
     atomic_save,
-    checkpoint_path,
     load_latest_checkpoint,
     model_path,
     remove_stale_temp_files,
     save_checkpoint,
 )
-from otface.train.distributed import DistEnv, init_distributed, shutdown_distributed
+from otface.train.distributed import DistEnv
 from otface.train.elastic import find_saved_runs, load_resharded, resume_position
-from otface.train.guard import BufferSnapshot, SkipCounter, TooManySkippedSteps
-from otface.train.log import StepLogger, init_logging
+from otface.train.guard import BufferSnapshot, SkipCounter
+from otface.train.log import StepLogger
 from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.prefetch import DevicePrefetcher, to_training_layout
 from otface.train.rng import capture_rng_state, restore_rng_state
+from otface.train.signals import RUN, signals_deferred
 
-__all__ = ["Trainer", "build_backbone", "build_grad_scaler", "main", "seed_everything"]
+__all__ = [
+    "Trainer",
+    "build_backbone",
+    "build_grad_scaler",
+    "compile_backbone",
+    "fit",
+    "prepare_data",
+    "seed_everything",
+]
 
 GRAD_CLIP_NORM = 5.0
 
@@ -317,7 +321,7 @@ class Trainer:
     def save_state(self, *, epoch: int, epoch_step: int) -> str:
         """Write this rank's checkpoint (checksummed; the previous one is kept). Ctrl-C or
         SIGTERM during the write takes effect when it is complete."""
-        with _signals_deferred():
+        with signals_deferred():
             path = save_checkpoint(
                 self.state(epoch=epoch, epoch_step=epoch_step), self.cfg.output, self.env.rank
             )
@@ -326,7 +330,7 @@ class Trainer:
 
     def save_model(self) -> str:
         path = model_path(self.cfg.output)
-        with _signals_deferred():
+        with signals_deferred():
             atomic_save(self.backbone.state_dict(), path)
         return path
 
@@ -666,138 +670,5 @@ def fit(
     finally:
         if writer is not None:
             writer.close()
-        _RUN.last_checkpoint = trainer.last_checkpoint
+        RUN.last_checkpoint = trainer.last_checkpoint
     return trainer
-
-
-class _RunRecord:
-    """What an interrupted run reports: the last checkpoint this process completed."""
-
-    last_checkpoint: str | None = None
-
-
-_RUN = _RunRecord()
-
-
-def _check_output_writable(output: str) -> None:
-    try:
-        os.makedirs(output, exist_ok=True)
-        probe = os.path.join(output, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(
-            f"key 'output' = {output!r}: the folder cannot be written "
-            f"({err.strerror or err}); choose another output folder"
-        ) from None
-
-
-def _report_error(message: str) -> None:
-    """One line on stderr, and in ``training.log`` when it is open."""
-    print(f"error: {message}", file=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(
-                logging.LogRecord("otface", logging.ERROR, "", 0, "error: %s", (message,), None)
-            )
-
-
-def _interrupted_message(output: str, signal_name: str) -> str:
-    last = _RUN.last_checkpoint
-    if last is None:
-        path = checkpoint_path(output, 0)
-        last = path if os.path.isfile(path) else None
-    if last is None:
-        return f"interrupted ({signal_name}); no checkpoint was written in {output}"
-    return f"interrupted ({signal_name}); the last complete checkpoint is {last}"
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or torchrun's stop) handled like Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold Ctrl-C and SIGTERM until the block is done, then raise them.
-
-    An interrupt inside ``torch.save`` surfaces as an unrelated ``RuntimeError`` from its zip
-    writer; a checkpoint save takes seconds, so the interrupt waits for it instead.
-    """
-    if not _in_main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if pending:
-        if pending[0] == signal.SIGTERM:
-            raise _Terminated()
-        raise KeyboardInterrupt()
-
-
-def main(
-    config_path: str,
-    *,
-    load: Callable[[str], Any] = load_config,
-    backbone_factory: BackboneFactory | None = None,
-) -> int:
-    """Command-line entry: load the config, join the process group, train. Returns exit code.
-
-    ``load`` reads and validates the config (default :func:`otface.config.load_config`);
-    ``backbone_factory`` is passed to :func:`fit`. Exit codes: 0 done, 1 a failure during
-    training (one ``error:`` line), 2 a bad config or data (one ``error:`` line), 130
-    interrupted by Ctrl-C or SIGTERM.
-    """
-    try:
-        cfg = load(config_path)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _RUN.last_checkpoint = None
-    previous_handler = None
-    if _in_main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    env = None
-    try:
-        env = init_distributed(timeout_s=float(cfg.collective_timeout_s))
-        dataset = prepare_data(cfg)  # before anything is written: no empty log on bad data
-        _check_output_writable(cfg.output)
-        init_logging(env.rank, cfg.output)
-        if env.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        fit(cfg, env, backbone_factory=backbone_factory, dataset=dataset)
-    except ConfigError as err:
-        _report_error(str(err))
-        return 2
-    except (CheckpointError, TooManySkippedSteps, TooManyBadImages, OSError) as err:
-        _report_error(str(err))
-        return 1
-    except KeyboardInterrupt as err:
-        name = "SIGTERM" if isinstance(err, _Terminated) else "Ctrl-C"
-        message = _interrupted_message(cfg.output, name)
-        if logging.getLogger().handlers:
-            logging.warning(message)
-        else:
-            print(message, file=sys.stderr)
-        return 130
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-        shutdown_distributed()
-    return 0
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()

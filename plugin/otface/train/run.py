@@ -1,0 +1,109 @@
+"""The command-line run: load the config, join the process group, train, and turn every
+expected failure into one ``error:`` line and an exit code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Any, Callable
+
+import torch
+
+from otface.config import ConfigError, load_config
+from otface.data.loader import TooManyBadImages
+from otface.train.checkpoint import CheckpointError, checkpoint_path
+from otface.train.distributed import init_distributed, shutdown_distributed
+from otface.train.guard import TooManySkippedSteps
+from otface.train.log import init_logging
+from otface.train.loop import BackboneFactory, fit, prepare_data
+from otface.train.signals import RUN, Terminated, in_main_thread, raise_terminated
+
+__all__ = ["main"]
+
+
+def main(
+    config_path: str,
+    *,
+    load: Callable[[str], Any] = load_config,
+    backbone_factory: BackboneFactory | None = None,
+) -> int:
+    """Command-line entry: load the config, join the process group, train. Returns exit code.
+
+    ``load`` reads and validates the config (default :func:`otface.config.load_config`);
+    ``backbone_factory`` is passed to :func:`fit`. Exit codes: 0 done, 1 a failure during
+    training (one ``error:`` line), 2 a bad config or data (one ``error:`` line), 130
+    interrupted by Ctrl-C or SIGTERM.
+    """
+    try:
+        cfg = load(config_path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    RUN.last_checkpoint = None
+    previous_handler = None
+    if in_main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
+    env = None
+    try:
+        env = init_distributed(timeout_s=float(cfg.collective_timeout_s))
+        dataset = prepare_data(cfg)  # before anything is written: no empty log on bad data
+        _check_output_writable(cfg.output)
+        init_logging(env.rank, cfg.output)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        fit(cfg, env, backbone_factory=backbone_factory, dataset=dataset)
+    except ConfigError as err:
+        _report_error(str(err))
+        return 2
+    except (CheckpointError, TooManySkippedSteps, TooManyBadImages, OSError) as err:
+        _report_error(str(err))
+        return 1
+    except KeyboardInterrupt as err:
+        name = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+        message = _interrupted_message(cfg.output, name)
+        if logging.getLogger().handlers:
+            logging.warning(message)
+        else:
+            print(message, file=sys.stderr)
+        return 130
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        shutdown_distributed()
+    return 0
+
+
+def _check_output_writable(output: str) -> None:
+    try:
+        os.makedirs(output, exist_ok=True)
+        probe = os.path.join(output, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"key 'output' = {output!r}: the folder cannot be written "
+            f"({err.strerror or err}); choose another output folder"
+        ) from None
+
+
+def _report_error(message: str) -> None:
+    """One line on stderr, and in ``training.log`` when it is open."""
+    print(f"error: {message}", file=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(
+                logging.LogRecord("otface", logging.ERROR, "", 0, "error: %s", (message,), None)
+            )
+
+
+def _interrupted_message(output: str, signal_name: str) -> str:
+    last = RUN.last_checkpoint
+    if last is None:
+        path = checkpoint_path(output, 0)
+        last = path if os.path.isfile(path) else None
+    if last is None:
+        return f"interrupted ({signal_name}); no checkpoint was written in {output}"
+    return f"interrupted ({signal_name}); the last complete checkpoint is {last}"
