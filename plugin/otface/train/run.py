@@ -60,6 +60,11 @@ def main(
     except (CheckpointError, TooManySkippedSteps, TooManyBadImages, OSError) as err:
         _report_error(str(err))
         return 1
+    except RuntimeError as err:
+        if not _lost_peer(err):
+            raise
+        _report_error(_lost_peer_message(err, cfg.output, env))
+        return 1
     except KeyboardInterrupt as err:
         name = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
         message = _interrupted_message(cfg.output, name)
@@ -99,11 +104,45 @@ def _report_error(message: str) -> None:
             )
 
 
-def _interrupted_message(output: str, signal_name: str) -> str:
+def _last_checkpoint(output: str) -> str | None:
     last = RUN.last_checkpoint
     if last is None:
         path = checkpoint_path(output, 0)
         last = path if os.path.isfile(path) else None
+    return last
+
+
+def _interrupted_message(output: str, signal_name: str) -> str:
+    last = _last_checkpoint(output)
     if last is None:
         return f"interrupted ({signal_name}); no checkpoint was written in {output}"
     return f"interrupted ({signal_name}); the last complete checkpoint is {last}"
+
+
+# gloo reports a peer that died mid-collective as a plain RuntimeError naming its transport.
+_LOST_PEER_MARKERS = ("/gloo/transport/", "Connection closed by peer", "Connection reset by peer")
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    """Whether ``err`` is a collective that failed because another rank died or went silent
+    (torch's ``DistError`` family, or gloo's transport errors)."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return any(marker in str(err) for marker in _LOST_PEER_MARKERS)
+
+
+def _lost_peer_message(err: RuntimeError, output: str, env) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    rank = f"rank {env.rank}" if env is not None else "this rank"
+    last = _last_checkpoint(output)
+    resume = (
+        f"the last complete checkpoint is {last}; restart the job with resume = True "
+        "(on any number of ranks: Partial FC's centres are resharded)"
+        if last
+        else f"no checkpoint was written in {output}"
+    )
+    return (
+        f"{rank}: a collective failed because another rank of the job died or stopped "
+        f"answering ({type(err).__name__}: {first}); {resume}"
+    )
