@@ -8,6 +8,12 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
     python benchmarks/bench_step.py                                    # CPU, r18_lite
     python benchmarks/bench_step.py --network r100 --batch-size 128 --fp16   # one GPU
     python benchmarks/bench_step.py --sync-debug      # host reads in one otface step, by source
+    python benchmarks/bench_step.py --compile default,reduce-overhead   # + compiled rows
+
+``--compile MODE[,MODE]`` adds, for each mode, our rows again with the backbone compiled as
+``config.compile`` does (``Module.compile`` in place, before the feature hook is registered),
+labelled ``arcface+MODE`` and so on; the ``first s`` column gives each row's first step, which
+holds the compilation. With ``--arcface-torch`` the compiled rows join the interleaved blocks.
 
 ``--sync-debug`` runs one ``otface`` step (forward, backward, optimiser step, grad scaler) under
 a dispatch mode that records every op whose result the host must wait for (a scalar read such
@@ -49,10 +55,23 @@ import torch
 from otface.backbones import get_model, use_channels_last
 from otface.evaluation.cli import positive_int
 from otface.registry import LOSSES
-from otface.train.loop import GRAD_CLIP_NORM
+from otface.train.loop import GRAD_CLIP_NORM, compile_backbone
 
 # configs/ is a folder of the repository, not of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_modes(value: str) -> list[str]:
+    modes = [m for m in value.split(",") if m]
+    bad = [m for m in modes if m not in COMPILE_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown compile mode {bad[0]!r}; valid: {', '.join(COMPILE_MODES)}"
+        )
+    return modes
 
 
 def _rss_mib() -> float:
@@ -83,6 +102,7 @@ class _Step:
         kernel: str,
         *,
         as_trainer: bool = False,
+        compile_mode: str | None = None,
     ):
         cfg = _config(args, loss_name)
         cfg.otface.kernel = kernel
@@ -95,6 +115,11 @@ class _Step:
         self.channels_last = use_channels_last(args.channels_last, device)
         if self.channels_last:  # as the trainer does (config.channels_last)
             self.backbone.to(memory_format=torch.channels_last)
+        if compile_mode:  # as the trainer does (config.compile): before the feature hook
+            # Several compiled backbones of one class share Dynamo's cache, which by default
+            # does not guard on module hooks: otface's would run arcface's graph, hook-less.
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            compile_backbone(self.backbone, True if compile_mode == "default" else compile_mode)
         self.criterion = LOSSES.build(
             loss_name, cfg, backbone=self.backbone, rank=0, world_size=1
         ).to(device)
@@ -146,18 +171,53 @@ def _batches(args, device: torch.device, count: int, *, channels_last: bool):
     return out
 
 
-def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str = "auto"):
-    run = _Step(loss_name, args, device, state, kernel)
+class Contender(NamedTuple):
+    """One of our rows: its label, criterion, Sinkhorn kernel and ``torch.compile`` mode."""
+
+    label: str
+    loss_name: str
+    kernel: str
+    compile_mode: str | None
+
+
+def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
+    """Our rows for ``args``: ``arcface``, ``otface`` for each ``--ot-kernels`` entry, and the
+    same again compiled in each ``--compile`` mode (labelled ``name+mode``). Also the notes on
+    rows that cannot run on ``device``."""
+    rows, notes = [Contender("arcface", "arcface", "auto", None)], []
+    for kernel in args.ot_kernels.split(","):
+        label = "otface" if kernel == "auto" else f"otface[{kernel}]"
+        if kernel == "triton" and device.type != "cuda":
+            notes.append(f"{label}: not timed, the Triton kernel needs CUDA")
+            continue
+        rows.append(Contender(label, "otface", kernel, None))
+    eager = list(rows)
+    for mode in args.compile:
+        rows += [c._replace(label=f"{c.label}+{mode}", compile_mode=mode) for c in eager]
+    return rows, notes
+
+
+def bench(
+    loss_name: str,
+    args,
+    device: torch.device,
+    state: dict,
+    kernel: str = "auto",
+    compile_mode: str | None = None,
+):
+    run = _Step(loss_name, args, device, state, kernel, compile_mode=compile_mode)
     batches = run.batches(args, device, args.warmup + args.steps)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, n_hard = [], []
+    times, n_hard, first_s = [], [], None
     for step, (x, labels) in enumerate(batches, start=1):
         _sync(device)
         t0 = time.perf_counter()
         out = run(x, labels, step)
         _sync(device)
+        if step == 1:
+            first_s = time.perf_counter() - t0
         if step > args.warmup:
             times.append(time.perf_counter() - t0)
         if "n_hard" in out.metrics:
@@ -168,7 +228,8 @@ def bench(loss_name: str, args, device: torch.device, state: dict, kernel: str =
         mem = _rss_mib()
     if hasattr(run.criterion, "remove_hook"):
         run.criterion.remove_hook()
-    return statistics.median(times), (statistics.mean(n_hard) if n_hard else None), mem
+    hard = statistics.mean(n_hard) if n_hard else None
+    return statistics.median(times), hard, mem, first_s
 
 
 class Spread(NamedTuple):
@@ -215,10 +276,12 @@ def paired_ratios(block_s: Mapping[str, Sequence[float]], anchor: str) -> dict:
 
 class Interleaved(NamedTuple):
     """Result of :func:`interleave`: per contender, the median step seconds of each block (one
-    block per round, rounds in order) and the number of hard triplets of each timed step."""
+    block per round, rounds in order), the number of hard triplets of each timed step, and the
+    seconds of its first step (with ``torch.compile``, the compilation)."""
 
     block_s: dict
     n_hard: dict
+    first_s: dict
 
 
 def interleave(contenders: Mapping[str, tuple], args, device: torch.device) -> Interleaved:
@@ -238,6 +301,7 @@ def interleave(contenders: Mapping[str, tuple], args, device: torch.device) -> I
     done = dict.fromkeys(names, 0)
     block_s = {name: [] for name in names}
     n_hard = {name: [] for name in names}
+    first_s = {}
 
     def run(name: str, count: int, timed: bool) -> None:
         step_fn, batches = contenders[name]
@@ -250,6 +314,7 @@ def interleave(contenders: Mapping[str, tuple], args, device: torch.device) -> I
             out = step_fn(x, labels, done[name])
             _sync(device)
             times.append(time.perf_counter() - t0)
+            first_s.setdefault(name, times[0])
             metrics = getattr(out, "metrics", {})
             if timed and "n_hard" in metrics:  # read after the clock stopped
                 n_hard[name].append(float(metrics["n_hard"]))
@@ -262,7 +327,7 @@ def interleave(contenders: Mapping[str, tuple], args, device: torch.device) -> I
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             run(name, args.block_steps, timed=True)
-    return Interleaved(block_s, n_hard)
+    return Interleaved(block_s, n_hard, first_s)
 
 
 def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None:
@@ -271,14 +336,22 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
     from _upstream import UpstreamStep, single_process_group
 
     count = args.warmup + args.blocks * args.block_steps
+    rows, notes = contenders(args, device)
+    for note in notes:
+        print(note)
     with single_process_group(device):
-        ours = {"arcface": _Step("arcface", args, device, state, "auto", as_trainer=True)}
-        for kernel in args.ot_kernels.split(","):
-            if kernel == "triton" and device.type != "cuda":
-                print("otface[triton]: not timed, the Triton kernel needs CUDA")
-                continue
-            label = "otface" if kernel == "auto" else f"otface[{kernel}]"
-            ours[label] = _Step("otface", args, device, state, kernel, as_trainer=True)
+        ours = {
+            c.label: _Step(
+                c.loss_name,
+                args,
+                device,
+                state,
+                c.kernel,
+                as_trainer=True,
+                compile_mode=c.compile_mode,
+            )
+            for c in rows
+        }
         centres = ours["arcface"].criterion.partial_fc.weight.detach()
         upstream = UpstreamStep(mods, _config(args), device, state, centres)
         print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
@@ -305,7 +378,10 @@ def _print_comparison(result: Interleaved, layouts: Mapping[str, bool], anchor: 
         f"ratio: each block over {anchor}'s block of the same round, median [IQR] (min-max) "
         f"of the {n_blocks} pairs"
     )
-    print(f"{'contender':16s} {'layout':6s} {'step ms':>34s}  {'ratio':>34s} {'n_hard':>7s}")
+    print(
+        f"{'contender':26s} {'layout':6s} {'step ms':>34s}  {'ratio':>34s} {'n_hard':>7s} "
+        f"{'first s':>8s}"
+    )
     for name, times in result.block_s.items():
         t = spread([1e3 * v for v in times])
         step = f"{t.median:.1f} [{t.q1:.1f}-{t.q3:.1f}] ({t.lo:.1f}-{t.hi:.1f})"
@@ -317,9 +393,11 @@ def _print_comparison(result: Interleaved, layouts: Mapping[str, bool], anchor: 
         hard = result.n_hard[name]
         hard_s = f"{statistics.mean(hard):.1f}" if hard else "-"
         layout = "NHWC" if layouts[name] else "NCHW"
-        print(f"{name:16s} {layout:6s} {step:>34s}  {ratio:>34s} {hard_s:>7s}")
+        first = result.first_s.get(name, float("nan"))
+        print(f"{name:26s} {layout:6s} {step:>34s}  {ratio:>34s} {hard_s:>7s} {first:8.1f}")
     for name, values in ratios.items():
         print(f"{name} vs {anchor}: {100 * (spread(values).median - 1):+.1f}% (median of pairs)")
+    print("first s: the first step of each contender (cuDNN autotuning; compilation with +MODE)")
 
 
 _SYNCING_OPS = (
@@ -398,6 +476,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma-separated Sinkhorn kernels for the otface rows: auto, torch, matmul, triton",
     )
     parser.add_argument(
+        "--compile",
+        type=_compile_modes,
+        default=[],
+        metavar="MODE[,MODE]",
+        help="also time our rows with the backbone torch.compile'd in these modes "
+        f"({', '.join(COMPILE_MODES)}), as config.compile does",
+    )
+    parser.add_argument(
         "--arcface-torch",
         metavar="PATH",
         help="an arcface_torch checkout: time its own step beside ours, interleaved",
@@ -452,21 +538,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {count:3d} x {op:22s} {where}")
         return
     mem_label = "peak MiB (CUDA)" if device.type == "cuda" else "RSS MiB"
-    print(f"{'criterion':16s} {'step ms':>9s} {'ratio':>7s} {'n_hard':>7s} {mem_label:>16s}")
-    rows = [("arcface", *bench("arcface", args, device, state))]
-    notes = []
-    for kernel in args.ot_kernels.split(","):
-        label = "otface" if kernel == "auto" else f"otface[{kernel}]"
-        if kernel == "triton" and device.type != "cuda":
-            notes.append(f"{label}: not timed, the Triton kernel needs CUDA")
-            continue
-        rows.append((label, *bench("otface", args, device, state, kernel=kernel)))
+    print(
+        f"{'criterion':26s} {'step ms':>9s} {'ratio':>7s} {'n_hard':>7s} {mem_label:>16s} "
+        f"{'first s':>8s}"
+    )
+    specs, notes = contenders(args, device)
+    rows = []
+    for c in specs:
+        rows.append((c.label, *bench(c.loss_name, args, device, state, c.kernel, c.compile_mode)))
     base = rows[0][1]
-    for crit, secs, n_hard, mem in rows:
+    for crit, secs, n_hard, mem, first in rows:
         hard = "-" if n_hard is None else f"{n_hard:.1f}"
-        print(f"{crit:16s} {secs * 1e3:9.1f} {secs / base:7.3f} {hard:>7s} {mem:16.0f}")
-    for crit, secs, _, _ in rows[1:]:
+        print(
+            f"{crit:26s} {secs * 1e3:9.1f} {secs / base:7.3f} {hard:>7s} {mem:16.0f} {first:8.1f}"
+        )
+    for crit, secs, *_ in rows[1:]:
         print(f"{crit} overhead: {100 * (secs / base - 1):+.1f}% of the arcface step")
+    print("first s: the first step (cuDNN autotuning; compilation for +MODE rows)")
     for note in notes:
         print(note)
 

@@ -12,6 +12,10 @@
 #  6. torch.compile of the backbone: the first step (compilation) and the step after;
 #  7. the OT solver against POT and GeomLoss.
 # Each part has its own time limit, so that one hang cannot take the whole run.
+# COMPILE=MODE[,MODE] (e.g. COMPILE=default) adds our rows compiled in those modes to the
+# side-by-side parts (2.), interleaved with upstream's and our eager step; each compiled row
+# pays its compilation in its first step (the "first s" column), which can take minutes for
+# r100, so allow for it in the time you give the run.
 set -uo pipefail
 out="${OUT:-work_dirs/gpu_check}"
 upstream="${1:-${ARCFACE_TORCH:-}}"
@@ -32,10 +36,17 @@ common=(--device cuda --batch-size 128 --fp16 --num-classes 93431)
 
 run env 30 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 run sync_debug 90 python benchmarks/bench_step.py "${common[@]}" --network r50 --sync-debug
+compiled=()
+vs_limit=150
+if [ -n "${COMPILE:-}" ]; then
+  compiled=(--compile "$COMPILE")
+  vs_limit=420
+fi
 if [ -n "$upstream" ]; then
   for net in r50 r100; do
-    run "vs_upstream_$net" 150 python benchmarks/bench_step.py "${common[@]}" --network "$net" \
-      --arcface-torch "$upstream" --warmup 5 --blocks 20 --block-steps 5
+    run "vs_upstream_$net" "$vs_limit" python benchmarks/bench_step.py "${common[@]}" \
+      --network "$net" --arcface-torch "$upstream" --warmup 5 --blocks 20 --block-steps 5 \
+      "${compiled[@]}"
   done
 else
   echo "== vs_upstream: skipped (give an arcface_torch checkout as the first argument)"

@@ -31,7 +31,8 @@ config.fp16 = False
 # H200), plain NCHW on the CPU; True/False force it. model.pt and checkpoints are unchanged.
 config.channels_last = "auto"
 # ours: torch.compile the backbone in place (its state_dict keys do not change): False, True
-# (mode "default"), or a mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune".
+# (mode "default"), or a mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune",
+# "max-autotune-no-cudagraphs".
 # The first steps pay the compile time; benchmarks/gpu_check.sh measures both.
 config.compile = False
 config.batch_size = 128

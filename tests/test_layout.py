@@ -206,3 +206,48 @@ def test_compile_key_keeps_the_state_dict_and_is_validated(tmp_path):
         cfg.compile = bad
         with pytest.raises(ConfigError, match="compile"):
             validate_config(cfg)
+
+
+def test_otface_feature_hook_is_traced_by_torch_compile():
+    # The trainer compiles the backbone in place and only then builds the criterion, whose
+    # forward hook on the last feature map must be traced into the compiled graph: otherwise
+    # the OT term silently sees no map (or a stale one). Dynamo's tracing is what decides this;
+    # the "aot_eager" backend keeps it to seconds on a CPU (Inductor's code generation is what
+    # benchmarks/gpu_check.sh times on a GPU). Reference: the same weights, not compiled.
+    import copy as _copy
+
+    import torch._dynamo
+
+    from otface.registry import LOSSES
+
+    cfg = load_config(os.path.join(ROOT, "configs", "demo_otface"))
+    cfg.update(num_classes=8, fp16=False)
+    torch.manual_seed(0)
+    eager = get_model("r18_lite", num_features=cfg.embedding_size)
+    compiled = _copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    images = _images(16, seed=3)
+    labels = torch.arange(4).repeat_interleave(4)
+    results = []
+    torch._dynamo.reset()
+    for net in (eager, compiled):
+        net.train()
+        criterion = LOSSES.build("otface", cfg, backbone=net, rank=0, world_size=1)
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            out = criterion(net(images), labels, step=1)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        results.append((out, grads))
+        criterion.remove_hook()
+    (ref, ref_grads), (got, got_grads) = results
+    assert float(ref.metrics["n_hard"]) > 0, "the batch must mine something to compare"
+    assert float(ref.metrics["loss_ot"]) > 0
+    for key in ("n_hard", "loss_ot", "loss_margin"):
+        assert float(got.metrics[key]) == pytest.approx(float(ref.metrics[key]), rel=1e-4, abs=1e-6)
+    assert len(got_grads) == len(ref_grads)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
+    # One graph, no breaks: a break at the hook would run the rest of the network uncompiled.
+    explained = torch._dynamo.explain(_copy.deepcopy(eager).train())(images)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -75,7 +75,15 @@ _SCHEMA: dict[str, _Spec] = {
     "fp16": _BOOL,
     "channels_last": _Spec((str, bool), choices=("auto", True, False)),
     "compile": _Spec(
-        (str, bool), choices=(False, True, "default", "reduce-overhead", "max-autotune")
+        (str, bool),
+        choices=(
+            False,
+            True,
+            "default",
+            "reduce-overhead",
+            "max-autotune",
+            "max-autotune-no-cudagraphs",
+        ),
     ),
     "batch_size": _POS_INT,
     "optimizer": _Spec((str,), choices=("sgd", "adamw")),
