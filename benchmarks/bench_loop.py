@@ -19,31 +19,21 @@ range; the target is >= 0.95.
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib
 import logging
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from _timing import base_config, sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ of the repository
-
-from otface.config import validate_config  # noqa: E402
-from otface.train.distributed import DistEnv  # noqa: E402
-from otface.train.log import StepLogger  # noqa: E402
-from otface.train.loop import Trainer, _build_loader, prepare_data  # noqa: E402
-from otface.train.prefetch import DevicePrefetcher, to_training_layout  # noqa: E402
+from otface.config import validate_config
+from otface.train.distributed import DistEnv
+from otface.train.log import StepLogger
+from otface.train.loop import Trainer, _build_loader, prepare_data
+from otface.train.prefetch import DevicePrefetcher, to_training_layout
 
 PREFETCH_FACTOR = 2  # torch's DataLoader default
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _steps_needed(args) -> int:
@@ -52,7 +42,7 @@ def _steps_needed(args) -> int:
 
 
 def _config(args, output: str):
-    cfg = copy.deepcopy(importlib.import_module("configs.base").config)
+    cfg = base_config()
     cfg.update(
         network=args.network,
         loss=args.loss,
@@ -138,16 +128,16 @@ def main() -> None:
                 trainer.train_step(*cached[i % len(cached)])
 
         def timed(fn, count: int) -> float:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn(count)
-            _sync(device)
+            sync(device)
             return count * cfg.batch_size / (time.perf_counter() - t0)
 
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loop_steps(1)  # with config.compile, the compilation happens here
-        _sync(device)
+        sync(device)
         first_step_s = time.perf_counter() - t0
         loop_steps(args.warmup)
         step_steps(args.warmup)

@@ -41,6 +41,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _timing import sync
 
 from otface.ot import cosine_cost, sinkhorn
 
@@ -64,11 +65,6 @@ def make_points(batch: int, n: int, dim: int, *, seed: int, device: str):
     x = cloud(0.0)
     y = cloud(0.7 * torch.randn(batch, 1, 16, generator=g))
     return x.to(device), y.to(device)
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _ours(kernel):
@@ -117,11 +113,11 @@ def _time(fn, x, y, *, repeats, device):
     times, out = [], None
     for rep in range(repeats + 2):  # two warm-up runs
         xg = x.detach().requires_grad_(True)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         value, n_iter = fn(xg, y)
         value.sum().backward()
-        _sync(device)
+        sync(device)
         if rep >= 2:
             times.append(time.perf_counter() - t0)
         out = (value.detach(), n_iter)

@@ -41,25 +41,19 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import copy
-import importlib
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
+from _timing import base_config, sync
 
 from otface.backbones import get_model, use_channels_last
 from otface.evaluation.cli import positive_int
 from otface.registry import LOSSES
 from otface.train.loop import GRAD_CLIP_NORM, compile_backbone
-
-# configs/ is a folder of the repository, not of the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -79,13 +73,8 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _config(args, loss_name: str = "arcface"):
-    cfg = copy.deepcopy(importlib.import_module("configs.base").config)
+    cfg = base_config()
     cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name)
     return cfg
 
@@ -212,10 +201,10 @@ def bench(
         torch.cuda.reset_peak_memory_stats(device)
     times, n_hard, first_s = [], [], None
     for step, (x, labels) in enumerate(batches, start=1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = run(x, labels, step)
-        _sync(device)
+        sync(device)
         if step == 1:
             first_s = time.perf_counter() - t0
         if step > args.warmup:
@@ -309,10 +298,10 @@ def interleave(contenders: Mapping[str, tuple], args, device: torch.device) -> I
         for _ in range(count):
             x, labels = batches[done[name]]
             done[name] += 1
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = step_fn(x, labels, done[name])
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
             first_s.setdefault(name, times[0])
             metrics = getattr(out, "metrics", {})
