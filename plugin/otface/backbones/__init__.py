@@ -5,6 +5,9 @@
 network class names the module whose output is its last conv feature map in a ``feature_layer``
 class attribute (``"bn2"`` for IResNet, ``"conv_sep"`` for MobileFaceNet), for feature hooks.
 
+``set_fused_bn_prelu(model, "auto")`` runs the BatchNorm + PReLU inside every IResNet block as
+one fused Triton op in training mode (:func:`bn_prelu`); the ``state_dict`` is unchanged.
+
 ``use_channels_last(setting, device)`` decides the memory layout a trainer puts a network and its
 input in (``config.channels_last``); the layout never changes a ``state_dict``.
 
@@ -21,6 +24,7 @@ from typing import Callable, Dict, List
 from torch import nn
 
 from otface.backbones._common import use_channels_last
+from otface.backbones.fused_bn_prelu import bn_prelu, set_fused_bn_prelu
 from otface.backbones.iresnet import IBasicBlock, IResNet
 from otface.backbones.mobilefacenet import MobileFaceNet
 
@@ -28,8 +32,10 @@ __all__ = [
     "IBasicBlock",
     "IResNet",
     "MobileFaceNet",
+    "bn_prelu",
     "get_model",
     "list_models",
+    "set_fused_bn_prelu",
     "use_channels_last",
 ]
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from otface.backbones._common import cuda_autocast
+from otface.backbones.fused_bn_prelu import bn_prelu
 
 __all__ = ["IBasicBlock", "IResNet"]
 
@@ -36,7 +37,16 @@ class IBasicBlock(nn.Module):
         in_ch: input channels.
         out_ch: output channels.
         stride: stride of the second 3×3 convolution and of the shortcut.
+
+    Attributes:
+        fused_bn_prelu: ``"off"`` (default): ``prelu(bn2(·))`` by the modules; otherwise the
+            ``kernel`` of :func:`~otface.backbones.fused_bn_prelu.bn_prelu`, which computes
+            the same in training mode with fused kernels (eval mode always runs the modules).
+            Set it with :func:`~otface.backbones.fused_bn_prelu.set_fused_bn_prelu`; it is
+            not part of the ``state_dict``.
     """
+
+    fused_bn_prelu: str = "off"
 
     def __init__(self, in_ch: int, out_ch: int, *, stride: int = 1) -> None:
         super().__init__()
@@ -56,7 +66,12 @@ class IBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, in_ch, H, W) → (N, out_ch, H/stride, W/stride)``."""
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        out = self.conv1(self.bn1(x))
+        if self.fused_bn_prelu == "off" or not self.training:
+            out = self.prelu(self.bn2(out))
+        else:
+            out = bn_prelu(out, self.bn2, self.prelu, kernel=self.fused_bn_prelu)
+        out = self.bn3(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
         return out + shortcut
 
