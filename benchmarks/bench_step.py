@@ -9,6 +9,7 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
     python benchmarks/bench_step.py --network r100 --batch-size 128 --fp16   # one GPU
     python benchmarks/bench_step.py --sync-debug      # host reads in one otface step, by source
     python benchmarks/bench_step.py --compile default,reduce-overhead   # + compiled rows
+    python benchmarks/bench_step.py --fused-bn-prelu   # + rows with the fused BN + PReLU (CUDA)
 
 ``--compile MODE[,MODE]`` adds, for each mode, our rows again with the backbone compiled as
 ``config.compile`` does (``Module.compile`` in place, before the feature hook is registered),
@@ -50,7 +51,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from _timing import base_config, sync
 
-from otface.backbones import get_model, use_channels_last
+from otface.backbones import get_model, set_fused_bn_prelu, use_channels_last
 from otface.evaluation.cli import positive_int
 from otface.registry import LOSSES
 from otface.train.loop import GRAD_CLIP_NORM, compile_backbone
@@ -92,6 +93,7 @@ class _Step:
         *,
         as_trainer: bool = False,
         compile_mode: str | None = None,
+        fused_bn_prelu: bool = False,
     ):
         cfg = _config(args, loss_name)
         cfg.otface.kernel = kernel
@@ -104,6 +106,8 @@ class _Step:
         self.channels_last = use_channels_last(args.channels_last, device)
         if self.channels_last:  # as the trainer does (config.channels_last)
             self.backbone.to(memory_format=torch.channels_last)
+        if fused_bn_prelu:  # as the trainer does (config.fused_bn_prelu = "auto")
+            set_fused_bn_prelu(self.backbone, "auto")
         if compile_mode:  # as the trainer does (config.compile): before the feature hook
             # Several compiled backbones of one class share Dynamo's cache, which by default
             # does not guard on module hooks: otface's would run arcface's graph, hook-less.
@@ -161,28 +165,36 @@ def _batches(args, device: torch.device, count: int, *, channels_last: bool):
 
 
 class Contender(NamedTuple):
-    """One of our rows: its label, criterion, Sinkhorn kernel and ``torch.compile`` mode."""
+    """One of our rows: its label, criterion, Sinkhorn kernel, ``torch.compile`` mode, and
+    whether its IResNet blocks run the fused BatchNorm + PReLU."""
 
     label: str
     loss_name: str
     kernel: str
-    compile_mode: str | None
+    compile_mode: str | None = None
+    fused_bn_prelu: bool = False
 
 
 def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
-    """Our rows for ``args``: ``arcface``, ``otface`` for each ``--ot-kernels`` entry, and the
-    same again compiled in each ``--compile`` mode (labelled ``name+mode``). Also the notes on
+    """Our rows for ``args``: ``arcface``, ``otface`` for each ``--ot-kernels`` entry, the same
+    again compiled in each ``--compile`` mode (labelled ``name+mode``) and, with
+    ``--fused-bn-prelu``, with the fused BatchNorm + PReLU (``name+fused``). Also the notes on
     rows that cannot run on ``device``."""
-    rows, notes = [Contender("arcface", "arcface", "auto", None)], []
+    rows, notes = [Contender("arcface", "arcface", "auto")], []
     for kernel in args.ot_kernels.split(","):
         label = "otface" if kernel == "auto" else f"otface[{kernel}]"
         if kernel == "triton" and device.type != "cuda":
             notes.append(f"{label}: not timed, the Triton kernel needs CUDA")
             continue
-        rows.append(Contender(label, "otface", kernel, None))
+        rows.append(Contender(label, "otface", kernel))
     eager = list(rows)
     for mode in args.compile:
         rows += [c._replace(label=f"{c.label}+{mode}", compile_mode=mode) for c in eager]
+    if args.fused_bn_prelu:
+        if device.type != "cuda":
+            notes.append("+fused rows: not timed, the fused BatchNorm + PReLU needs CUDA")
+        else:
+            rows += [c._replace(label=f"{c.label}+fused", fused_bn_prelu=True) for c in eager]
     return rows, notes
 
 
@@ -193,8 +205,17 @@ def bench(
     state: dict,
     kernel: str = "auto",
     compile_mode: str | None = None,
+    fused_bn_prelu: bool = False,
 ):
-    run = _Step(loss_name, args, device, state, kernel, compile_mode=compile_mode)
+    run = _Step(
+        loss_name,
+        args,
+        device,
+        state,
+        kernel,
+        compile_mode=compile_mode,
+        fused_bn_prelu=fused_bn_prelu,
+    )
     batches = run.batches(args, device, args.warmup + args.steps)
 
     if device.type == "cuda":
@@ -338,6 +359,7 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
                 c.kernel,
                 as_trainer=True,
                 compile_mode=c.compile_mode,
+                fused_bn_prelu=c.fused_bn_prelu,
             )
             for c in rows
         }
@@ -473,6 +495,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"({', '.join(COMPILE_MODES)}), as config.compile does",
     )
     parser.add_argument(
+        "--fused-bn-prelu",
+        action="store_true",
+        help="also time our rows with IResNet's BatchNorm + PReLU fused (config.fused_bn_prelu)",
+    )
+    parser.add_argument(
         "--arcface-torch",
         metavar="PATH",
         help="an arcface_torch checkout: time its own step beside ours, interleaved",
@@ -534,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     specs, notes = contenders(args, device)
     rows = []
     for c in specs:
-        rows.append((c.label, *bench(c.loss_name, args, device, state, c.kernel, c.compile_mode)))
+        rows.append((c.label, *bench(c.loss_name, args, device, state, *c[2:])))
     base = rows[0][1]
     for crit, secs, n_hard, mem, first in rows:
         hard = "-" if n_hard is None else f"{n_hard:.1f}"

@@ -10,7 +10,9 @@
 #  4. a 200-step fp16 training run through train.py on synthetic data, checked for n_hard > 0;
 #  5. the CUDA twins of the CPU tests, and the fused Triton Sinkhorn kernel's tests;
 #  6. torch.compile of the backbone: the first step (compilation) and the step after;
-#  7. the OT solver against POT and GeomLoss.
+#  7. the OT solver against POT and GeomLoss;
+#  8. the fused BatchNorm + PReLU against eager cuDNN, per layer shape and per network step
+#     (its rows also join 2.: "+fused").
 # Each part has its own time limit, so that one hang cannot take the whole run.
 # COMPILE=MODE[,MODE] (e.g. COMPILE=default) adds our rows compiled in those modes to the
 # side-by-side parts (2.), interleaved with upstream's and our eager step; each compiled row
@@ -46,7 +48,7 @@ if [ -n "$upstream" ]; then
   for net in r50 r100; do
     run "vs_upstream_$net" "$vs_limit" python benchmarks/bench_step.py "${common[@]}" \
       --network "$net" --arcface-torch "$upstream" --warmup 5 --blocks 20 --block-steps 5 \
-      "${compiled[@]}"
+      --fused-bn-prelu "${compiled[@]}"
   done
 else
   echo "== vs_upstream: skipped (give an arcface_torch checkout as the first argument)"
@@ -87,9 +89,10 @@ sys.exit(0 if values and min(values) > 0 else "n_hard was 0 on some log line: th
 PY
 
 run tests 240 python -m pytest -q -m gpu tests/test_gpu.py tests/test_prefetch.py
-run tests_triton 180 python -m pytest -q tests/test_ot_triton.py
+run tests_triton 180 python -m pytest -q tests/test_ot_triton.py tests/test_fused_bn_prelu.py
 run compile_r50 240 python benchmarks/bench_loop.py --device cuda --network r50 --loss otface \
   --batch-size 128 --fp16 --num-classes 93431 --num-workers 12 --blocks 2 --block-steps 20 \
   --compile default
 run bench_ot 90 python benchmarks/bench_ot.py --device cuda
+run bn_prelu 120 python benchmarks/bench_bn_prelu.py
 exit $status
