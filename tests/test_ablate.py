@@ -197,24 +197,10 @@ def test_report_table_and_files(tmp_path):
         assert (tmp_path / "out" / "ablation.png").stat().st_size > 1000
 
 
-def test_cli_end_to_end_on_tiny_data(tmp_path, capsys):
+def test_cli_end_to_end_on_tiny_data(tmp_path, capsys, tiny_demo):
     from otface.ablate.__main__ import main
-    from otface.demo import generate_demo
 
-    data = generate_demo(
-        tmp_path / "data",
-        train_identities=8,
-        images_per_identity=4,
-        val_identities=4,
-        val_images_per_identity=3,
-        val_pairs=20,
-        hard_identities=3,
-        hard_images_per_identity=2,
-        hard_pairs=6,
-        ijb_identities=6,
-        ijb_images_per_identity=3,
-        ijb_impostor_pairs=40,
-    )
+    data = tiny_demo
     out = tmp_path / "ablation"
     argv = [*CONFIGS, "--seeds", "1", "--epochs", "1", "--output", str(out)]
     for o in [f"rec={data}", "num_classes=8", "num_image=32", "batch_size=16", "num_workers=0"]:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from otface.train import checkpoint as ck
+from otface.train import integrity
 from otface.train.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -205,14 +205,14 @@ def test_kill_between_any_two_renames_leaves_a_verified_checkpoint(tmp_path, mon
             calls.append(dst)
             real_replace(src, dst)
 
-        monkeypatch.setattr(ck.os, "replace", replace)
+        monkeypatch.setattr(integrity.os, "replace", replace)
         caplog.clear()
         try:
             save_checkpoint(_state(3), str(out), 0)
             n_renames = len(calls)
         except KeyboardInterrupt:
             pass
-        monkeypatch.setattr(ck.os, "replace", real_replace)
+        monkeypatch.setattr(integrity.os, "replace", real_replace)
         with caplog.at_level(logging.WARNING):
             state, _ = load_latest_checkpoint(str(out), 0)
         assert state["global_step"] in (2, 3)
@@ -224,7 +224,7 @@ def test_kill_between_any_two_renames_leaves_a_verified_checkpoint(tmp_path, mon
 # -- stale temp files -----------------------------------------------------------------------------
 def test_stale_temp_cleanup_removes_only_matching(tmp_path, monkeypatch):
     # a save killed hard (no cleanup runs) leaves its temp file behind
-    monkeypatch.setattr(ck, "_unlink_quietly", lambda path: None)
+    monkeypatch.setattr(integrity, "unlink_quietly", lambda path: None)
     with pytest.raises(RuntimeError):
         save_checkpoint({"bad": _Explodes()}, str(tmp_path), 1)
     (left,) = os.listdir(tmp_path)
@@ -283,7 +283,9 @@ def test_full_disk_names_file_and_keeps_old_checkpoints(tmp_path, monkeypatch, r
     save_checkpoint(_state(2), str(tmp_path), 0)
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
     real_fdopen = os.fdopen
-    monkeypatch.setattr(ck.os, "fdopen", lambda *a, **k: _FullDisk(real_fdopen(*a, **k), room))
+    monkeypatch.setattr(
+        integrity.os, "fdopen", lambda *a, **k: _FullDisk(real_fdopen(*a, **k), room)
+    )
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(_state(3), str(tmp_path), 0)
     with pytest.raises(CheckpointError, match=r"model\.pt: No space left on device"):
@@ -300,6 +302,6 @@ def test_unwritable_folder_names_file(tmp_path, monkeypatch):
     def mkstemp(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path))
 
-    monkeypatch.setattr(ck.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(integrity.tempfile, "mkstemp", mkstemp)
     with pytest.raises(CheckpointError, match=r"checkpoint_gpu_3\.pt: Permission denied"):
         save_checkpoint(_state(1), str(tmp_path), 3)

@@ -1,10 +1,9 @@
 import glob
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+from _spawn import run_train
 
 from otface.config import ConfigError, load_config
 
@@ -106,13 +105,7 @@ def test_broken_python_in_config_names_file(tmp_path):
 
 def test_train_py_misspelt_key_is_one_line(tmp_path):
     path = _job(tmp_path, "config.lamda_ot = 1.0\n")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), path],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    proc = run_train(path, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

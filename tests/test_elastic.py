@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_train_reliability import _config, _env, _join_gloo, _spawn_ranks
+from _spawn import join_gloo, spawn_ranks
+from test_train_reliability import _config, _env
 
 from otface import checkpoint as full_state
 from otface.config import load_config
@@ -37,7 +38,7 @@ class _Stop(Exception):
 
 
 def _train_worker(rank, world_size, port, path):
-    env = _join_gloo(rank, world_size, port)
+    env = join_gloo(rank, world_size, port)
     original = loop.Trainer.train_step
 
     def step(self, img, labels):
@@ -61,7 +62,7 @@ def _fc_momentum(trainer):
 def _resume_worker(rank, world_size, port, path, output, result_dir):
     """Resume and finish the run on ``world_size`` ranks (one: in this process, no process
     group, as ``python train.py``); saves what the resume loaded and the steps' rates."""
-    env = _join_gloo(rank, world_size, port) if world_size > 1 else _env()
+    env = join_gloo(rank, world_size, port) if world_size > 1 else _env()
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -109,7 +110,7 @@ def two_rank_run(tmp_path_factory):
     """A 2-rank run stopped after its save at step 9; returns (config path, output folder)."""
     tmp_path = tmp_path_factory.mktemp("elastic")
     path, out = _config(tmp_path, **KW)
-    _spawn_ranks(_train_worker, path, world_size=2)
+    spawn_ranks(_train_worker, path, world_size=2)
     assert torch.load(checkpoint_path(out, 1), weights_only=False)["global_step"] == SAVED_STEP
     return path, out
 
@@ -156,7 +157,7 @@ def test_resume_on_another_world_size_reshards_exactly(two_rank_run, tmp_path, w
     if world_size == 1:
         _resume_worker(0, 1, None, path, output, str(tmp_path))
     else:
-        _spawn_ranks(_resume_worker, path, output, str(tmp_path), world_size=world_size)
+        spawn_ranks(_resume_worker, path, output, str(tmp_path), world_size=world_size)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
     # Exactly the saved rows, split as at start-up (6, 5, 5 on 3 ranks).

@@ -258,25 +258,11 @@ def _table_values(path):
     return np.array([float(v) for v in row.strip("| ").split("|")[1:]])
 
 
-def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch):
+def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch, tiny_demo):
     from otface.backbones import get_model
-    from otface.demo import generate_demo
     from otface.export import export_model
 
-    data = generate_demo(
-        tmp_path / "demo",
-        train_identities=2,
-        images_per_identity=1,
-        val_identities=2,
-        val_images_per_identity=2,
-        val_pairs=2,
-        hard_identities=2,
-        hard_images_per_identity=2,
-        hard_pairs=2,
-        ijb_identities=6,
-        ijb_images_per_identity=4,
-        ijb_impostor_pairs=30,
-    )
+    data = tiny_demo
     work = tmp_path / "work"
     work.mkdir()
     torch.manual_seed(0)

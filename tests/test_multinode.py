@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import torch
-from test_train_reliability import _config, _free_port
+from _spawn import free_port
+from test_train_reliability import _config
 
 from otface.config import load_config
 from otface.data.sampler import PKBatchSampler
@@ -37,7 +38,7 @@ def _node(node_rank, port, path, record_dir):
 def test_two_nodes_of_two_ranks_train_as_one_job(tmp_path):
     # 4 ranks x batch 8 = 32 images a step, 3 steps; P x K with 4 identities of 2 images a rank.
     path, out = _config(tmp_path, num_classes=24, num_image=96, num_epoch=1)
-    port = _free_port()
+    port = free_port()
     nodes = [_node(n, port, path, str(tmp_path)) for n in (0, 1)]
     try:
         logs = [node.communicate(timeout=300)[0] for node in nodes]

@@ -1,11 +1,10 @@
 """Partial FC against a plain single-process full softmax, on one rank and on two (gloo)."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _spawn import free_port
 
 from otface.dist import all_gather_with_grad, get_rank, get_world_size
 from otface.margin import CombinedMarginLoss
@@ -228,12 +227,6 @@ def test_batch_size_may_change_between_calls():
 # ----------------------------------------------------------------------------- two ranks, gloo
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank, world_size, port, inputs_path, out_dir):
     import torch.distributed as dist
 
@@ -275,7 +268,7 @@ def test_two_ranks_gloo_equal_one_rank(tmp_path):
     torch.save({"emb": emb, "labels": labels, "cases": cases}, tmp_path / "inputs.pt")
     mp.spawn(
         _worker,
-        args=(world_size, _free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
+        args=(world_size, free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
         nprocs=world_size,
         join=True,
     )

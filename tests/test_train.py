@@ -4,19 +4,17 @@ the same learning rate, and 2 ranks over gloo give the losses of 1 process on th
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _spawn import free_port, join_gloo, run_train, spawn_ranks, start_train
 
 from otface.config import load_config
 from otface.train import loop
 from otface.train.checkpoint import load_checkpoint
-from otface.train.distributed import DistEnv, init_distributed, shutdown_distributed
+from otface.train.distributed import DistEnv, shutdown_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,18 +146,16 @@ def test_resume_mid_epoch_from_save_every_steps(tmp_path, monkeypatch):
 
 def test_sigkill_then_resume_finishes(tmp_path):
     path, out = _config(tmp_path, num_image=8 * 24, num_epoch=1, save_every=3)
-    train = [sys.executable, os.path.join(ROOT, "train.py"), path]
-    proc = subprocess.Popen(train, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_file = os.path.join(out, "checkpoint_gpu_0.pt")
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt_file) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_train(
+        path, wait_for=ckpt_file, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = load_checkpoint(ckpt_file)["global_step"]  # intact whatever the moment of the kill
     with open(path + ".py", "a") as f:
         f.write("config.resume = True\n")
-    done = subprocess.run(train, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_train(path, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     log = open(os.path.join(out, "training.log")).read()
     assert f"global step {saved}," in log
@@ -201,15 +197,7 @@ def _ddp_cfg(path, batch_size):
 
 
 def _ddp_worker(rank, world_size, port, path, result_file):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    env = init_distributed()
+    env = join_gloo(rank, world_size, port)
     cfg = _ddp_cfg(path, 4)
     loop.seed_everything(cfg.seed)
     trainer = loop.Trainer(cfg, env)
@@ -222,16 +210,10 @@ def _ddp_worker(rank, world_size, port, path, result_file):
     shutdown_distributed()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process(tmp_path):
     path, _ = _config(tmp_path)
     result = str(tmp_path / "losses.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), path, result), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), path, result), nprocs=2, join=True)
     ddp_losses = torch.load(result)
 
     cfg = _ddp_cfg(path, 8)
@@ -294,20 +276,7 @@ def _scaler_worker(rank, world_size, port, distributed, out_dir):
 
 @pytest.mark.parametrize("distributed", [True, False])
 def test_grad_scaler_skips_on_every_rank_when_one_rank_overflows(tmp_path, distributed):
-    # Not mp.spawn(join=True): gloo occasionally aborts a process at teardown, after its result
-    # is saved; the results below are what is checked.
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_scaler_worker, args=(r, 2, port, distributed, str(tmp_path)))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
+    spawn_ranks(_scaler_worker, distributed, str(tmp_path), timeout_s=120)
     for r in range(2):
         assert (tmp_path / f"rank{r}.pt").is_file(), f"rank {r} failed before saving its result"
     stepped0, ratio0 = torch.load(tmp_path / "rank0.pt")

@@ -4,23 +4,21 @@ that disagree, signals, and one-line errors instead of tracebacks."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import cv2
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _spawn import join_gloo, run_train, spawn_ranks, start_train
 
 from otface.config import ConfigError, load_config
 from otface.data.rec_writer import write_rec
 from otface.loss import OTFaceCriterion
 from otface.train import loop, run
 from otface.train.checkpoint import checkpoint_path, previous_checkpoint_path, save_checkpoint
-from otface.train.distributed import DistEnv, init_distributed, shutdown_distributed
+from otface.train.distributed import DistEnv, shutdown_distributed
 from otface.train.guard import TooManySkippedSteps
 from otface.train.signals import Terminated
 
@@ -101,22 +99,6 @@ def _env():
     return DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train(path, *args, timeout=300, env=None):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), path, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
 # -- NaN batches -------------------------------------------------------------------------------
 
 
@@ -178,7 +160,7 @@ def test_optimiser_step_reads_the_device_once_with_a_grad_scaler(tmp_path):
     trainer.train_step(img, torch.arange(8))
     with Reads():
         trainer.train_step(img, torch.arange(8))
-    in_step = [r for r in reads if "loop.py:_optimizer_step" in r]
+    in_step = [r for r in reads if "optim.py:optimizer_step" in r]
     assert len(in_step) == 1
     assert not any("grad_scaler.py:step" in frame for r in reads for frame in r)
 
@@ -294,7 +276,7 @@ def test_undecodable_images_are_counted_and_stop_past_the_budget(tmp_path, fract
         num_epoch=2,
         extra=f"config.max_bad_image_fraction = {fraction}\n",
     )
-    done = _train(path, timeout=240)
+    done = run_train(path, timeout=240)
     if fraction:  # 1 bad image in 32 read per epoch: within 5%
         assert done.returncode == 0, done.stderr[-2000:]
         log = open(os.path.join(out, "training.log")).read()
@@ -335,36 +317,8 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     assert not list((tmp_path / "work_dirs" / "job").glob(".checkpoint_gpu_0.pt.*.tmp"))
 
 
-def _join_gloo(rank, world_size, port):
-    """Join a 2-process gloo group as torchrun would describe it."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    return init_distributed(timeout_s=60)
-
-
-def _spawn_ranks(target, *args, world_size=2):
-    """Run ``target(rank, world_size, port, *args)`` in fresh processes; wait for them."""
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=target, args=(r, world_size, port, *args)) for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-        if p.is_alive():
-            p.kill()
-
-
 def _resume_worker(rank, world_size, port, path, result_dir):
-    env = _join_gloo(rank, world_size, port)
+    env = join_gloo(rank, world_size, port)
     try:
         cfg = load_config(path)
         cfg.resume = True
@@ -380,7 +334,7 @@ def _resume_worker(rank, world_size, port, path, result_dir):
 
 
 def _run_two_ranks(path, result_dir):
-    _spawn_ranks(_resume_worker, path, str(result_dir))
+    spawn_ranks(_resume_worker, path, str(result_dir))
     return [torch.load(result_dir / f"rank{r}.pt") for r in range(2)]
 
 
@@ -422,16 +376,10 @@ def test_ranks_at_different_steps_fall_back_or_fail_naming_them(tmp_path):
 
 def test_sigterm_reports_the_last_complete_checkpoint(tmp_path):
     path, out = _config(tmp_path, num_image=8 * 400, num_epoch=1, save_every=2)
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train.py"), path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     ckpt = checkpoint_path(out, 0)
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_train(
+        path, wait_for=ckpt, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
@@ -465,7 +413,7 @@ def test_bad_setup_is_one_error_line(tmp_path, case, expected):
     elif case == "num_image_below_batch":
         kw["num_image"] = 4
     path, out = _config(tmp_path, **kw, extra=extra)
-    done = _train(path, timeout=180)
+    done = run_train(path, timeout=180)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode in (1, 2), done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -499,7 +447,7 @@ def test_lambda_warmup_counts_optimiser_steps(tmp_path):
 
 
 def _acc_worker(rank, world_size, port, path, result_dir):
-    env = _join_gloo(rank, world_size, port)
+    env = join_gloo(rank, world_size, port)
     try:
         cfg = load_config(path)
         cfg.gradient_acc = 2
@@ -527,7 +475,7 @@ def _acc_worker(rank, world_size, port, path, result_dir):
 
 def test_accumulation_all_reduces_only_on_the_optimiser_step(tmp_path):
     path, _ = _config(tmp_path, num_image=1000, extra="config.sampler = edict(type='uniform')\n")
-    _spawn_ranks(_acc_worker, path, str(tmp_path))
+    spawn_ranks(_acc_worker, path, str(tmp_path))
     (steps0, w0), (steps1, w1) = (torch.load(tmp_path / f"acc{r}.pt") for r in range(2))
     # Batch 1 all-reduces (DDP's static graph records its first backward with hooks on); then
     # only the last batch of each accumulation does.

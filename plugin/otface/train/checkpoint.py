@@ -7,13 +7,12 @@
 ranks ``world_size``, ``total_batch_size`` and ``lr_schedule`` (ours). Both stay plain
 ``torch.save`` files that arcface_torch reads.
 
-Every file is written to a temporary ``.NAME.XXXXXXXX.tmp`` beside it, fsynced and renamed over
-the old one, so a kill never leaves a truncated file under a real name. For the training
-checkpoint, :func:`save_checkpoint` adds two things:
+Every file is written atomically (a fsynced temp file renamed over the old one;
+:mod:`otface.train.integrity`), so a kill never leaves a truncated file under a real name. For
+the training checkpoint, :func:`save_checkpoint` adds two things:
 
-* **Checksum.** The SHA-256 and size of the bytes are computed while ``torch.save`` writes them
-  (no re-read of a multi-GB Partial-FC shard) and stored in a sidecar ``NAME.sha256`` (one line,
-  ``<hex digest>  <size in bytes>``); the ``.pt`` itself is unchanged for upstream readers.
+* **Checksum.** A sidecar ``NAME.sha256`` records the SHA-256 and size of the bytes, computed
+  while ``torch.save`` writes them; the ``.pt`` itself is unchanged for upstream readers.
 * **Rotation.** The last two are kept: ``checkpoint_gpu_{rank}.pt`` (newest) and
   ``checkpoint_gpu_{rank}.prev.pt``, each with its sidecar. A save runs, one atomic rename at a
   time: write the new ``.pt`` to a temp file; rename ``.pt`` to ``.prev.pt``; rename
@@ -29,19 +28,35 @@ renamed to ``checkpoint_gpu_{rank}.pt.corrupt`` (kept as evidence) so the next s
 rotate it over the good one. A ``.pt`` with no sidecar (written by arcface_torch or an older
 otface) is loaded with a one-time warning that it cannot be verified. If another program
 rewrites ``checkpoint_gpu_{rank}.pt`` in place, delete its ``.sha256`` or it reads as corrupt.
+
+The file layer (temp files, fsync, sidecars, verification) is :mod:`otface.train.integrity`;
+the names of it that callers use are re-exported here.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import os
 import re
-import tempfile
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+
+from otface.train.integrity import (
+    CheckpointError,
+    FileDigest,
+    atomic_save,
+    cannot_write,
+    checksum_path,
+    durable_replace,
+    load_verified,
+    save_verified,
+    unlink_quietly,
+    verify,
+    warn_unverified,
+    write_checksum,
+    write_temp,
+)
 
 __all__ = [
     "CheckpointError",
@@ -71,25 +86,13 @@ UPSTREAM_KEYS = (
     "state_lr_scheduler",
 )
 
-_CHUNK_BYTES = 8 << 20
-# Temp names made by _write_temp (tempfile.mkstemp: "." + target name + "." + random + ".tmp").
+# Temp names made by integrity.write_temp (tempfile.mkstemp: "." + target name + "." + random
+# + ".tmp").
 _TEMP_RE = re.compile(
     r"^\.(?:checkpoint_gpu_(?P<rank>\d+)(?:\.prev)?\.pt(?:\.sha256)?|(?P<model>model\.pt))"
     r"\.[A-Za-z0-9_]+\.tmp$"
 )
-_warned_unverified: set[str] = set()
 _NEXT = ("trying the previous one", "no older checkpoint is kept")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt or cannot be written; the message names the file."""
-
-
-class FileDigest(NamedTuple):
-    """SHA-256 (hex) and size of a file's bytes."""
-
-    sha256: str
-    size_bytes: int
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -109,138 +112,9 @@ def previous_checkpoint_path(output: str, rank: int) -> str:
     return os.path.join(output, f"checkpoint_gpu_{rank}.prev.pt")
 
 
-def checksum_path(path: str) -> str:
-    """Sidecar holding the SHA-256 and size of ``path``: ``path + ".sha256"``."""
-    return path + ".sha256"
-
-
 def model_path(output: str) -> str:
     """Backbone weights for inference and export: ``output/model.pt``."""
     return os.path.join(output, "model.pt")
-
-
-class _HashingWriter:
-    """File-like ``write`` that hashes and counts the bytes it passes to ``raw``.
-
-    ``torch.save`` swallows an exception raised by ``write`` into a RuntimeError about the zip
-    position, so the first ``OSError`` is kept in ``error`` for the caller to report.
-    """
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self._hash = hashlib.sha256()
-        self.size_bytes = 0
-        self.error: OSError | None = None
-
-    def write(self, data: Any) -> int:
-        if self.error is not None:
-            raise self.error
-        view = memoryview(data)
-        try:
-            written = self._raw.write(view)
-        except OSError as err:
-            self.error = err
-            raise
-        self._hash.update(view)
-        self.size_bytes += view.nbytes
-        return written
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def digest(self) -> FileDigest:
-        return FileDigest(self._hash.hexdigest(), self.size_bytes)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make renames in ``folder`` durable (no-op where directories cannot be opened)."""
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(src: str, dst: str) -> None:
-    os.replace(src, dst)
-    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _write_error(path: str, err: OSError) -> CheckpointError:
-    code = errno.errorcode.get(err.errno or 0, "")
-    why = f"{err.strerror} ({code})" if err.strerror else str(err)
-    return CheckpointError(
-        f"cannot write {path}: {why}; the existing {os.path.basename(path)} was left as it was"
-    )
-
-
-def _write_temp(path: str, write: Callable[[Any], Any]) -> tuple[str, FileDigest]:
-    """Write through ``write(file)`` to a fsynced temp file beside ``path``; return its digest.
-
-    On any failure the temp file is removed; an ``OSError`` (full disk, unwritable folder)
-    becomes a :class:`CheckpointError` naming ``path``, other exceptions pass unchanged.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    writer = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder
-        )
-        with os.fdopen(fd, "wb") as f:
-            writer = _HashingWriter(f)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp, writer.digest()
-    except BaseException as err:
-        if tmp is not None:
-            _unlink_quietly(tmp)
-        cause = writer.error if writer is not None and writer.error is not None else err
-        if isinstance(cause, OSError):
-            raise _write_error(path, cause) from cause
-        raise
-
-
-def atomic_save(obj: Any, path: str) -> FileDigest:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    Returns:
-        The SHA-256 and size of the bytes written, computed while writing.
-
-    Raises:
-        CheckpointError: the file cannot be written (e.g. no space left on device); ``path``
-            is left as it was and no temp file remains.
-    """
-    tmp, digest = _write_temp(path, lambda f: torch.save(obj, f))
-    try:
-        _replace(tmp, path)
-    except OSError as err:
-        _unlink_quietly(tmp)
-        raise _write_error(path, err) from err
-    return digest
-
-
-def _write_checksum(path: str, digest: FileDigest) -> None:
-    """Atomically publish the sidecar of ``path``."""
-    line = f"{digest.sha256}  {digest.size_bytes}\n".encode("ascii")
-    sidecar = checksum_path(path)
-    tmp, _ = _write_temp(sidecar, lambda f: f.write(line))
-    try:
-        _replace(tmp, sidecar)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
 
 
 def save_checkpoint(state: dict[str, Any], output: str, rank: int) -> str:
@@ -263,126 +137,30 @@ def save_checkpoint(state: dict[str, Any], output: str, rank: int) -> str:
     """
     newest = checkpoint_path(output, rank)
     previous = previous_checkpoint_path(output, rank)
-    tmp, digest = _write_temp(newest, lambda f: torch.save(state, f))
+    tmp, digest = write_temp(newest, lambda f: torch.save(state, f))
     step = newest
     try:
         if os.path.exists(newest):
             step = previous
             if os.path.exists(checksum_path(newest)):
-                _replace(newest, previous)  # still verified through .pt.sha256 (its partner)
-                _replace(checksum_path(newest), checksum_path(previous))
+                # Still verified through .pt.sha256 (its partner).
+                durable_replace(newest, previous)
+                durable_replace(checksum_path(newest), checksum_path(previous))
             else:  # unverifiable upstream/legacy file: the old .prev sidecar must not follow it
-                _unlink_quietly(checksum_path(previous))
-                _replace(newest, previous)
+                unlink_quietly(checksum_path(previous))
+                durable_replace(newest, previous)
         # With no newest (first save, or the last one was interrupted or quarantined) the
         # previous checkpoint is the good one and stays; a stale .pt.sha256 is replaced.
         step = checksum_path(newest)
-        _write_checksum(newest, digest)
+        write_checksum(newest, digest)
         step = newest
-        _replace(tmp, newest)
+        durable_replace(tmp, newest)
     except BaseException as err:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         if isinstance(err, OSError):
-            raise _write_error(step, err) from err
+            raise cannot_write(step, err) from err
         raise
     return newest
-
-
-def save_verified(obj: Any, path: str) -> FileDigest:
-    """:func:`atomic_save` plus a ``path.sha256`` sidecar (the checkpoints' checksum rule) for a
-    file that is not rotated. An old sidecar is removed first, so a kill in between leaves a
-    file that loads unverified, never one that reads as corrupt."""
-    _unlink_quietly(checksum_path(path))
-    digest = atomic_save(obj, path)
-    _write_checksum(path, digest)
-    return digest
-
-
-def load_verified(path: str, *, map_location: Any = "cpu") -> Any:
-    """``torch.load`` of ``path`` after checking it against its sidecar (warns once when it has
-    none).
-
-    Raises:
-        CheckpointError: missing, corrupt or unreadable; the message names the file and why.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        verified = _verify(path, path)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: corrupt, {err}") from None
-    if not verified and path not in _warned_unverified:
-        _warned_unverified.add(path)
-        logger.warning("%s has no checksum file: it cannot be verified", path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
-
-
-def _read_checksum(path: str) -> FileDigest | None:
-    """The record in ``path``'s sidecar; ``None`` when there is none. Raises ValueError if bad."""
-    sidecar = checksum_path(path)
-    try:
-        with open(sidecar, encoding="ascii") as f:
-            text = f.read(256)
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"checksum file {sidecar} cannot be read ({err})") from err
-    fields = text.split()
-    if len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]) or not fields[1].isdigit():
-        raise ValueError(f"checksum file {sidecar} is malformed ({text[:80]!r})")
-    return FileDigest(fields[0], int(fields[1]))
-
-
-def _file_digest(path: str) -> FileDigest:
-    """Streamed SHA-256 of a file of any size."""
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(_CHUNK_BYTES)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
-    return FileDigest(h.hexdigest(), size)
-
-
-def _verify(path: str, partner: str) -> bool:
-    """``True`` if ``path`` matches its checksum, ``False`` if it has none to match.
-
-    Raises:
-        ValueError: it is corrupt (size or SHA-256 differs from its checksum file), or its
-            checksum file is unreadable; the message says which.
-    """
-    try:
-        own = _read_checksum(path)
-        own_error = None
-    except ValueError as err:
-        own, own_error = None, err
-    try:
-        other = _read_checksum(partner)
-    except ValueError:
-        other = None
-    records = [r for r in (own, other) if r is not None]
-    size = os.path.getsize(path)
-    actual = _file_digest(path) if any(r.size_bytes == size for r in records) else None
-    if actual is not None and actual in records:
-        return True
-    if own_error is not None:
-        raise own_error
-    if own is None:
-        return False  # written without a checksum; a partner record is for a different file
-    if actual is None or own.size_bytes != size:
-        raise ValueError(
-            f"is {size} bytes but {checksum_path(path)} records {own.size_bytes} "
-            "(truncated or overwritten)"
-        )
-    raise ValueError(
-        f"SHA-256 {actual.sha256[:16]}... does not match {own.sha256[:16]}... recorded in "
-        f"{checksum_path(path)} (bytes changed after it was written)"
-    )
 
 
 def _quarantine(path: str) -> None:
@@ -454,7 +232,7 @@ def load_latest_checkpoint(
             tried.append(f"{path}: does not exist")
             continue
         try:
-            verified = _verify(path, partner)
+            verified = verify(path, partner)
         except ValueError as err:
             reason = f"{path}: corrupt, {err}"
             logger.warning("checkpoint %s; %s", reason, _NEXT[index])
@@ -462,13 +240,8 @@ def load_latest_checkpoint(
             if index == 0:
                 _quarantine(path)
             continue
-        if not verified and path not in _warned_unverified:
-            _warned_unverified.add(path)
-            logger.warning(
-                "%s has no checksum file (written by arcface_torch or an older otface): "
-                "it cannot be verified",
-                path,
-            )
+        if not verified:
+            warn_unverified(path, origin=" (written by arcface_torch or an older otface)")
         try:
             ckpt = load_checkpoint(path, map_location=map_location)
         except CheckpointError as err:
@@ -495,7 +268,7 @@ def load_latest_checkpoint(
 def remove_stale_temp_files(output: str, *, rank: int | None = None) -> list[str]:
     """Delete temp files left in ``output`` by saves that were killed; call before any save.
 
-    Only regular files named like this module's temp files are removed:
+    Only regular files named like the temp files of this module's saves are removed:
     ``.checkpoint_gpu_{r}.pt.XXXXXXXX.tmp``, ``.checkpoint_gpu_{r}.pt.sha256.XXXXXXXX.tmp`` and
     ``.model.pt.XXXXXXXX.tmp``.
 
@@ -520,7 +293,7 @@ def remove_stale_temp_files(output: str, *, rank: int | None = None) -> list[str
             mine = int(match["rank"]) == rank if match["rank"] is not None else rank == 0
             if not mine:
                 continue
-        _unlink_quietly(entry.path)
+        unlink_quietly(entry.path)
         removed.append(entry.path)
     if removed:
         logger.warning(

@@ -1,5 +1,6 @@
-"""Every random number generator that training draws from, saved into and restored from a
-checkpoint, so that a killed-and-resumed run repeats the uninterrupted one.
+"""Every random number generator that training draws from: seeded at the start of a run,
+saved into and restored from a checkpoint, so that a killed-and-resumed run repeats the
+uninterrupted one.
 
 What draws random numbers, and how a resume recovers it:
 
@@ -19,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+__all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) the same way on every rank."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -1,0 +1,97 @@
+"""The network a rank trains: the config's backbone, its memory format, ``torch.compile``, and
+the DistributedDataParallel wrapper set up as arcface_torch's."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from otface.config import ConfigError
+
+__all__ = [
+    "BackboneFactory",
+    "build_backbone",
+    "compile_backbone",
+    "resolve_channels_last",
+    "wrap_ddp",
+]
+
+BackboneFactory = Callable[[Any, torch.device], nn.Module]
+
+
+def build_backbone(cfg, device: torch.device) -> nn.Module:
+    """The config's network; an unknown name is a :class:`ConfigError`."""
+    from otface.backbones import get_model, list_models
+
+    names = list_models()
+    if cfg.network not in names:
+        close = difflib.get_close_matches(cfg.network, names, n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ConfigError(
+            f"key 'network' = {cfg.network!r} is not a known backbone; {hint}"
+            f"valid: {', '.join(names)}"
+        )
+    fp16 = bool(cfg.fp16) and device.type == "cuda"
+    model = get_model(cfg.network, dropout=0.0, fp16=fp16, num_features=cfg.embedding_size)
+    return model.to(device)
+
+
+def resolve_channels_last(setting, device: torch.device) -> bool:
+    """Whether the backbone runs NHWC (config ``channels_last``: ``"auto"``, True or False);
+    a bad value is a :class:`ConfigError`."""
+    from otface.backbones import use_channels_last
+
+    try:
+        return use_channels_last(setting, device)
+    except ValueError as err:
+        raise ConfigError(f"key {err}") from None
+
+
+def compile_backbone(backbone: nn.Module, setting) -> None:
+    """``torch.compile`` the backbone in place (config ``compile``: False, True or a mode).
+
+    In place (``Module.compile``), so the state_dict keys, the feature hook and DDP see the
+    same module as without it.
+    """
+    if setting is False:
+        return
+    if not hasattr(backbone, "compile"):  # torch < 2.2 (requirements allow 2.1)
+        raise ConfigError("key 'compile': needs torch >= 2.2 (nn.Module.compile)")
+    backbone.compile(mode=None if setting is True else setting)
+
+
+def wrap_ddp(backbone: nn.Module, device: torch.device) -> nn.Module:
+    """``backbone`` in DistributedDataParallel, as arcface_torch: 16 MB buckets, BatchNorm
+    statistics per rank, fp16-compressed gradient all-reduce on CUDA, and a static graph.
+
+    Call it with the process group joined, after the criterion is built.
+    """
+    # A static graph finds parameters unused by the loss on its first step by itself.
+    model = nn.parallel.DistributedDataParallel(
+        backbone,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=16,
+        **_rank_local_buffers(),
+    )
+    if device.type == "cuda":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+            fp16_compress_hook,
+        )
+
+        model.register_comm_hook(None, fp16_compress_hook)
+    model._set_static_graph()
+    return model
+
+
+def _rank_local_buffers() -> dict[str, bool]:
+    """BatchNorm statistics stay per rank, as arcface_torch (``broadcast_buffers=False``;
+    newer torch names it ``forward_sync_buffers`` and deprecates the old name)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
