@@ -35,6 +35,11 @@ config.channels_last = "auto"
 # "max-autotune-no-cudagraphs".
 # The first steps pay the compile time; benchmarks/gpu_check.sh measures both.
 config.compile = False
+# ours: IResNet blocks run their BatchNorm + PReLU as one fused Triton op while training
+# ("auto": on CUDA with channels_last; "triton": always, CPU tensors only under
+# TRITON_INTERPRET=1; "off": the plain modules). The state_dict and eval mode are unchanged.
+# Off until a GPU measurement shows it wins: benchmarks/bench_bn_prelu.py.
+config.fused_bn_prelu = "off"
 config.batch_size = 128
 
 # SGD (optimizer="sgd") or AdamW (optimizer="adamw": lr 0.001, weight_decay 0.1 upstream)

@@ -251,3 +251,37 @@ def test_otface_feature_hook_is_traced_by_torch_compile():
     # One graph, no breaks: a break at the hook would run the rest of the network uncompiled.
     explained = torch._dynamo.explain(_copy.deepcopy(eager).train())(images)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_fused_bn_prelu_key_switches_the_blocks_and_is_validated(tmp_path):
+    # The numbers of the fused op are checked in test_fused_bn_prelu.py; here, the key: every
+    # IResNet block is switched, the step still runs ("auto" on the CPU runs the modules), and
+    # the state_dict keys do not change.
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cfg = _cfg(tmp_path, False)
+    assert cfg.fused_bn_prelu == "off"
+    plain = loop.Trainer(cfg, env)
+    cfg.fused_bn_prelu = "auto"
+    validate_config(cfg)
+    fused = loop.Trainer(cfg, env)
+    blocks = [m for m in fused.backbone.modules() if type(m).__name__ == "IBasicBlock"]
+    assert blocks and all(b.fused_bn_prelu == "auto" for b in blocks)
+    assert all(
+        m.fused_bn_prelu == "off"
+        for m in plain.backbone.modules()
+        if type(m).__name__ == "IBasicBlock"
+    )
+    assert list(fused.backbone.state_dict()) == list(plain.backbone.state_dict())
+    out = fused.train_step(
+        torch.randint(0, 256, (8, 3, 112, 112), dtype=torch.uint8),
+        torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+    )
+    assert torch.isfinite(out.loss)
+    for bad in ("on", True, "torch"):
+        cfg.fused_bn_prelu = bad
+        with pytest.raises(ConfigError, match="fused_bn_prelu"):
+            validate_config(cfg)
+    cfg.fused_bn_prelu = "auto"
+    cfg.network = "mbf"
+    with pytest.warns(UserWarning, match="no IResNet block"):
+        loop.Trainer(cfg, env)

@@ -33,6 +33,7 @@ from otface.train.log import StepLogger
 from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.model import (
     BackboneFactory,
+    apply_fused_bn_prelu,
     build_backbone,
     compile_backbone,
     resolve_channels_last,
@@ -81,6 +82,7 @@ class Trainer(ResumeMixin):
         self.channels_last = resolve_channels_last(cfg.get("channels_last", "auto"), self.device)
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        apply_fused_bn_prelu(self.backbone, cfg.get("fused_bn_prelu", "off"))
         compile_backbone(self.backbone, cfg.get("compile", False))
         try:
             builder = LOSSES.get(cfg.loss)

@@ -4,6 +4,7 @@ the DistributedDataParallel wrapper set up as arcface_torch's."""
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -13,6 +14,7 @@ from otface.config import ConfigError
 
 __all__ = [
     "BackboneFactory",
+    "apply_fused_bn_prelu",
     "build_backbone",
     "compile_backbone",
     "resolve_channels_last",
@@ -48,6 +50,25 @@ def resolve_channels_last(setting, device: torch.device) -> bool:
         return use_channels_last(setting, device)
     except ValueError as err:
         raise ConfigError(f"key {err}") from None
+
+
+def apply_fused_bn_prelu(backbone: nn.Module, setting: str) -> int:
+    """Config ``fused_bn_prelu``: the BatchNorm + PReLU of IResNet blocks as one fused op.
+
+    Returns the number of blocks switched. A network without IResNet blocks (``mbf``) is
+    trained as it is, with a warning, since the key asks for something it cannot do.
+    """
+    if setting == "off":
+        return 0
+    from otface.backbones import set_fused_bn_prelu
+
+    count = set_fused_bn_prelu(backbone, setting)
+    if count == 0:
+        warnings.warn(
+            f"fused_bn_prelu = {setting!r}: the network has no IResNet block, nothing is fused",
+            stacklevel=2,
+        )
+    return count
 
 
 def compile_backbone(backbone: nn.Module, setting) -> None:
