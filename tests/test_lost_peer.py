@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 
 import torch.multiprocessing as mp
+from _spawn import free_port
 
 CONFIG = """
 from easydict import EasyDict as edict
@@ -58,9 +58,7 @@ def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
     path = tmp_path / "lost_peer.py"
     output = tmp_path / "out"
     path.write_text(CONFIG.format(output=str(output)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, port, str(path), results)) for r in (0, 1)]
