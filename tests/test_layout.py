@@ -285,3 +285,18 @@ def test_fused_bn_prelu_key_switches_the_blocks_and_is_validated(tmp_path):
     cfg.network = "mbf"
     with pytest.warns(UserWarning, match="no IResNet block"):
         loop.Trainer(cfg, env)
+
+
+def test_compile_first_step_time_is_logged_once(tmp_path, monkeypatch, caplog):
+    # The compilation itself is timed on a GPU (gpu_check.sh); here, that train.py tells the
+    # user what the first step cost, once. compile_backbone is replaced, so no compiler runs.
+    calls = []
+    monkeypatch.setattr(loop, "compile_backbone", lambda net, mode: calls.append(mode))
+    cfg = _cfg(tmp_path, False)
+    cfg.compile = "default"
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    with caplog.at_level("INFO"):
+        loop.fit(cfg, env)
+    lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert calls == ["default"]
+    assert len(lines) == 1 and "first step took" in lines[0] and "mode default" in lines[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import warnings
 
 import torch
@@ -282,6 +283,7 @@ def fit(
         if verification is not None:
             verification(trainer.global_step, trainer.backbone)
 
+    compiled_once = False
     trainer.backbone.train()
     trainer.restore_rng()  # last, so that nothing between the resume and step 1 draws from it
     try:
@@ -290,8 +292,20 @@ def fit(
             loader.batch_sampler.set_epoch(epoch, start_batch=first)
             batches = DevicePrefetcher(loader, env.device, channels_last=trainer.channels_last)
             for batch_idx, (img, labels) in enumerate(batches, start=first):
+                compiling = cfg.get("compile", False) is not False and not compiled_once
+                started = time.perf_counter()
                 out = trainer.train_step(img, labels)
                 step = trainer.global_step
+                if compiling:
+                    # The compilation happens in the first step: say what it cost, once (the
+                    # loss read waits for the step, as the first log line would).
+                    float(out.loss.detach())
+                    compiled_once = True
+                    logging.info(
+                        "torch.compile (mode %s): the first step took %.1f s, compilation included",
+                        cfg.compile,
+                        time.perf_counter() - started,
+                    )
                 if step % cfg.frequent == 0:
                     # get_scale() copies the scale to the host (a device sync): read it only
                     # on the steps that write a log line.
