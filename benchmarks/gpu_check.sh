@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check, in one run of about 5 minutes on one CUDA device, from the repository root:
+# The GPU check on one CUDA device, from the repository root:
 #   bash benchmarks/gpu_check.sh [ARCFACE_TORCH_CHECKOUT]
 # (results in $OUT if set, else work_dirs/gpu_check; the checkout may also come from the
-# environment variable ARCFACE_TORCH). In order of what the GPU issue asks:
+# environment variable ARCFACE_TORCH). The default parts take about 5 minutes:
 #  1. the host syncs of one otface step (fp16): the dispatch-mode list, by source line;
 #  2. our step against upstream arcface_torch's, interleaved in one process (r50, r100), when a
-#     checkout is given;
+#     checkout is given, with our rows also run with the fused BatchNorm + PReLU ("+fused");
 #  3. train.py's loop against the bare step (throughput ratio, same process, interleaved);
 #  4. a 200-step fp16 training run through train.py on synthetic data, checked for n_hard > 0;
-#  5. the CUDA twins of the CPU tests, and the fused Triton Sinkhorn kernel's tests;
-#  6. torch.compile of the backbone: the first step (compilation) and the step after;
-#  7. the OT solver against POT and GeomLoss;
-#  8. the fused BatchNorm + PReLU against eager cuDNN, per layer shape and per network step
-#     (its rows also join 2.: "+fused").
-# Each part has its own time limit, so that one hang cannot take the whole run.
-# COMPILE=MODE[,MODE] (e.g. COMPILE=default) adds our rows compiled in those modes to the
-# side-by-side parts (2.), interleaved with upstream's and our eager step; each compiled row
-# pays its compilation in its first step (the "first s" column), which can take minutes for
-# r100, so allow for it in the time you give the run.
+#  5. the fused BatchNorm + PReLU against eager cuDNN, per layer shape and per network step;
+#  6. the Triton kernels' tests (Sinkhorn, BatchNorm + PReLU), compiled for this GPU.
+# EXTRA=1 adds: the CUDA twins of the CPU tests, a torch.compile trial through train.py's loop
+# (first step and steady state) and the OT solver against POT and GeomLoss.
+# COMPILE=MODE[,MODE] (e.g. COMPILE=default) adds our rows compiled in those modes to 2.,
+# interleaved with upstream's and our eager step; each compiled row pays its compilation in its
+# first step (the "first s" column), minutes for r100: allow for it.
+# Each part has its own time limit, so that one hang cannot take the whole run; ONLY="part
+# part" runs just those parts.
 set -uo pipefail
 out="${OUT:-work_dirs/gpu_check}"
 upstream="${1:-${ARCFACE_TORCH:-}}"
@@ -88,11 +87,13 @@ print(f"log lines with n_hard: {len(values)}; n_hard min {min(values)}, max {max
 sys.exit(0 if values and min(values) > 0 else "n_hard was 0 on some log line: the OT term idled")
 PY
 
-run tests 240 python -m pytest -q -m gpu tests/test_gpu.py tests/test_prefetch.py
-run tests_triton 180 python -m pytest -q tests/test_ot_triton.py tests/test_fused_bn_prelu.py
-run compile_r50 240 python benchmarks/bench_loop.py --device cuda --network r50 --loss otface \
-  --batch-size 128 --fp16 --num-classes 93431 --num-workers 12 --blocks 2 --block-steps 20 \
-  --compile default
-run bench_ot 90 python benchmarks/bench_ot.py --device cuda
 run bn_prelu 120 python benchmarks/bench_bn_prelu.py
+run tests_triton 180 python -m pytest -q tests/test_ot_triton.py tests/test_fused_bn_prelu.py
+if [ -n "${EXTRA:-}" ] || [ -n "${ONLY:-}" ]; then  # ONLY picks among all parts
+  run tests 240 python -m pytest -q -m gpu tests/test_gpu.py tests/test_prefetch.py
+  run compile_r50 240 python benchmarks/bench_loop.py --device cuda --network r50 \
+    --loss otface --batch-size 128 --fp16 --num-classes 93431 --num-workers 12 --blocks 2 \
+    --block-steps 20 --compile default
+  run bench_ot 90 python benchmarks/bench_ot.py --device cuda
+fi
 exit $status
