@@ -2,14 +2,13 @@
 
 Part 1, per shape: forward + backward (gradients of x, bn.weight, bn.bias, prelu.weight) of the
 BatchNorm + PReLU of an IResNet block in training mode at batch ``--batch-size``: the stage
-shapes 64x56x56, 128x28x28, 256x14x14, 512x7x7 and the stem's 64x112x112 (whose BN + PReLU
-is not fused in the network; shown for reference). As under CUDA autocast: float16
-channels_last activation, float32 parameters; eager runs under ``torch.autocast`` (cuDNN
-BatchNorm, PReLU), the fused op (``kernel="triton"``) does not need it. Each row gives the
-time per call of both (median over blocks), the paired ratio fused / eager (median [IQR]
-over rounds), the fused op's bandwidth counting its eight passes over an activation-sized
-tensor (forward: x twice and y; backward: x and dy twice each, and dx), and the largest error
-of its output and four gradients relative to eager's, in the same run.
+shapes 64x56x56, 128x28x28, 256x14x14, 512x7x7 and the stem's 64x112x112 (the largest). As
+under CUDA autocast: float16 channels_last activation, float32 parameters; eager runs under
+``torch.autocast`` (cuDNN BatchNorm, PReLU), the fused op (``kernel="triton"``) does not need
+it. Each row gives the time per call of both (median over blocks), the paired ratio fused /
+eager (median [IQR] over rounds), the fused op's bandwidth counting its eight passes over an
+activation-sized tensor (forward: x twice and y; backward: x and dy twice each, and dx), and
+the largest error of its output and four gradients relative to eager's, in the same run.
 
 Part 2, per network (``--networks``): one forward + backward of the backbone alone
 (``fp16=True``, channels_last, a fixed random batch, loss ``sum(w * emb)`` for a fixed random

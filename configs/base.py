@@ -35,7 +35,7 @@ config.channels_last = "auto"
 # "max-autotune-no-cudagraphs".
 # The first steps pay the compile time; benchmarks/gpu_check.sh measures both.
 config.compile = False
-# ours: IResNet blocks run their BatchNorm + PReLU as one fused Triton op while training
+# ours: IResNet blocks and stem run their BatchNorm + PReLU as one fused Triton op in training
 # ("auto": on CUDA with channels_last; "triton": always, CPU tensors only under
 # TRITON_INTERPRET=1; "off": the plain modules). The state_dict and eval mode are unchanged.
 # Off until a GPU measurement shows it wins: benchmarks/bench_bn_prelu.py.

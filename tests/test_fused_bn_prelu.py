@@ -336,7 +336,7 @@ def test_iresnet_training_step_and_eval_with_the_fused_blocks(monkeypatch):
     fused, plain64 = copy.deepcopy(plain), copy.deepcopy(plain).double()
     fused64 = copy.deepcopy(plain64)
     for model in (fused, fused64):
-        assert set_fused_bn_prelu(model, "triton") == 4  # one block per stage
+        assert set_fused_bn_prelu(model, "triton") == 5  # one block per stage, and the stem
     assert set_fused_bn_prelu(get_model("mbf"), "triton") == 0
     calls = _count_kernel_calls(monkeypatch)
     x = _input((2, 3, 112, 112), seed=21, scale=1.0, offset=0.0)
@@ -349,7 +349,7 @@ def test_iresnet_training_step_and_eval_with_the_fused_blocks(monkeypatch):
     # the fused blocks may not add much to it.
     plain_error = _worst_error(_step(plain, x, weights), ref64)
     fused_error = _worst_error(_step(fused, x, weights), ref64)
-    assert len(calls) == 8
+    assert len(calls) == 10  # 5 a forward, fused and fused64
     assert fused_error < 3 * plain_error + 1e-6, (fused_error, plain_error)
     for model, ref in ((fused, plain), (fused64, plain64)):
         sd, sd_ref = model.state_dict(), ref.state_dict()
@@ -357,18 +357,19 @@ def test_iresnet_training_step_and_eval_with_the_fused_blocks(monkeypatch):
     for key, value in plain64.state_dict().items():  # running statistics, counters
         _assert_near(fused64.state_dict()[key], value, 1e-12, key)
     assert fused.layer1[0].bn2.num_batches_tracked.item() == 1
+    assert fused.bn1.num_batches_tracked.item() == 1  # the stem
     # Eval mode runs the plain modules: with the same weights and running statistics (the
     # plain network's, loaded strictly), bitwise the same embedding, and no kernel launch.
     fused.load_state_dict(plain.state_dict(), strict=True)
     plain.eval(), fused.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
-    assert len(calls) == 8
+    assert len(calls) == 10
     # "off" restores the modules in training mode too.
-    assert set_fused_bn_prelu(fused.train(), "off") == 4
+    assert set_fused_bn_prelu(fused.train(), "off") == 5
     with torch.no_grad():
         fused(x)
-    assert len(calls) == 8
+    assert len(calls) == 10
 
 
 def test_importing_otface_does_not_import_triton():

@@ -266,6 +266,7 @@ def test_fused_bn_prelu_key_switches_the_blocks_and_is_validated(tmp_path):
     fused = loop.Trainer(cfg, env)
     blocks = [m for m in fused.backbone.modules() if type(m).__name__ == "IBasicBlock"]
     assert blocks and all(b.fused_bn_prelu == "auto" for b in blocks)
+    assert fused.backbone.fused_bn_prelu == "auto"  # the stem
     assert all(
         m.fused_bn_prelu == "off"
         for m in plain.backbone.modules()

@@ -297,14 +297,15 @@ def bn_prelu(
 
 
 def set_fused_bn_prelu(model: nn.Module, kernel: str) -> int:
-    """Switch the BatchNorm + PReLU of every IResNet basic block of ``model`` to :func:`bn_prelu`.
+    """Switch the BatchNorm + PReLU pairs of an IResNet (every basic block's, and the stem's) to
+    :func:`bn_prelu`.
 
-    Sets the ``fused_bn_prelu`` attribute of each :class:`~otface.backbones.IBasicBlock`
-    (any submodule whose class declares it). The modules, their parameters and the
-    ``state_dict`` are untouched; eval mode always runs the plain modules, so evaluation and
-    ONNX export are unaffected. The IResNet stem and its feature layer ``bn2`` are not blocks
-    and keep their modules. On the fused path the block's ``bn2`` and ``prelu`` are not
-    called, so hooks registered on them do not fire.
+    Sets the ``fused_bn_prelu`` attribute of each :class:`~otface.backbones.IBasicBlock` and
+    :class:`~otface.backbones.IResNet` (any submodule whose class declares it). The modules,
+    their parameters and the ``state_dict`` are untouched; eval mode always runs the plain
+    modules, so evaluation and ONNX export are unaffected. The feature layer ``bn2`` of the
+    IResNet (no PReLU follows it) keeps its module. On the fused path the fused ``bn`` and
+    ``prelu`` modules are not called, so hooks registered on them do not fire.
 
     Args:
         model: a network (or any module containing IResNet blocks).
@@ -312,7 +313,8 @@ def set_fused_bn_prelu(model: nn.Module, kernel: str) -> int:
             ``"torch"`` (see :func:`bn_prelu`).
 
     Returns:
-        The number of blocks set (0 for a network without IResNet blocks, e.g. ``mbf``).
+        The number of modules set: the blocks and the stem (0 for a network that is not an
+        IResNet, e.g. ``mbf``).
 
     Raises:
         ValueError: an unknown ``kernel``.

@@ -95,9 +95,15 @@ class IResNet(nn.Module):
         input ``(N, 3, 112, 112)`` → ``bn2`` output ``(N, widths[-1], 7, 7)`` → embedding
         ``(N, num_features)`` (the output of ``features``, a BatchNorm1d with frozen unit
         weight).
+
+    Attributes:
+        fused_bn_prelu: as :attr:`IBasicBlock.fused_bn_prelu`, for the stem's ``bn1`` +
+            ``prelu`` (the largest activation of the network, ``widths[0]`` channels at
+            112×112 with the reference stride).
     """
 
     feature_layer = "bn2"
+    fused_bn_prelu: str = "off"
 
     def __init__(
         self,
@@ -159,7 +165,11 @@ class IResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3, 112, 112)`` images → ``(N, num_features)`` embeddings (not normalised)."""
         with cuda_autocast(x, fp16=self.fp16):
-            x = self.prelu(self.bn1(self.conv1(x)))
+            x = self.conv1(x)
+            if self.fused_bn_prelu == "off" or not self.training:
+                x = self.prelu(self.bn1(x))
+            else:
+                x = bn_prelu(x, self.bn1, self.prelu, kernel=self.fused_bn_prelu)
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             x = self.bn2(x)
             x = self.dropout(torch.flatten(x, 1))

@@ -53,9 +53,10 @@ def resolve_channels_last(setting, device: torch.device) -> bool:
 
 
 def apply_fused_bn_prelu(backbone: nn.Module, setting: str) -> int:
-    """Config ``fused_bn_prelu``: the BatchNorm + PReLU of IResNet blocks as one fused op.
+    """Config ``fused_bn_prelu``: the BatchNorm + PReLU pairs of an IResNet (its blocks and its
+    stem) as one fused op each.
 
-    Returns the number of blocks switched. A network without IResNet blocks (``mbf``) is
+    Returns the number of modules switched. A network without IResNet blocks (``mbf``) is
     trained as it is, with a warning, since the key asks for something it cannot do.
     """
     if setting == "off":
