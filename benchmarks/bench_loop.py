@@ -28,9 +28,10 @@ import torch
 from _timing import base_config, sync
 
 from otface.config import validate_config
+from otface.train.data import build_loader, prepare_data
 from otface.train.distributed import DistEnv
 from otface.train.log import StepLogger
-from otface.train.loop import Trainer, _build_loader, prepare_data
+from otface.train.loop import Trainer
 from otface.train.prefetch import DevicePrefetcher, to_training_layout
 
 PREFETCH_FACTOR = 2  # torch's DataLoader default
@@ -94,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as output:
         cfg = _config(args, output)
         env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)
-        loader = _build_loader(cfg, env, prepare_data(cfg))
+        loader = build_loader(cfg, env, prepare_data(cfg))
         loader.batch_sampler.set_epoch(0, start_batch=0)
         trainer = Trainer(cfg, env)
         trainer.backbone.train()

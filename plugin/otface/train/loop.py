@@ -57,8 +57,6 @@ __all__ = [
     "seed_everything",
 ]
 
-_build_loader = build_loader  # the name benchmarks/bench_loop.py imports
-
 
 class Trainer(ResumeMixin):
     """One rank's model, criterion, optimiser and schedule.
