@@ -196,11 +196,17 @@ def _ddp_cfg(path, batch_size):
     return cfg
 
 
-def _ddp_worker(rank, world_size, port, path, result_file):
+def _ddp_worker(rank, world_size, port, path, result_file, compiled=False):
     env = join_gloo(rank, world_size, port)
     cfg = _ddp_cfg(path, 4)
+    if compiled:
+        # config.compile through the trainer (in place, inside DDP), with Dynamo's tracing
+        # and AOTAutograd's compiled backward but no code generation, to keep it to seconds.
+        cfg.compile = "default"
+        loop.compile_backbone = lambda net, mode: net.compile(backend="aot_eager")
     loop.seed_everything(cfg.seed)
     trainer = loop.Trainer(cfg, env)
+    assert (getattr(trainer.backbone, "_compiled_call_impl", None) is not None) is compiled
     losses = []
     for img, labels in _batches(3, 8, cfg.num_classes):
         sl = slice(4 * rank, 4 * rank + 4)
@@ -223,6 +229,22 @@ def test_two_ranks_equal_one_process(tmp_path):
     ref = [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
     assert ddp_losses == pytest.approx(ref, abs=1e-4)
     assert ref[0] != pytest.approx(ref[2], abs=1e-4)  # the steps did train
+
+
+def test_two_compiled_ranks_equal_one_process(tmp_path):
+    # A compiled backward hands DDP every gradient at its end rather than one by one: the
+    # all-reduced gradients, hence the later steps' losses, must still be those of one process.
+    path, _ = _config(tmp_path)
+    result = str(tmp_path / "losses.pt")
+    spawn_ranks(_ddp_worker, path, result, True, timeout_s=240)
+    ddp_losses = torch.load(result)
+    cfg = _ddp_cfg(path, 8)
+    loop.seed_everything(cfg.seed)
+    trainer = loop.Trainer(cfg, _env())
+    trainer.model = _PerRankForward(trainer.backbone, 2)
+    ref = [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
+    assert ddp_losses == pytest.approx(ref, abs=1e-4)
+    assert ref[0] != pytest.approx(ref[2], abs=1e-4)
 
 
 def test_nonfinite_batch_skips_the_update(tmp_path):
