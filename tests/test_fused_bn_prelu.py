@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from _spawn import run_without_triton_interpreter
 from torch import nn
 
 # Before anything imports triton: its jit decides at decoration time whether to interpret.
@@ -420,10 +421,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter does not check what only the GPU compiler does (layouts, dtypes of
     # math functions, loop-carried types): compile all five kernels for an H100/H200 (sm_90)
     # with the wheel's ptxas, float16 activations and float64, TRITON_INTERPRET unset.
-    import triton.backends
-
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; its default
-    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], check=True, env=env)
+    run_without_triton_interpreter(_COMPILE_FOR_SM90)

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from _spawn import run_without_triton_interpreter
 
 # Before anything imports triton: its jit decides at decoration time whether to interpret.
 # (Importing torch does not import triton.)
@@ -90,13 +91,7 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     # The interpreter does not check what only the GPU compiler does (layouts, the device
     # while loop, registers): compile for an H100/H200 (sm_90) with the wheel's ptxas, in a
     # process where TRITON_INTERPRET is unset.
-    import triton.backends
-
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; its default
-    subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], check=True, env=env)
+    run_without_triton_interpreter(_COMPILE_FOR_SM90)
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 13), (2, 16, 16), (2, 1, 5)])

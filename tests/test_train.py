@@ -216,17 +216,22 @@ def _ddp_worker(rank, world_size, port, path, result_file, compiled=False):
     shutdown_distributed()
 
 
+def _one_process_losses(path):
+    """The losses of the 2-rank runs' three steps, from one process with the global batch."""
+    cfg = _ddp_cfg(path, 8)
+    loop.seed_everything(cfg.seed)
+    trainer = loop.Trainer(cfg, _env())
+    trainer.model = _PerRankForward(trainer.backbone, 2)
+    return [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
+
+
 def test_two_ranks_equal_one_process(tmp_path):
     path, _ = _config(tmp_path)
     result = str(tmp_path / "losses.pt")
     mp.spawn(_ddp_worker, args=(2, free_port(), path, result), nprocs=2, join=True)
     ddp_losses = torch.load(result)
 
-    cfg = _ddp_cfg(path, 8)
-    loop.seed_everything(cfg.seed)
-    trainer = loop.Trainer(cfg, _env())
-    trainer.model = _PerRankForward(trainer.backbone, 2)
-    ref = [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
+    ref = _one_process_losses(path)
     assert ddp_losses == pytest.approx(ref, abs=1e-4)
     assert ref[0] != pytest.approx(ref[2], abs=1e-4)  # the steps did train
 
@@ -238,11 +243,7 @@ def test_two_compiled_ranks_equal_one_process(tmp_path):
     result = str(tmp_path / "losses.pt")
     spawn_ranks(_ddp_worker, path, result, True, timeout_s=240)
     ddp_losses = torch.load(result)
-    cfg = _ddp_cfg(path, 8)
-    loop.seed_everything(cfg.seed)
-    trainer = loop.Trainer(cfg, _env())
-    trainer.model = _PerRankForward(trainer.backbone, 2)
-    ref = [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
+    ref = _one_process_losses(path)
     assert ddp_losses == pytest.approx(ref, abs=1e-4)
     assert ref[0] != pytest.approx(ref[2], abs=1e-4)
 

@@ -36,6 +36,33 @@ ACC_FP64 = tl.float64
 
 
 @triton.jit
+def _channel_params(
+    mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, alpha_ptr, alpha_stride, cols, cmask, ACC
+):
+    """Per-channel ``mean``, ``rstd``, ``gamma``, ``beta`` and PReLU ``alpha`` of the channels
+    ``cols`` (0 where masked), as ``ACC``. ``alpha_stride`` is 1 for one PReLU weight per
+    channel, 0 for a single shared weight."""
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(ACC)
+    alpha = tl.load(alpha_ptr + cols * alpha_stride, mask=cmask, other=0.0).to(ACC)
+    return mean, rstd, gamma, beta, alpha
+
+
+@triton.jit
+def _tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's ``BLOCK_M x BLOCK_C`` tile of the ``(M, C)`` view (program ids: channel
+    block, row block): its columns, their mask, the tile's mask and element offsets."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cmask = cols < C
+    mask = (rows < M)[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    return cols, cmask, mask, offs
+
+
+@triton.jit
 def stats_partial_kernel(
     x_ptr,
     mean_part_ptr,
@@ -173,18 +200,10 @@ def fwd_elementwise_kernel(
 
     ``alpha_stride`` is 1 for one PReLU weight per channel, 0 for a single shared weight.
     """
-    cb = tl.program_id(0)
-    rb = tl.program_id(1)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    cmask = cols < C
-    mask = (rows < M)[:, None] & cmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    alpha = tl.load(alpha_ptr + cols * alpha_stride, mask=cmask, other=0.0).to(ACC)
+    cols, cmask, mask, offs = _tile(M, C, BLOCK_M, BLOCK_C)
+    mean, rstd, gamma, beta, alpha = _channel_params(
+        mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, alpha_ptr, alpha_stride, cols, cmask, ACC
+    )
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     z = (x - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
     y = tl.where(z > 0, z, z * alpha[None, :])
@@ -220,11 +239,9 @@ def bwd_reduce_kernel(
     k = tl.program_id(1)
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    alpha = tl.load(alpha_ptr + cols * alpha_stride, mask=cmask, other=0.0).to(ACC)
+    mean, rstd, gamma, beta, alpha = _channel_params(
+        mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, alpha_ptr, alpha_stride, cols, cmask, ACC
+    )
     sum_g = tl.zeros([BLOCK_C], dtype=ACC)
     sum_gxhat = tl.zeros([BLOCK_C], dtype=ACC)
     sum_alpha = tl.zeros([BLOCK_C], dtype=ACC)
@@ -270,18 +287,10 @@ def bwd_elementwise_kernel(
 
     ``sums`` is ``(3, C)``: the chunk-summed partials of :func:`bwd_reduce_kernel`.
     """
-    cb = tl.program_id(0)
-    rb = tl.program_id(1)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    cmask = cols < C
-    mask = (rows < M)[:, None] & cmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    gamma = tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    alpha = tl.load(alpha_ptr + cols * alpha_stride, mask=cmask, other=0.0).to(ACC)
+    cols, cmask, mask, offs = _tile(M, C, BLOCK_M, BLOCK_C)
+    mean, rstd, gamma, beta, alpha = _channel_params(
+        mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, alpha_ptr, alpha_stride, cols, cmask, ACC
+    )
     mean_g = tl.load(sums_ptr + cols, mask=cmask, other=0.0).to(ACC) / M
     mean_gxhat = tl.load(sums_ptr + C + cols, mask=cmask, other=0.0).to(ACC) / M
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
