@@ -9,12 +9,16 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
     python benchmarks/bench_step.py --network r100 --batch-size 128 --fp16   # one GPU
     python benchmarks/bench_step.py --sync-debug      # host reads in one otface step, by source
     python benchmarks/bench_step.py --compile default,reduce-overhead   # + compiled rows
+    python benchmarks/bench_step.py --compile default --compile-scope blocks,network
     python benchmarks/bench_step.py --fused-bn-prelu   # + rows with the fused BN + PReLU (CUDA)
 
 ``--compile MODE[,MODE]`` adds, for each mode, our rows again with the backbone compiled as
-``config.compile`` does (``Module.compile`` in place, before the feature hook is registered),
-labelled ``arcface+MODE`` and so on; the ``first s`` column gives each row's first step, which
-holds the compilation. With ``--arcface-torch`` the compiled rows join the interleaved blocks.
+``config.compile`` does (in place, before the feature hook is registered), labelled
+``arcface+MODE`` and so on; the ``first s`` column gives each row's first step, which holds the
+compilation. ``--compile-scope`` says what is compiled, as ``config.compile_scope``: ``blocks``
+(the default: the stem and each residual block, identical blocks sharing one graph) or
+``network`` (one graph, rows labelled ``+MODE/network``), or both. With ``--arcface-torch``
+the compiled rows join the interleaved blocks.
 
 ``--sync-debug`` runs one ``otface`` step (forward, backward, optimiser step, grad scaler) under
 a dispatch mode that records every op whose result the host must wait for (a scalar read such
@@ -55,18 +59,24 @@ from otface.backbones import get_model, set_fused_bn_prelu, use_channels_last
 from otface.evaluation.cli import positive_int
 from otface.registry import LOSSES
 from otface.train.loop import GRAD_CLIP_NORM, compile_backbone
+from otface.train.model import COMPILE_SCOPES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _compile_modes(value: str) -> list[str]:
-    modes = [m for m in value.split(",") if m]
-    bad = [m for m in modes if m not in COMPILE_MODES]
-    if bad:
-        raise argparse.ArgumentTypeError(
-            f"unknown compile mode {bad[0]!r}; valid: {', '.join(COMPILE_MODES)}"
-        )
-    return modes
+def _comma_list(valid: Sequence[str], what: str):
+    """An argparse type: a comma-separated, non-empty list of ``valid`` names."""
+
+    def parse(value: str) -> list[str]:
+        names = [v for v in value.split(",") if v]
+        bad = [v for v in names if v not in valid] or ([] if names else [value])
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {bad[0]!r}; valid: {', '.join(valid)}"
+            )
+        return names
+
+    return parse
 
 
 def _rss_mib() -> float:
@@ -94,6 +104,7 @@ class _Step:
         as_trainer: bool = False,
         compile_mode: str | None = None,
         fused_bn_prelu: bool = False,
+        compile_scope: str = "blocks",
     ):
         cfg = _config(args, loss_name)
         cfg.otface.kernel = kernel
@@ -112,7 +123,9 @@ class _Step:
             # Several compiled backbones of one class share Dynamo's cache, which by default
             # does not guard on module hooks: otface's would run arcface's graph, hook-less.
             torch._dynamo.config.skip_nnmodule_hook_guards = False
-            compile_backbone(self.backbone, True if compile_mode == "default" else compile_mode)
+            compile_backbone(
+                self.backbone, True if compile_mode == "default" else compile_mode, compile_scope
+            )
         self.criterion = LOSSES.build(
             loss_name, cfg, backbone=self.backbone, rank=0, world_size=1
         ).to(device)
@@ -165,19 +178,21 @@ def _batches(args, device: torch.device, count: int, *, channels_last: bool):
 
 
 class Contender(NamedTuple):
-    """One of our rows: its label, criterion, Sinkhorn kernel, ``torch.compile`` mode, and
-    whether its IResNet blocks run the fused BatchNorm + PReLU."""
+    """One of our rows: its label, criterion, Sinkhorn kernel, ``torch.compile`` mode, whether
+    its IResNet blocks run the fused BatchNorm + PReLU, and what is compiled."""
 
     label: str
     loss_name: str
     kernel: str
     compile_mode: str | None = None
     fused_bn_prelu: bool = False
+    compile_scope: str = "blocks"
 
 
 def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
     """Our rows for ``args``: ``arcface``, ``otface`` for each ``--ot-kernels`` entry, the same
-    again compiled in each ``--compile`` mode (labelled ``name+mode``) and, with
+    again compiled in each ``--compile`` mode and ``--compile-scope`` (labelled ``name+mode``,
+    or ``name+mode/network`` for the whole-network scope) and, with
     ``--fused-bn-prelu``, with the fused BatchNorm + PReLU (``name+fused``). Also the notes on
     rows that cannot run on ``device``."""
     rows, notes = [Contender("arcface", "arcface", "auto")], []
@@ -189,7 +204,12 @@ def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
         rows.append(Contender(label, "otface", kernel))
     eager = list(rows)
     for mode in args.compile:
-        rows += [c._replace(label=f"{c.label}+{mode}", compile_mode=mode) for c in eager]
+        for scope in args.compile_scope:
+            tag = mode if scope == "blocks" else f"{mode}/{scope}"
+            rows += [
+                c._replace(label=f"{c.label}+{tag}", compile_mode=mode, compile_scope=scope)
+                for c in eager
+            ]
     if args.fused_bn_prelu:
         if device.type != "cuda":
             notes.append("+fused rows: not timed, the fused BatchNorm + PReLU needs CUDA")
@@ -206,6 +226,7 @@ def bench(
     kernel: str = "auto",
     compile_mode: str | None = None,
     fused_bn_prelu: bool = False,
+    compile_scope: str = "blocks",
 ):
     run = _Step(
         loss_name,
@@ -215,6 +236,7 @@ def bench(
         kernel,
         compile_mode=compile_mode,
         fused_bn_prelu=fused_bn_prelu,
+        compile_scope=compile_scope,
     )
     batches = run.batches(args, device, args.warmup + args.steps)
 
@@ -360,6 +382,7 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
                 as_trainer=True,
                 compile_mode=c.compile_mode,
                 fused_bn_prelu=c.fused_bn_prelu,
+                compile_scope=c.compile_scope,
             )
             for c in rows
         }
@@ -488,11 +511,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--compile",
-        type=_compile_modes,
+        type=_comma_list(COMPILE_MODES, "compile mode"),
         default=[],
         metavar="MODE[,MODE]",
         help="also time our rows with the backbone torch.compile'd in these modes "
         f"({', '.join(COMPILE_MODES)}), as config.compile does",
+    )
+    parser.add_argument(
+        "--compile-scope",
+        type=_comma_list(COMPILE_SCOPES, "compile scope"),
+        default=["blocks"],
+        metavar="SCOPE[,SCOPE]",
+        help="with --compile: what is compiled, as config.compile_scope: blocks (default), "
+        "network, or both (rows +MODE and +MODE/network)",
     )
     parser.add_argument(
         "--fused-bn-prelu",

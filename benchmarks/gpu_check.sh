@@ -14,7 +14,8 @@
 # (first step and steady state) and the OT solver against POT and GeomLoss.
 # COMPILE=MODE[,MODE] (e.g. COMPILE=default) adds our rows compiled in those modes to 2.,
 # interleaved with upstream's and our eager step; each compiled row pays its compilation in its
-# first step (the "first s" column), minutes for r100: allow for it.
+# first step (the "first s" column). COMPILE_SCOPE=blocks (default, as config.compile_scope),
+# network, or blocks,network; a whole r100 ("network") takes minutes: allow for it.
 # Each part has its own time limit, so that one hang cannot take the whole run; ONLY="part
 # part" runs just those parts.
 set -uo pipefail
@@ -40,7 +41,7 @@ run sync_debug 90 python benchmarks/bench_step.py "${common[@]}" --network r50 -
 compiled=()
 vs_limit=150
 if [ -n "${COMPILE:-}" ]; then
-  compiled=(--compile "$COMPILE")
+  compiled=(--compile "$COMPILE" --compile-scope "${COMPILE_SCOPE:-blocks}")
   vs_limit=420
 fi
 if [ -n "$upstream" ]; then

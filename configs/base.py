@@ -35,6 +35,11 @@ config.channels_last = "auto"
 # "max-autotune-no-cudagraphs".
 # The first steps pay the compile time; benchmarks/gpu_check.sh measures both.
 config.compile = False
+# ours: what `compile` compiles. "blocks": the stem and each residual block on its own
+# (identical blocks share one graph: r100 compiles like r18, and DDP's all-reduce still
+# overlaps the backward); "network": the whole backbone as one graph. MobileFaceNet is always
+# compiled whole.
+config.compile_scope = "blocks"
 # ours: IResNet blocks and stem run their BatchNorm + PReLU as one fused Triton op in training
 # ("auto": on CUDA with channels_last; "triton": always, CPU tensors only under
 # TRITON_INTERPRET=1; "off": the plain modules). The state_dict and eval mode are unchanged.

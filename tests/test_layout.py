@@ -198,21 +198,29 @@ def test_compile_key_keeps_the_state_dict_and_is_validated(tmp_path):
     # first forward, which benchmarks/gpu_check.sh times on a GPU.)
     net = get_model("r18_lite")
     keys = list(net.state_dict())
-    loop.compile_backbone(net, "max-autotune")
-    assert list(net.state_dict()) == keys
+    for scope in ("blocks", "network"):
+        loop.compile_backbone(net, "max-autotune", scope)
+        assert list(net.state_dict()) == keys
     cfg = _cfg(tmp_path, False)
-    assert cfg.compile is False
+    assert cfg.compile is False and cfg.compile_scope == "blocks"
     for bad in ("fast", 1):
         cfg.compile = bad
         with pytest.raises(ConfigError, match="compile"):
             validate_config(cfg)
+    cfg.compile = True
+    for bad in ("block", "whole", True):
+        cfg.compile_scope = bad
+        with pytest.raises(ConfigError, match="compile_scope"):
+            validate_config(cfg)
 
 
-def test_otface_feature_hook_is_traced_by_torch_compile():
+@pytest.mark.parametrize("scope", ["network", "blocks"])
+def test_otface_feature_hook_is_traced_by_torch_compile(scope):
     # The trainer compiles the backbone in place and only then builds the criterion, whose
-    # forward hook on the last feature map must be traced into the compiled graph: otherwise
-    # the OT term silently sees no map (or a stale one). Dynamo's tracing is what decides this;
-    # the "aot_eager" backend keeps it to seconds on a CPU (Inductor's code generation is what
+    # forward hook on the last feature map must be traced into the compiled graph (scope
+    # "network") or run around the compiled blocks (scope "blocks"): otherwise the OT term
+    # silently sees no map (or a stale one). Dynamo's tracing is what decides this; the
+    # "aot_eager" backend keeps it to seconds on a CPU (Inductor's code generation is what
     # benchmarks/gpu_check.sh times on a GPU). Reference: the same weights, not compiled.
     import copy as _copy
 
@@ -225,7 +233,7 @@ def test_otface_feature_hook_is_traced_by_torch_compile():
     torch.manual_seed(0)
     eager = get_model("r18_lite", num_features=cfg.embedding_size)
     compiled = _copy.deepcopy(eager)
-    compiled.compile(backend="aot_eager")
+    loop.compile_backbone(compiled, True, scope, backend="aot_eager")
     images = _images(16, seed=3)
     labels = torch.arange(4).repeat_interleave(4)
     results = []
@@ -248,9 +256,53 @@ def test_otface_feature_hook_is_traced_by_torch_compile():
     assert len(got_grads) == len(ref_grads)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
-    # One graph, no breaks: a break at the hook would run the rest of the network uncompiled.
-    explained = torch._dynamo.explain(_copy.deepcopy(eager).train())(images)
-    assert explained.graph_break_count == 0, explained.break_reasons
+    if scope == "network":
+        # One graph, no breaks: a break at the hook would run the rest uncompiled.
+        explained = torch._dynamo.explain(_copy.deepcopy(eager).train())(images)
+        assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compile_blocks_share_one_graph_per_block_shape(monkeypatch):
+    # Scope "blocks" compiles the stem and every residual block on its own. An IResNet has at
+    # most eight block shapes (the first and the other blocks of four stages), so r34's layout
+    # (3, 4, 6, 3), 16 blocks, must cost eight block graphs plus the stem's: that is what keeps
+    # r100's compile time that of r18. Dynamo counts the graphs it builds (aot_eager backend:
+    # no code generation). Then evaluation under eager_stance (the trainer's verification)
+    # compiles nothing more, and every output and gradient equals the uncompiled network's.
+    import copy as _copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from otface.backbones.iresnet import IResNet
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = IResNet((3, 4, 6, 3), widths=(4, 8, 8, 16), num_features=16).train()
+    compiled = _copy.deepcopy(eager)
+    described = loop.compile_backbone(compiled, True, "blocks", backend="aot_eager")
+    assert described.startswith("17 regions")
+    assert torch._dynamo.config.recompile_limit >= 17  # room for every region
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images = _images(4, seed=5)
+    outs, grads = [], []
+    for net in (eager, compiled):
+        out = net(images)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([p.grad for p in net.parameters() if p.grad is not None])
+    assert counters["stats"]["unique_graphs"] == 9
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert len(grads[1]) == len(grads[0]) > 0
+    for g, r in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    eager.eval(), compiled.eval()
+    with torch.no_grad(), loop.eager_stance():
+        evaluated = compiled(images)
+    assert counters["stats"]["unique_graphs"] == 9
+    torch.testing.assert_close(evaluated, eager(images).detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_bn_prelu_key_switches_the_blocks_and_is_validated(tmp_path):
@@ -292,7 +344,9 @@ def test_compile_first_step_time_is_logged_once(tmp_path, monkeypatch, caplog):
     # The compilation itself is timed on a GPU (gpu_check.sh); here, that train.py tells the
     # user what the first step cost, once. compile_backbone is replaced, so no compiler runs.
     calls = []
-    monkeypatch.setattr(loop, "compile_backbone", lambda net, mode: calls.append(mode))
+    monkeypatch.setattr(
+        loop, "compile_backbone", lambda net, mode, scope: calls.append(mode) or "the stand-in"
+    )
     cfg = _cfg(tmp_path, False)
     cfg.compile = "default"
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -300,4 +354,5 @@ def test_compile_first_step_time_is_logged_once(tmp_path, monkeypatch, caplog):
         loop.fit(cfg, env)
     lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert calls == ["default"]
-    assert len(lines) == 1 and "first step took" in lines[0] and "mode default" in lines[0]
+    assert len(lines) == 1 and "first step took" in lines[0]
+    assert "mode default, the stand-in" in lines[0]

@@ -196,17 +196,18 @@ def _ddp_cfg(path, batch_size):
     return cfg
 
 
-def _ddp_worker(rank, world_size, port, path, result_file, compiled=False):
+def _ddp_worker(rank, world_size, port, path, result_file, compile_scope=None):
     env = join_gloo(rank, world_size, port)
     cfg = _ddp_cfg(path, 4)
-    if compiled:
+    if compile_scope:
         # config.compile through the trainer (in place, inside DDP), with Dynamo's tracing
         # and AOTAutograd's compiled backward but no code generation, to keep it to seconds.
-        cfg.compile = "default"
-        loop.compile_backbone = lambda net, mode: net.compile(backend="aot_eager")
+        cfg.compile, cfg.compile_scope = "default", compile_scope
+        real = loop.compile_backbone
+        loop.compile_backbone = lambda net, mode, scope: real(net, True, scope, backend="aot_eager")
     loop.seed_everything(cfg.seed)
     trainer = loop.Trainer(cfg, env)
-    assert (getattr(trainer.backbone, "_compiled_call_impl", None) is not None) is compiled
+    assert bool(trainer.compiled) is bool(compile_scope)
     losses = []
     for img, labels in _batches(3, 8, cfg.num_classes):
         sl = slice(4 * rank, 4 * rank + 4)
@@ -236,12 +237,14 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert ref[0] != pytest.approx(ref[2], abs=1e-4)  # the steps did train
 
 
-def test_two_compiled_ranks_equal_one_process(tmp_path):
-    # A compiled backward hands DDP every gradient at its end rather than one by one: the
-    # all-reduced gradients, hence the later steps' losses, must still be those of one process.
+@pytest.mark.parametrize("scope", ["blocks", "network"])
+def test_two_compiled_ranks_equal_one_process(tmp_path, scope):
+    # A compiled backward hands DDP its gradients at the end of each compiled region (each
+    # block, or the whole network) rather than one by one: the all-reduced gradients, hence
+    # the later steps' losses, must still be those of one process.
     path, _ = _config(tmp_path)
     result = str(tmp_path / "losses.pt")
-    spawn_ranks(_ddp_worker, path, result, True, timeout_s=240)
+    spawn_ranks(_ddp_worker, path, result, scope, timeout_s=240)
     ddp_losses = torch.load(result)
     ref = _one_process_losses(path)
     assert ddp_losses == pytest.approx(ref, abs=1e-4)

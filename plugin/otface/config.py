@@ -85,6 +85,7 @@ _SCHEMA: dict[str, _Spec] = {
             "max-autotune-no-cudagraphs",
         ),
     ),
+    "compile_scope": _Spec((str,), choices=("blocks", "network")),
     "fused_bn_prelu": _Spec((str,), choices=("off", "auto", "triton")),
     "batch_size": _POS_INT,
     "optimizer": _Spec((str,), choices=("sgd", "adamw")),

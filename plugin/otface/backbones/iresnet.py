@@ -12,7 +12,7 @@ with ``strict=True`` and give the same embeddings.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -162,14 +162,43 @@ class IResNet(nn.Module):
         # The embedding BN learns a shift only (its scale is fixed at one).
         self.features.weight.requires_grad_(False)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.fused_bn_prelu == "off" or not self.training:
+            return self.prelu(self.bn1(x))
+        return bn_prelu(x, self.bn1, self.prelu, kernel=self.fused_bn_prelu)
+
+    def blocks(self) -> List[IBasicBlock]:
+        """The residual blocks, in order."""
+        return [b for layer in (self.layer1, self.layer2, self.layer3, self.layer4) for b in layer]
+
+    def compile_blocks(self, **options: Any) -> int:
+        """``torch.compile`` the stem and each residual block in place, one region each.
+
+        Blocks of one stage past its first have the same code, shapes and guards, so Dynamo
+        compiles them once: any IResNet compiles at most eight block graphs plus the stem,
+        r100 as fast as r18. The head (``bn2``, where the OT term's feature hook usually sits,
+        the FC and the BatchNorm1d) stays eager, and DistributedDataParallel can still
+        all-reduce one block's gradients while the blocks before it run their backward.
+        Parameter names, hence the ``state_dict``, do not change.
+
+        Args:
+            options: keyword arguments of :func:`torch.compile` (``mode``, ``backend``, …).
+
+        Returns:
+            The number of compiled regions (blocks + the stem).
+        """
+        blocks = self.blocks()
+        for block in blocks:
+            block.compile(**options)
+        # An instance attribute shadows the method: forward() then calls the compiled stem.
+        self._stem = torch.compile(self._stem, **options)
+        return len(blocks) + 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3, 112, 112)`` images → ``(N, num_features)`` embeddings (not normalised)."""
         with cuda_autocast(x, fp16=self.fp16):
-            x = self.conv1(x)
-            if self.fused_bn_prelu == "off" or not self.training:
-                x = self.prelu(self.bn1(x))
-            else:
-                x = bn_prelu(x, self.bn1, self.prelu, kernel=self.fused_bn_prelu)
+            x = self._stem(x)
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             x = self.bn2(x)
             x = self.dropout(torch.flatten(x, 1))

@@ -37,6 +37,7 @@ from otface.train.model import (
     apply_fused_bn_prelu,
     build_backbone,
     compile_backbone,
+    eager_stance,
     resolve_channels_last,
     wrap_ddp,
 )
@@ -82,7 +83,9 @@ class Trainer(ResumeMixin):
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         apply_fused_bn_prelu(self.backbone, cfg.get("fused_bn_prelu", "off"))
-        compile_backbone(self.backbone, cfg.get("compile", False))
+        self.compiled = compile_backbone(
+            self.backbone, cfg.get("compile", False), cfg.get("compile_scope", "blocks")
+        )
         try:
             builder = LOSSES.get(cfg.loss)
         except KeyError as err:
@@ -279,7 +282,10 @@ def fit(
 
     def verify() -> None:
         if verification is not None:
-            verification(trainer.global_step, trainer.backbone)
+            # Eager, even with config.compile: evaluation mode would compile a second set of
+            # graphs (minutes for a whole r100) for a few seconds of inference.
+            with eager_stance():
+                verification(trainer.global_step, trainer.backbone)
 
     compiled_once = False
     trainer.backbone.train()
@@ -300,8 +306,10 @@ def fit(
                     float(out.loss.detach())
                     compiled_once = True
                     logging.info(
-                        "torch.compile (mode %s): the first step took %.1f s, compilation included",
+                        "torch.compile (mode %s, %s): the first step took %.1f s, compilation "
+                        "included",
                         cfg.compile,
+                        trainer.compiled,
                         time.perf_counter() - started,
                     )
                 if step % cfg.frequent == 0:
