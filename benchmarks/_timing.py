@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: waiting for the device, and the base config to start from.
+"""What the benchmark scripts share: waiting for the device, the base config to start from, and
+the arguments that say which training step to run.
 
 Imported by the scripts of this folder (which Python puts first on ``sys.path`` when one of them
 runs); importing it also makes the repository's ``configs/`` importable.
@@ -6,6 +7,7 @@ runs); importing it also makes the repository's ``configs/`` importable.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["base_config", "sync"]
+__all__ = ["add_step_arguments", "base_config", "sync"]
 
 _REPO = str(Path(__file__).resolve().parents[1])
 if _REPO not in sys.path:
@@ -31,3 +33,18 @@ def sync(device: torch.device | str) -> None:
 def base_config():
     """A fresh copy of ``configs/base.py``'s config (arcface_torch's defaults and ours)."""
     return copy.deepcopy(importlib.import_module("configs.base").config)
+
+
+def add_step_arguments(
+    parser: argparse.ArgumentParser, *, batch_size: int, loss: str | None = None
+) -> None:
+    """``--network --batch-size --num-classes --k --fp16 --device`` (and ``--loss``, defaulting
+    to ``loss``, when given)."""
+    parser.add_argument("--network", default="r18_lite")
+    if loss is not None:
+        parser.add_argument("--loss", default=loss, choices=("arcface", "otface"))
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=4, help="images per identity in a batch")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

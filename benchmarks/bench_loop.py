@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import torch
-from _timing import base_config, sync
+from _timing import add_step_arguments, base_config, sync
 
 from otface.config import validate_config
 from otface.train.data import build_loader, prepare_data
@@ -67,18 +67,12 @@ def _config(args, output: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--network", default="r18_lite")
-    parser.add_argument("--loss", default="otface", choices=("arcface", "otface"))
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=4, help="images per identity in a batch")
-    parser.add_argument("--fp16", action="store_true")
+    add_step_arguments(parser, batch_size=16, loss="otface")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--frequent", type=int, default=10, help="a log line every N steps")
     parser.add_argument("--blocks", type=int, default=3, help="pairs of (step, loop) blocks")
     parser.add_argument("--block-steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--compile",
         default=False,

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
-from _timing import base_config, sync
+from _timing import add_step_arguments, base_config, sync
 
 from otface.backbones import get_model, set_fused_bn_prelu, use_channels_last
 from otface.evaluation.cli import positive_int
@@ -90,7 +90,7 @@ def _config(args, loss_name: str = "arcface"):
     return cfg
 
 
-class _Step:
+class Step:
     """Backbone, criterion, optimiser and fp16 scaler of one contender, and its step."""
 
     def __init__(
@@ -135,7 +135,7 @@ class _Step:
         self.scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
 
     def batches(self, args, device: torch.device, count: int):
-        return _batches(args, device, count, channels_last=self.channels_last)
+        return make_batches(args, device, count, channels_last=self.channels_last)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, step: int):
         out = self.criterion(self.backbone(x), labels, step=step)
@@ -162,7 +162,7 @@ class _Step:
         return bool(torch.isfinite(norm))
 
 
-def _batches(args, device: torch.device, count: int, *, channels_last: bool):
+def make_batches(args, device: torch.device, count: int, *, channels_last: bool):
     # A fresh batch each step (the same sequence for every contender): reusing one batch
     # lets the model fit it within a few steps and leaves nothing hard to mine.
     g = torch.Generator().manual_seed(0)
@@ -228,7 +228,7 @@ def bench(
     fused_bn_prelu: bool = False,
     compile_scope: str = "blocks",
 ):
-    run = _Step(
+    run = Step(
         loss_name,
         args,
         device,
@@ -373,7 +373,7 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
         print(note)
     with single_process_group(device):
         ours = {
-            c.label: _Step(
+            c.label: Step(
                 c.loss_name,
                 args,
                 device,
@@ -391,7 +391,7 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
         print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
         runs = {"upstream": upstream, **ours}
         layouts = {name: run.channels_last for name, run in runs.items()}
-        nchw = _batches(args, device, count, channels_last=False)
+        nchw = make_batches(args, device, count, channels_last=False)
         batches = {False: nchw}
         if any(layouts.values()):
             batches[True] = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in nchw]
@@ -468,7 +468,7 @@ def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]
                 found.append((name, frames[-1] if frames else "(torch internals)"))
             return func(*args_, **(kwargs or {}))
 
-    run = _Step("otface", args, device, state, "auto")
+    run = Step("otface", args, device, state, "auto")
     for step, (x, labels) in enumerate(run.batches(args, device, 2), start=1):
         with Record() if step == 2 else contextlib.nullcontext():
             run(x, labels, step)
@@ -486,14 +486,9 @@ def _leaves_device(func, args, kwargs) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--network", default="r18_lite")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=4, help="images per identity in the batch")
-    parser.add_argument("--fp16", action="store_true")
+    add_step_arguments(parser, batch_size=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch default)")
     parser.add_argument(
         "--sync-debug", action="store_true", help="list the host syncs of one otface step"

@@ -334,7 +334,10 @@ def test_fused_bn_prelu_key_switches_the_blocks_and_is_validated(tmp_path):
         cfg.fused_bn_prelu = bad
         with pytest.raises(ConfigError, match="fused_bn_prelu"):
             validate_config(cfg)
-    cfg.fused_bn_prelu = "auto"
+    cfg.fused_bn_prelu, cfg.compile = "auto", "default"
+    with pytest.raises(ConfigError, match="'compile' = 'default' and 'fused_bn_prelu' = 'auto'"):
+        validate_config(cfg)
+    cfg.compile = False
     cfg.network = "mbf"
     with pytest.warns(UserWarning, match="no IResNet block"):
         loop.Trainer(cfg, env)

@@ -245,6 +245,12 @@ def validate_config(cfg: dict, *, source: str = "config") -> None:
         head = key.split(".")[0]
         if head not in cfg:
             raise ConfigError(f"{source}: key '{key}' is missing (is configs/base.py complete?)")
+    if cfg["compile"] is not False and cfg["fused_bn_prelu"] != "off":
+        raise ConfigError(
+            f"{source}: keys 'compile' = {cfg['compile']!r} and 'fused_bn_prelu' = "
+            f"{cfg['fused_bn_prelu']!r} exclude each other: torch.compile fuses BatchNorm + PReLU "
+            "itself and does not trace the fused op's kernels; set one of them off"
+        )
     if cfg["sampler"]["type"] == "pk" and cfg["batch_size"] % cfg["sampler"]["k"] != 0:
         raise ConfigError(
             f"{source}: key 'batch_size' = {cfg['batch_size']} is not a multiple of key "
