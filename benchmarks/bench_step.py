@@ -84,7 +84,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _config(args, loss_name: str = "arcface"):
+def bench_config(args, loss_name: str = "arcface"):
     cfg = base_config()
     cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name)
     return cfg
@@ -106,7 +106,7 @@ class Step:
         fused_bn_prelu: bool = False,
         compile_scope: str = "blocks",
     ):
-        cfg = _config(args, loss_name)
+        cfg = bench_config(args, loss_name)
         cfg.otface.kernel = kernel
         # as_trainer: the trainer's learning rate and gradient clipping (as arcface_torch's
         # step, for the comparison with it); otherwise the plain step of the overhead table.
@@ -387,7 +387,7 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
             for c in rows
         }
         centres = ours["arcface"].criterion.partial_fc.weight.detach()
-        upstream = UpstreamStep(mods, _config(args), device, state, centres)
+        upstream = UpstreamStep(mods, bench_config(args), device, state, centres)
         print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
         runs = {"upstream": upstream, **ours}
         layouts = {name: run.channels_last for name, run in runs.items()}

@@ -6,7 +6,7 @@
 #  1. the host syncs of one otface step (fp16): the dispatch-mode list, by source line;
 #  2. our step against upstream arcface_torch's, interleaved in one process (r50, r100), when a
 #     checkout is given, with our rows also run with the fused BatchNorm + PReLU ("+fused");
-#  3. where an r100 otface step's GPU time goes, by kind of kernel (profile_step.py);
+#  3. where an r100 otface step's GPU time goes, by kind of kernel, beside upstream's step;
 #  4. train.py's loop against the bare step (throughput ratio, same process, interleaved);
 #  5. a 200-step fp16 training run through train.py on synthetic data, checked for n_hard > 0;
 #  6. the fused BatchNorm + PReLU against eager cuDNN, per layer shape and per network step;
@@ -54,8 +54,10 @@ if [ -n "$upstream" ]; then
 else
   echo "== vs_upstream: skipped (give an arcface_torch checkout as the first argument)"
 fi
+beside=()
+[ -n "$upstream" ] && beside=(--arcface-torch "$upstream")
 run profile_r100 120 python benchmarks/profile_step.py "${common[@]}" --network r100 \
-  --loss otface --steps 5 --warmup 5
+  --loss otface --steps 5 --warmup 5 "${beside[@]}"
 run loop_vs_step 120 python benchmarks/bench_loop.py --device cuda --network r50 --loss otface \
   --batch-size 128 --fp16 --num-classes 93431 --num-workers 12 --blocks 4 --block-steps 20
 

@@ -6,12 +6,17 @@ listed by kernel.
         --num-classes 93431 --loss otface
     python benchmarks/profile_step.py ... --compile default     # the compiled step
     python benchmarks/profile_step.py ... --trace step.json     # + a Chrome trace
+    python benchmarks/profile_step.py ... --arcface-torch PATH  # + upstream's step, by category
 
 First the step is timed without the profiler (``wall``), then profiled. On CUDA the table sums
 the kernels' device time; ``busy`` is that sum over the wall time of the same steps: well under
 100% means the GPU waits for the host (launch overhead: CUDA graphs help), near 100% means the
 kernels themselves must get faster (fusion, better convolution kernels). On the CPU it sums the
 self time of the ATen ops instead, which says little about a GPU.
+
+With ``--arcface-torch PATH`` arcface_torch's own step (as ``bench_step.py --arcface-torch``
+builds it, NCHW as it ships) is profiled after ours on the same batches, and the categories are
+compared side by side: which kinds of kernel our step still spends more on.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from _timing import add_step_arguments, sync
-from bench_step import COMPILE_MODES, Step
+from bench_step import COMPILE_MODES, Step, bench_config, make_batches
 
 from otface.backbones import get_model
 from otface.train.model import COMPILE_SCOPES
@@ -128,6 +133,47 @@ def report(entries: list[Entry], *, steps: int, wall_ms: float, device: torch.de
         )
 
 
+def compare(ours: list[Entry], theirs: list[Entry], *, steps: int) -> None:
+    """Print the categories of two profiles side by side, in ms per step."""
+    a, b = by_category(ours), by_category(theirs)
+    names = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, (0, 0))[0], b.get(k, (0, 0))[0]))
+    print(f"{'category':26s} {'ours ms':>9s} {'upstream ms':>12s} {'ours - upstream':>16s}")
+    for name in names:
+        mine, up = a.get(name, (0.0, 0))[0] / 1e3 / steps, b.get(name, (0.0, 0))[0] / 1e3 / steps
+        print(f"{name:26s} {mine:9.2f} {up:12.2f} {mine - up:+16.2f}")
+    total_a = sum(e.us for e in ours) / 1e3 / steps
+    total_b = sum(e.us for e in theirs) / 1e3 / steps
+    print(f"{'all':26s} {total_a:9.2f} {total_b:12.2f} {total_a - total_b:+16.2f}")
+
+
+def profile(run, batches, *, warmup: int, steps: int, device: torch.device):
+    """Run ``warmup`` steps, time ``steps`` more, then profile ``steps`` more. Returns the
+    profiler and the unprofiled wall time per step in ms. ``batches`` holds
+    ``warmup + 2 * steps`` of them."""
+    done = 0
+
+    def run_steps(count: int) -> None:
+        nonlocal done
+        for _ in range(count):
+            x, labels = batches[done]
+            done += 1
+            run(x, labels, done)
+
+    run_steps(warmup)
+    sync(device)
+    t0 = time.perf_counter()
+    run_steps(steps)
+    sync(device)
+    wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_steps(steps)
+        sync(device)
+    return prof, wall_ms
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_step_arguments(parser, batch_size=32, loss="arcface")
@@ -144,8 +190,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compile-scope", choices=COMPILE_SCOPES, default="blocks")
     parser.add_argument("--fused-bn-prelu", action="store_true")
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
-    parser.add_argument("--trace", metavar="FILE", help="also write a Chrome trace")
+    parser.add_argument("--trace", metavar="FILE", help="also write a Chrome trace of ours")
+    parser.add_argument(
+        "--arcface-torch", metavar="PATH", help="an arcface_torch checkout: profile its step too"
+    )
     args = parser.parse_args(argv)
+    if args.arcface_torch:
+        from _upstream import load_arcface_torch
+
+        try:
+            upstream = load_arcface_torch(args.arcface_torch)
+        except (FileNotFoundError, ImportError) as err:
+            parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -167,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fused_bn_prelu=args.fused_bn_prelu,
         compile_scope=args.compile_scope,
     )
-    batches = run.batches(args, device, args.warmup + 2 * args.steps)
+    count = args.warmup + 2 * args.steps
     print(
         f"device: {name}; {args.network} {args.loss}, batch {args.batch_size}, fp16={args.fp16}, "
         f"classes {args.num_classes}, channels_last={run.channels_last}, "
@@ -175,35 +231,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         + (f" ({args.compile_scope})" if args.compile else "")
         + f", fused_bn_prelu={args.fused_bn_prelu}; {args.steps} steps after {args.warmup}"
     )
-    step = 0
-
-    def steps(count: int) -> None:
-        nonlocal step
-        for _ in range(count):
-            x, labels = batches[step]
-            step += 1
-            run(x, labels, step)
-
-    steps(args.warmup)
-    sync(device)
-    t0 = time.perf_counter()
-    steps(args.steps)
-    sync(device)
-    wall_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        steps(args.steps)
-        sync(device)
+    prof, wall_ms = profile(
+        run, run.batches(args, device, count), warmup=args.warmup, steps=args.steps, device=device
+    )
     if hasattr(run.criterion, "remove_hook"):
         run.criterion.remove_hook()
-    report(
-        kernel_entries(prof, device), steps=args.steps, wall_ms=wall_ms, device=device, top=args.top
-    )
+    ours = kernel_entries(prof, device)
+    report(ours, steps=args.steps, wall_ms=wall_ms, device=device, top=args.top)
     if args.trace:
         prof.export_chrome_trace(args.trace)
         print(f"trace: {args.trace}")
+    if args.arcface_torch:
+        from _upstream import UpstreamStep, single_process_group
+
+        centres = run.criterion.partial_fc.weight.detach()
+        with single_process_group(device):
+            theirs = UpstreamStep(upstream, bench_config(args), device, state, centres)
+            batches = make_batches(args, device, count, channels_last=False)
+            prof, wall_up = profile(
+                theirs, batches, warmup=args.warmup, steps=args.steps, device=device
+            )
+        print(
+            f"\nupstream arcface_torch from {upstream.root} ({theirs.note}): wall per step "
+            f"{wall_up:.1f} ms; ours / upstream {wall_ms / wall_up:.3f} (one measurement each, "
+            "not interleaved: bench_step.py --arcface-torch gives the ratio)"
+        )
+        compare(ours, kernel_entries(prof, device), steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """benchmarks/profile_step.py: where a step's time goes, by kind of kernel."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -92,3 +93,31 @@ def test_profile_of_a_cpu_step(tmp_path, capsys):
     assert len(top) == 1 + 5  # header and five ops
     assert all(re.match(r"\s*[0-9.]+\s+[0-9.]+%\s+[0-9.]+\s+\S", row) for row in top[1:])
     assert json.loads(trace.read_text())  # a readable Chrome trace
+
+
+def test_compare_lines_up_the_categories(capsys):
+    E = profile_step.Entry
+    ours = [E("aten::mkldnn_convolution", 6000.0, 2), E("aten::native_batch_norm", 2000.0, 2)]
+    theirs = [E("aten::mkldnn_convolution", 9000.0, 2), E("aten::nchw_transpose", 1000.0, 2)]
+    profile_step.compare(ours, theirs, steps=2)
+    rows = {line.split()[0]: line.split()[-3:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["convolution"] == ["3.00", "4.50", "-1.50"]  # ms per step
+    assert rows["batchnorm"] == ["1.00", "0.00", "+1.00"]
+    assert rows["layout"] == ["0.00", "0.50", "-0.50"]  # "layout transpose"
+    assert rows["all"] == ["4.00", "5.00", "-1.00"]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("ARCFACE_TORCH"), reason="set ARCFACE_TORCH to an arcface_torch checkout"
+)
+def test_profile_beside_upstream_on_cpu(capsys):
+    profile_step.main(
+        "--device cpu --network mbf --batch-size 4 --k 2 --num-classes 50 --steps 1 --warmup 0 "
+        f"--top 3 --arcface-torch {os.environ['ARCFACE_TORCH']}".split()
+    )
+    text = capsys.readouterr().out
+    assert "starts from our initial weights" in text
+    side = text.split("ours - upstream")[1]
+    conv = re.search(r"^convolution\s+([0-9.]+)\s+([0-9.]+)\s+([+-][0-9.]+)$", side, re.M)
+    assert conv and float(conv[1]) > 0 and float(conv[2]) > 0
+    assert float(conv[3]) == pytest.approx(float(conv[1]) - float(conv[2]), abs=0.011)
