@@ -120,9 +120,8 @@ class Step:
         if fused_bn_prelu:  # as the trainer does (config.fused_bn_prelu = "auto")
             set_fused_bn_prelu(self.backbone, "auto")
         if compile_mode:  # as the trainer does (config.compile): before the feature hook
-            # Several compiled backbones of one class share Dynamo's cache, which by default
-            # does not guard on module hooks: otface's would run arcface's graph, hook-less.
-            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            # (compile_backbone makes Dynamo guard on hooks: the compiled backbones of several
+            # rows share its cache, and otface's would otherwise run arcface's hook-less graph)
             compile_backbone(
                 self.backbone, True if compile_mode == "default" else compile_mode, compile_scope
             )

@@ -262,7 +262,17 @@ def test_otface_feature_hook_is_traced_by_torch_compile(scope):
         assert explained.graph_break_count == 0, explained.break_reasons
 
 
-def test_compile_blocks_share_one_graph_per_block_shape(monkeypatch):
+@pytest.fixture
+def dynamo_defaults():
+    """Dynamo's default recompile limit and hook guards, restored after the test (the
+    trainer's compile_backbone changes both for the process)."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=8, skip_nnmodule_hook_guards=True):
+        yield
+
+
+def test_compile_blocks_share_one_graph_per_block_shape(dynamo_defaults):
     # Scope "blocks" compiles the stem and every residual block on its own. An IResNet has at
     # most eight block shapes (the first and the other blocks of four stages), so r34's layout
     # (3, 4, 6, 3), 16 blocks, must cost eight block graphs plus the stem's: that is what keeps
@@ -276,7 +286,6 @@ def test_compile_blocks_share_one_graph_per_block_shape(monkeypatch):
 
     from otface.backbones.iresnet import IResNet
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -303,6 +312,36 @@ def test_compile_blocks_share_one_graph_per_block_shape(monkeypatch):
         evaluated = compiled(images)
     assert counters["stats"]["unique_graphs"] == 9
     torch.testing.assert_close(evaluated, eager(images).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_feature_hook_inside_a_compiled_block_fires(dynamo_defaults):
+    # config otface.layer may name a module inside a residual block. Scope "blocks" compiles
+    # identical blocks once; Dynamo, by default blind to module hooks, would run the hooked
+    # block with the graph of its hook-less twin (compiled first), and the OT term would get no
+    # map. compile_backbone turns hook guards on: the hooked block gets a graph of its own.
+    import copy as _copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from otface.backbones.iresnet import IResNet
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = IResNet((1, 3, 1, 1), widths=(4, 8, 8, 16), num_features=16).train()
+    compiled = _copy.deepcopy(eager)
+    loop.compile_backbone(compiled, True, "blocks", backend="aot_eager")
+    images = _images(2, seed=6)
+    maps = []
+    for net in (eager, compiled):
+        with FeatureCapture(net, "layer2.2.bn3") as cap:
+            net(images)
+            maps.append(cap.pop())
+    assert maps[1] is not None, "the hook inside the compiled block did not fire"
+    torch.testing.assert_close(maps[1], maps[0], atol=1e-5, rtol=1e-5)
+    # stem, 4 first blocks, layer2's two other blocks (hooked and not): 7 graphs
+    assert counters["stats"]["unique_graphs"] == 7
 
 
 def test_fused_bn_prelu_key_switches_the_blocks_and_is_validated(tmp_path):

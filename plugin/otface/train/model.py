@@ -107,6 +107,12 @@ def compile_backbone(backbone: nn.Module, setting, scope: str = "blocks", **opti
         )
     if setting is not True:
         options["mode"] = setting
+    # Dynamo does not guard on module hooks by default: a block holding the OT term's feature
+    # hook (config otface.layer inside a block) would run the graph of an identical block
+    # without it, and the hook would never fire; so would a second backbone of the same class.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.skip_nnmodule_hook_guards = False
     if scope == "blocks" and hasattr(backbone, "compile_blocks"):
         # Static shapes: the stages' blocks differ in size, and Dynamo would otherwise turn a
         # second size into a dynamic-shape graph for all of them.
