@@ -265,11 +265,29 @@ def test_otface_feature_hook_is_traced_by_torch_compile(scope):
 @pytest.fixture
 def dynamo_defaults():
     """Dynamo's default recompile limit and hook guards, restored after the test (the
-    trainer's compile_backbone changes both for the process)."""
+    trainer's compile_backbone changes both for the process), and its graph counter, zeroed."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     with torch._dynamo.config.patch(recompile_limit=8, skip_nnmodule_hook_guards=True):
-        yield
+        torch._dynamo.reset()
+        counters.clear()
+        yield counters
+
+
+def _small_iresnet_compiled_by_blocks(layers):
+    """A narrow IResNet with ``layers`` blocks per stage, and a copy with scope "blocks"
+    (aot_eager backend: Dynamo's tracing, no code generation); also what compile_backbone
+    said it compiled."""
+    import copy as _copy
+
+    from otface.backbones.iresnet import IResNet
+
+    torch.manual_seed(0)
+    eager = IResNet(layers, widths=(4, 8, 8, 16), num_features=16).train()
+    compiled = _copy.deepcopy(eager)
+    described = loop.compile_backbone(compiled, True, "blocks", backend="aot_eager")
+    return eager, compiled, described
 
 
 def test_compile_blocks_share_one_graph_per_block_shape(dynamo_defaults):
@@ -279,19 +297,10 @@ def test_compile_blocks_share_one_graph_per_block_shape(dynamo_defaults):
     # r100's compile time that of r18. Dynamo counts the graphs it builds (aot_eager backend:
     # no code generation). Then evaluation under eager_stance (the trainer's verification)
     # compiles nothing more, and every output and gradient equals the uncompiled network's.
-    import copy as _copy
-
     import torch._dynamo
-    from torch._dynamo.utils import counters
 
-    from otface.backbones.iresnet import IResNet
-
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    eager = IResNet((3, 4, 6, 3), widths=(4, 8, 8, 16), num_features=16).train()
-    compiled = _copy.deepcopy(eager)
-    described = loop.compile_backbone(compiled, True, "blocks", backend="aot_eager")
+    counters = dynamo_defaults
+    eager, compiled, described = _small_iresnet_compiled_by_blocks((3, 4, 6, 3))
     assert described.startswith("17 regions")
     assert torch._dynamo.config.recompile_limit >= 17  # room for every region
     assert list(compiled.state_dict()) == list(eager.state_dict())
@@ -319,19 +328,8 @@ def test_feature_hook_inside_a_compiled_block_fires(dynamo_defaults):
     # identical blocks once; Dynamo, by default blind to module hooks, would run the hooked
     # block with the graph of its hook-less twin (compiled first), and the OT term would get no
     # map. compile_backbone turns hook guards on: the hooked block gets a graph of its own.
-    import copy as _copy
-
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from otface.backbones.iresnet import IResNet
-
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    eager = IResNet((1, 3, 1, 1), widths=(4, 8, 8, 16), num_features=16).train()
-    compiled = _copy.deepcopy(eager)
-    loop.compile_backbone(compiled, True, "blocks", backend="aot_eager")
+    counters = dynamo_defaults
+    eager, compiled, _ = _small_iresnet_compiled_by_blocks((1, 3, 1, 1))
     images = _images(2, seed=6)
     maps = []
     for net in (eager, compiled):
