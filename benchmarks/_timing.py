@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["add_step_arguments", "base_config", "sync"]
+__all__ = ["add_step_arguments", "base_config", "open_device", "open_upstream", "sync"]
 
 _REPO = str(Path(__file__).resolve().parents[1])
 if _REPO not in sys.path:
@@ -48,3 +48,28 @@ def add_step_arguments(
     parser.add_argument("--k", type=int, default=4, help="images per identity in a batch")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def open_upstream(parser: argparse.ArgumentParser, path: str | None):
+    """arcface_torch's modules from the checkout at ``path`` (``_upstream.load_arcface_torch``),
+    None without one; a bad checkout ends the script with the parser's error."""
+    if not path:
+        return None
+    from _upstream import load_arcface_torch
+
+    try:
+        return load_arcface_torch(path)
+    except (FileNotFoundError, ImportError) as err:
+        parser.error(str(err))
+
+
+def open_device(name: str, threads: int) -> tuple[torch.device, str]:
+    """The device to time on, set up as the trainer does (cuDNN autotuning on CUDA), and its
+    description for the output; ``threads`` CPU threads (0: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        return device, torch.cuda.get_device_name(device)
+    return device, f"CPU, {torch.get_num_threads()} thread(s)"

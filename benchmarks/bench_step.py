@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
-from _timing import add_step_arguments, base_config, sync
+from _timing import add_step_arguments, base_config, open_device, open_upstream, sync
 
 from otface.backbones import get_model, set_fused_bn_prelu, use_channels_last
 from otface.evaluation.cli import positive_int
@@ -541,21 +541,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.arcface_torch and args.sync_debug:
         parser.error("--sync-debug and --arcface-torch are separate runs; give one")
-    if args.arcface_torch:
-        from _upstream import load_arcface_torch
-
-        try:
-            upstream = load_arcface_torch(args.arcface_torch)
-        except (FileNotFoundError, ImportError) as err:
-            parser.error(str(err))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        torch.backends.cudnn.benchmark = True
-    else:
-        name = f"CPU, {torch.get_num_threads()} thread(s)"
+    upstream = open_upstream(parser, args.arcface_torch)
+    device, name = open_device(args.device, args.threads)
     torch.manual_seed(0)
     state = get_model(args.network, num_features=512).state_dict()
     print(

@@ -28,7 +28,7 @@ import time
 from typing import Iterable, NamedTuple, Sequence
 
 import torch
-from _timing import add_step_arguments, sync
+from _timing import add_step_arguments, open_device, open_upstream, sync
 from bench_step import COMPILE_MODES, Step, bench_config, make_batches
 
 from otface.backbones import get_model
@@ -195,21 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--arcface-torch", metavar="PATH", help="an arcface_torch checkout: profile its step too"
     )
     args = parser.parse_args(argv)
-    if args.arcface_torch:
-        from _upstream import load_arcface_torch
-
-        try:
-            upstream = load_arcface_torch(args.arcface_torch)
-        except (FileNotFoundError, ImportError) as err:
-            parser.error(str(err))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"CPU, {torch.get_num_threads()} thread(s)"
+    upstream = open_upstream(parser, args.arcface_torch)
+    device, name = open_device(args.device, args.threads)
     torch.manual_seed(0)
     state = get_model(args.network, num_features=512).state_dict()
     run = Step(
@@ -241,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.trace:
         prof.export_chrome_trace(args.trace)
         print(f"trace: {args.trace}")
-    if args.arcface_torch:
+    if upstream is not None:
         from _upstream import UpstreamStep, single_process_group
 
         centres = run.criterion.partial_fc.weight.detach()
