@@ -107,21 +107,14 @@ def compile_backbone(backbone: nn.Module, setting, scope: str = "blocks", **opti
         )
     if setting is not True:
         options["mode"] = setting
-    # Dynamo does not guard on module hooks by default: a block holding the OT term's feature
-    # hook (config otface.layer inside a block) would run the graph of an identical block
-    # without it, and the hook would never fire; so would a second backbone of the same class.
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.skip_nnmodule_hook_guards = False
     if scope == "blocks" and hasattr(backbone, "compile_blocks"):
         # Static shapes: the stages' blocks differ in size, and Dynamo would otherwise turn a
         # second size into a dynamic-shape graph for all of them.
         regions = backbone.compile_blocks(dynamic=False, **options)
-        # All blocks share Module._call_impl, whose compiled variants Dynamo caps per code
-        # object (8 by default): room for every region, so none falls back to eager.
-        _raise_recompile_limit(regions)
+        _configure_dynamo(regions)
         return f"{regions} regions (the stem and each residual block)"
     backbone.compile(**options)
+    _configure_dynamo(1)
     return "the whole network"
 
 
@@ -133,11 +126,21 @@ def eager_stance() -> ContextManager:
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
-def _raise_recompile_limit(at_least: int) -> None:
+def _configure_dynamo(regions: int) -> None:
+    """Dynamo settings for ``regions`` compiled regions (process-wide; they only widen).
+
+    Guards on module hooks, which Dynamo skips by default: a block holding the OT term's
+    feature hook (config otface.layer inside a block) would otherwise run the graph of an
+    identical block without it, and the hook would never fire; so would a second backbone of
+    the same class. And a recompile limit with room for every region: all blocks share
+    ``Module._call_impl``, whose compiled variants Dynamo caps per code object (8 by default),
+    so that none falls back to eager.
+    """
     import torch._dynamo.config as dynamo_config
 
+    dynamo_config.skip_nnmodule_hook_guards = False
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, name, max(getattr(dynamo_config, name), at_least))
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), regions))
 
 
 def wrap_ddp(backbone: nn.Module, device: torch.device) -> nn.Module:
