@@ -296,7 +296,7 @@ def fit(
             loader.batch_sampler.set_epoch(epoch, start_batch=first)
             batches = DevicePrefetcher(loader, env.device, channels_last=trainer.channels_last)
             for batch_idx, (img, labels) in enumerate(batches, start=first):
-                compiling = cfg.get("compile", False) is not False and not compiled_once
+                compiling = bool(trainer.compiled) and not compiled_once
                 started = time.perf_counter()
                 out = trainer.train_step(img, labels)
                 step = trainer.global_step
