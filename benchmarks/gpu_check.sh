@@ -10,7 +10,8 @@
 #  4. train.py's loop against the bare step (throughput ratio, same process, interleaved);
 #  5. a 200-step fp16 training run through train.py on synthetic data, checked for n_hard > 0;
 #  6. the fused BatchNorm + PReLU against eager cuDNN, per layer shape and per network step;
-#  7. the Triton kernels' tests (Sinkhorn, BatchNorm + PReLU), compiled for this GPU.
+#  7. the Triton kernels' tests (Sinkhorn, BatchNorm + PReLU), compiled for this GPU;
+# and last, the targets met or missed, as a table (summary.md, by benchmarks/gpu_summary.py).
 # EXTRA=1 adds: the CUDA twins of the CPU tests, a torch.compile trial through train.py's loop
 # (first step and steady state) and the OT solver against POT and GeomLoss.
 # COMPILE=MODE[,MODE] (e.g. COMPILE=default) adds our rows compiled in those modes to 2.,
@@ -33,6 +34,7 @@ run() {  # run NAME LIMIT_S CMD...: log to $out/NAME.txt, remember a failure, go
   echo "== $name ($(date +%T), limit ${limit}s): $*"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
   local rc=${PIPESTATUS[0]}
+  echo "$rc" > "$out/$name.rc"
   [ "$rc" -eq 0 ] || { echo "!! $name failed ($rc)"; status=1; }
 }
 common=(--device cuda --batch-size 128 --fp16 --num-classes 93431)
@@ -94,12 +96,16 @@ sys.exit(0 if values and min(values) > 0 else "n_hard was 0 on some log line: th
 PY
 
 run bn_prelu 120 python benchmarks/bench_bn_prelu.py
-run tests_triton 180 python -m pytest -q tests/test_ot_triton.py tests/test_fused_bn_prelu.py
+# (pyproject's addopts already has -q; a second -q would drop the counts the summary reads)
+run tests_triton 180 python -m pytest tests/test_ot_triton.py tests/test_fused_bn_prelu.py
 if [ -n "${EXTRA:-}" ] || [ -n "${ONLY:-}" ]; then  # ONLY picks among all parts
-  run tests 240 python -m pytest -q -m gpu tests/test_gpu.py tests/test_prefetch.py
+  run tests 240 python -m pytest -m gpu tests/test_gpu.py tests/test_prefetch.py
   run compile_r50 240 python benchmarks/bench_loop.py --device cuda --network r50 \
     --loss otface --batch-size 128 --fp16 --num-classes 93431 --num-workers 12 --blocks 2 \
     --block-steps 20 --compile default
   run bench_ot 90 python benchmarks/bench_ot.py --device cuda
 fi
+# The targets, met or not, from the logs above (parts of earlier runs into the same folder
+# included, so that an ONLY= rerun completes the table).
+python benchmarks/gpu_summary.py "$out" | tee "$out/summary.md"
 exit $status
