@@ -19,18 +19,32 @@
 # first step (the "first s" column). COMPILE_SCOPE=blocks (default, as config.compile_scope),
 # network, or blocks,network; a whole r100 ("network") takes minutes: allow for it.
 # Each part has its own time limit, so that one hang cannot take the whole run; ONLY="part
-# part" runs just those parts.
+# part" runs just those parts. BUDGET_S=N (e.g. 540 under a 600 s limit) bounds the whole
+# run: a part's limit shrinks to what is left, and a part with under 30 s left is skipped, so
+# that the summary is always written.
 set -uo pipefail
 out="${OUT:-work_dirs/gpu_check}"
 upstream="${1:-${ARCFACE_TORCH:-}}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD/plugin${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
+budget="${BUDGET_S:-0}"
+reserve=15  # seconds kept for the summary
 run() {  # run NAME LIMIT_S CMD...: log to $out/NAME.txt, remember a failure, go on
   local name=$1 limit=$2
   shift 2
   # ONLY="name1 name2" runs just those parts (a rerun of what failed).
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  if [ "$budget" -gt 0 ]; then
+    local left=$((budget - SECONDS - reserve))
+    if [ "$left" -lt 30 ]; then
+      echo "== $name: skipped, ${left}s of BUDGET_S=$budget left"
+      echo "budget" > "$out/$name.rc"
+      : > "$out/$name.txt"
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "== $name ($(date +%T), limit ${limit}s): $*"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
   local rc=${PIPESTATUS[0]}

@@ -68,6 +68,8 @@ def _missing(folder: Path, part: str) -> str:
         return "not measured (part not run)"
     rc_file = folder / f"{part}.rc"
     rc = rc_file.read_text().strip() if rc_file.is_file() else ""
+    if rc == "budget":
+        return "not measured (skipped: BUDGET_S spent)"
     if rc in ("124", "137"):
         return "not measured (part hit its time limit)"
     if rc and rc != "0":

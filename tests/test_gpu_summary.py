@@ -7,6 +7,8 @@ hand-picked values.
 
 import contextlib
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -136,3 +138,44 @@ def test_what_did_not_run_or_failed_is_never_met(tmp_path):
     assert table[0] == "device: unknown"
     assert table[2] == "| check | target | measured | verdict | log |"
     assert len(table) == 4 + len(verdicts)
+
+
+def test_gpu_check_keeps_to_its_budget_and_still_writes_the_summary(tmp_path):
+    # Every part's python is a stand-in that takes 3 s; gpu_summary.py runs for real. With
+    # BUDGET_S=50 (15 s kept for the summary) the first part starts with 35 s left, and once
+    # fewer than 30 s are left the remaining parts are skipped, not started.
+    shim = tmp_path / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in *gpu_summary.py) exec "$REAL_PYTHON" "$@";; esac\n'
+        "sleep 3\necho stand-in part\n"
+    )
+    shim.chmod(0o755)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PATH": f"{shim.parent}:{os.environ['PATH']}",
+        "REAL_PYTHON": sys.executable,
+        "OUT": str(out),
+        "BUDGET_S": "50",
+        "ARCFACE_TORCH": "",
+    }
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "env.rc").read_text().strip() == "0"
+    assert (out / "tests_triton.rc").read_text().strip() == "budget"
+    assert "== tests_triton: skipped" in proc.stdout
+    summary = (out / "summary.md").read_text()
+    assert (
+        "| Triton kernels' tests, compiled for this GPU | all pass | - | not measured "
+        "(skipped: BUDGET_S spent) |" in summary
+    )
+    assert (out / "train.rc").read_text().strip() == "budget"  # its rm -rf never ran either
