@@ -35,8 +35,8 @@ _STEP_LINE = re.compile(
 
 
 class Row(NamedTuple):
-    """One line of the summary: ``verdict`` is ``"met"``, ``"missed"``, ``"not measured"`` or
-    ``"-"`` (no target)."""
+    """One line of the summary: ``verdict`` is ``"met"``, ``"missed"``, ``"not measured
+    (why)"`` or ``"-"`` (no target)."""
 
     check: str
     target: str
