@@ -59,6 +59,7 @@ def _config(args, output: str):
         val_targets=[],
         output=output,
         compile=args.compile,
+        cuda_graph=args.cuda_graph,
     )
     cfg.sampler.update(type="pk", k=args.k)
     validate_config(cfg)
@@ -78,6 +79,12 @@ def main() -> None:
         default=False,
         type=lambda v: {"true": True, "false": False}.get(v.lower(), v),
         help="config.compile: false (default), true, default, reduce-overhead, max-autotune",
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        default="off",
+        choices=("off", "auto", "on"),
+        help="config.cuda_graph: the step's forward and backward as one CUDA graph",
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -146,11 +153,14 @@ def main() -> None:
             trainer.criterion.remove_hook()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    graph = trainer.step_graph
+    recorded = "no" if graph is None else ("yes" if graph.replaying else f"no ({graph.failed})")
     ratios = [lp / st for lp, st in zip(loop_rates, step_rates)]
     print(
         f"device: {name}; {args.network} {args.loss}, batch {args.batch_size}, "
         f"fp16={args.fp16}, classes {args.num_classes}, {args.num_workers} workers, "
-        f"{args.blocks} pairs of {args.block_steps}-step blocks, compile={args.compile}"
+        f"{args.blocks} pairs of {args.block_steps}-step blocks, compile={args.compile}, "
+        f"cuda_graph={args.cuda_graph} (recorded: {recorded})"
     )
     print(f"first step (compilation included, if any): {first_step_s:.1f} s")
     print(f"{'mode':6s} {'img/s (median)':>15s} {'min':>9s} {'max':>9s}")

@@ -11,6 +11,12 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
     python benchmarks/bench_step.py --compile default,reduce-overhead   # + compiled rows
     python benchmarks/bench_step.py --compile default --compile-scope blocks,network
     python benchmarks/bench_step.py --fused-bn-prelu   # + rows with the fused BN + PReLU (CUDA)
+    python benchmarks/bench_step.py --cuda-graph       # + rows with the step as a CUDA graph
+
+``--cuda-graph`` adds our rows again with the forward and backward recorded once as a CUDA
+graph and replayed (``name+graph``, as ``config.cuda_graph``: :mod:`otface.train.graph`); the
+optimiser step stays eager. The recording happens after 3 eager steps, within the warm-up:
+give ``--warmup`` 4 or more.
 
 ``--compile MODE[,MODE]`` adds, for each mode, our rows again with the backbone compiled as
 ``config.compile`` does (in place, before the feature hook is registered), labelled
@@ -46,6 +52,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import statistics
 import time
@@ -58,6 +65,7 @@ from _timing import add_step_arguments, base_config, open_device, open_upstream,
 from otface.backbones import get_model, set_fused_bn_prelu, use_channels_last
 from otface.evaluation.cli import positive_int
 from otface.registry import LOSSES
+from otface.train.graph import StepGraph, forward_backward
 from otface.train.loop import GRAD_CLIP_NORM, compile_backbone
 from otface.train.model import COMPILE_SCOPES
 
@@ -105,6 +113,7 @@ class Step:
         compile_mode: str | None = None,
         fused_bn_prelu: bool = False,
         compile_scope: str = "blocks",
+        cuda_graph: bool = False,
     ):
         cfg = bench_config(args, loss_name)
         cfg.otface.kernel = kernel
@@ -132,17 +141,26 @@ class Step:
         lr, momentum = (cfg.lr, cfg.momentum) if as_trainer else (0.01, 0.9)
         self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=5e-4)
         self.scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
+        # As the trainer with config.cuda_graph: forward + backward recorded, optimiser eager.
+        self.graph = None
+        if cuda_graph:
+            fn = functools.partial(forward_backward, self.backbone, self.criterion, self.scaler)
+            self.graph = StepGraph(fn, params)
 
     def batches(self, args, device: torch.device, count: int):
         return make_batches(args, device, count, channels_last=self.channels_last)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, step: int):
-        out = self.criterion(self.backbone(x), labels, step=step)
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(out.loss).backward()
+        if self.graph is not None:
+            self.criterion.prepare_step(step)
+            out = self.graph(x, labels)
         else:
-            out.loss.backward()
+            out = self.criterion(self.backbone(x), labels, step=step)
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(out.loss).backward()
+            else:
+                out.loss.backward()
         finite = self._clip() if self.as_trainer else True
         if self.scaler is not None:
             if finite:
@@ -150,6 +168,8 @@ class Step:
             self.scaler.update()
         elif finite:
             self.opt.step()
+        if self.graph is not None and not self.graph.keeps_gradients:
+            self.opt.zero_grad(set_to_none=True)  # the next warm-up step starts from None
         return out
 
     def _clip(self) -> bool:
@@ -178,7 +198,8 @@ def make_batches(args, device: torch.device, count: int, *, channels_last: bool)
 
 class Contender(NamedTuple):
     """One of our rows: its label, criterion, Sinkhorn kernel, ``torch.compile`` mode, whether
-    its IResNet blocks run the fused BatchNorm + PReLU, and what is compiled."""
+    its IResNet blocks run the fused BatchNorm + PReLU, what is compiled, and whether the step
+    is a CUDA graph."""
 
     label: str
     loss_name: str
@@ -186,13 +207,15 @@ class Contender(NamedTuple):
     compile_mode: str | None = None
     fused_bn_prelu: bool = False
     compile_scope: str = "blocks"
+    cuda_graph: bool = False
 
 
 def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
     """Our rows for ``args``: ``arcface``, ``otface`` for each ``--ot-kernels`` entry, the same
     again compiled in each ``--compile`` mode and ``--compile-scope`` (labelled ``name+mode``,
     or ``name+mode/network`` for the whole-network scope) and, with
-    ``--fused-bn-prelu``, with the fused BatchNorm + PReLU (``name+fused``). Also the notes on
+    ``--fused-bn-prelu``, with the fused BatchNorm + PReLU (``name+fused``) and, with
+    ``--cuda-graph``, with the step recorded as a CUDA graph (``name+graph``). Also the notes on
     rows that cannot run on ``device``."""
     rows, notes = [Contender("arcface", "arcface", "auto")], []
     for kernel in args.ot_kernels.split(","):
@@ -214,6 +237,11 @@ def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
             notes.append("+fused rows: not timed, the fused BatchNorm + PReLU needs CUDA")
         else:
             rows += [c._replace(label=f"{c.label}+fused", fused_bn_prelu=True) for c in eager]
+    if args.cuda_graph:
+        if device.type != "cuda":
+            notes.append("+graph rows: not timed, CUDA graphs need CUDA")
+        else:
+            rows += [c._replace(label=f"{c.label}+graph", cuda_graph=True) for c in eager]
     return rows, notes
 
 
@@ -226,6 +254,7 @@ def bench(
     compile_mode: str | None = None,
     fused_bn_prelu: bool = False,
     compile_scope: str = "blocks",
+    cuda_graph: bool = False,
 ):
     run = Step(
         loss_name,
@@ -236,6 +265,7 @@ def bench(
         compile_mode=compile_mode,
         fused_bn_prelu=fused_bn_prelu,
         compile_scope=compile_scope,
+        cuda_graph=cuda_graph,
     )
     batches = run.batches(args, device, args.warmup + args.steps)
 
@@ -382,6 +412,7 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
                 compile_mode=c.compile_mode,
                 fused_bn_prelu=c.fused_bn_prelu,
                 compile_scope=c.compile_scope,
+                cuda_graph=c.cuda_graph,
             )
             for c in rows
         }
@@ -401,6 +432,9 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
             if hasattr(run.criterion, "remove_hook"):
                 run.criterion.remove_hook()
     _print_comparison(result, layouts, "upstream")
+    for label, run in ours.items():
+        if run.graph is not None and not run.graph.replaying:
+            print(f"{label}: the CUDA graph was not recorded ({run.graph.failed}); timed eagerly")
 
 
 def _print_comparison(result: Interleaved, layouts: Mapping[str, bool], anchor: str) -> None:
@@ -523,6 +557,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--fused-bn-prelu",
         action="store_true",
         help="also time our rows with IResNet's BatchNorm + PReLU fused (config.fused_bn_prelu)",
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time our rows with the forward and backward recorded as one CUDA graph "
+        "(config.cuda_graph)",
     )
     parser.add_argument(
         "--arcface-torch",

@@ -14,6 +14,9 @@
 # and last, the targets met or missed, as a table (summary.md, by benchmarks/gpu_summary.py).
 # EXTRA=1 adds: the CUDA twins of the CPU tests, a torch.compile trial through train.py's loop
 # (first step and steady state) and the OT solver against POT and GeomLoss.
+# GRAPH=1 adds our rows with the step recorded as a CUDA graph (config.cuda_graph) to 2., the
+# loop against the step with it (loop_graph), and its GPU tests against eager training
+# (tests_graph, run first). FUSED=0 leaves out the "+fused" rows of 2.
 # COMPILE=MODE[,MODE] (e.g. COMPILE=default) adds our rows compiled in those modes to 2.,
 # interleaved with upstream's and our eager step; each compiled row pays its compilation in its
 # first step (the "first s" column). COMPILE_SCOPE=blocks (default, as config.compile_scope),
@@ -54,9 +57,15 @@ run() {  # run NAME LIMIT_S CMD...: log to $out/NAME.txt, remember a failure, go
 common=(--device cuda --batch-size 128 --fp16 --num-classes 93431)
 
 run env 30 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+if [ -n "${GRAPH:-}" ]; then
+  run tests_graph 120 python -m pytest -m gpu tests/test_graph.py
+fi
 run sync_debug 90 python benchmarks/bench_step.py "${common[@]}" --network r50 --sync-debug
 compiled=()
 vs_limit=150
+variants=()
+[ "${FUSED:-1}" = "0" ] || variants+=(--fused-bn-prelu)
+[ -n "${GRAPH:-}" ] && variants+=(--cuda-graph)
 if [ -n "${COMPILE:-}" ]; then
   compiled=(--compile "$COMPILE" --compile-scope "${COMPILE_SCOPE:-blocks}")
   vs_limit=420
@@ -65,7 +74,7 @@ if [ -n "$upstream" ]; then
   for net in r50 r100; do
     run "vs_upstream_$net" "$vs_limit" python benchmarks/bench_step.py "${common[@]}" \
       --network "$net" --arcface-torch "$upstream" --warmup 5 --blocks 20 --block-steps 5 \
-      --fused-bn-prelu "${compiled[@]}"
+      "${variants[@]}" "${compiled[@]}"
   done
 else
   echo "== vs_upstream: skipped (give an arcface_torch checkout as the first argument)"
@@ -74,8 +83,12 @@ beside=()
 [ -n "$upstream" ] && beside=(--arcface-torch "$upstream")
 run profile_r100 120 python benchmarks/profile_step.py "${common[@]}" --network r100 \
   --loss otface --steps 5 --warmup 5 "${beside[@]}"
-run loop_vs_step 120 python benchmarks/bench_loop.py --device cuda --network r50 --loss otface \
-  --batch-size 128 --fp16 --num-classes 93431 --num-workers 12 --blocks 4 --block-steps 20
+loop=(python benchmarks/bench_loop.py --device cuda --network r50 --loss otface --batch-size 128
+  --fp16 --num-classes 93431 --num-workers 12 --blocks 4 --block-steps 20)
+run loop_vs_step 120 "${loop[@]}"
+if [ -n "${GRAPH:-}" ]; then
+  run loop_graph 120 "${loop[@]}" --cuda-graph on
+fi
 
 cfg_dir=$(mktemp -d)
 cat > "$cfg_dir/gpu_check_r50_otface.py" <<'CFG'

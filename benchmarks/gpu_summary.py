@@ -133,7 +133,7 @@ def _step_rows(folder: Path) -> list[Row]:
                 f"{r.ratio:.3f} [IQR {r.q1:.3f}-{r.q3:.3f}] "
                 f"({r.step_ms:.1f} vs {anchor.step_ms:.1f} ms)"
             )
-            compiled = "+" in r.name and not r.name.endswith("+fused")
+            compiled = "+" in r.name and not r.name.endswith(("+fused", "+graph"))
             if compiled and r.first_s is not None:
                 measured += f"; first step {r.first_s:.1f} s"
             check = f"our `{r.name}` / upstream step, {net}"
@@ -166,17 +166,22 @@ def summarize(folder: Path) -> tuple[str, list[Row]]:
             bool(m) and int(m[1]) <= MAX_SYNCS,
         )
     )
-    m = _search(folder, "loop_vs_step", rf"^loop / step throughput: median ({_NUM}) \(range (\S+)")
-    rows.append(
-        _row(
-            folder,
-            "train.py loop / bench_step throughput",
-            f"≥ {MIN_LOOP_OVER_STEP:.2f}",
-            "loop_vs_step",
-            m and f"{m[1]} (range {m[2]})",
-            bool(m) and float(m[1]) >= MIN_LOOP_OVER_STEP,
+    loops = [("loop_vs_step", "")]
+    if (folder / "loop_graph.txt").is_file():
+        loops.append(("loop_graph", ", cuda_graph on"))
+    for part, tag in loops:
+        m = _search(folder, part, rf"^loop / step throughput: median ({_NUM}) \(range (\S+)")
+        rate = _search(folder, part, rf"^loop\s+({_NUM})")
+        rows.append(
+            _row(
+                folder,
+                f"train.py loop / bench_step throughput{tag}",
+                f"≥ {MIN_LOOP_OVER_STEP:.2f}",
+                part,
+                m and f"{m[1]} (range {m[2]})" + (f"; loop {rate[1]} img/s" if rate else ""),
+                bool(m) and float(m[1]) >= MIN_LOOP_OVER_STEP,
+            )
         )
-    )
     m = _search(
         folder, "train_n_hard", rf"^log lines with n_hard: (\d+); n_hard min ({_NUM}), max ({_NUM})"
     )
@@ -204,23 +209,25 @@ def summarize(folder: Path) -> tuple[str, list[Row]]:
                 bool(m) and float(m[1]) < MAX_COMPILE_S,
             )
         )
-    counts = {
-        kind: int(n)
-        for n, kind in re.findall(
-            r"(\d+) (passed|failed|errors?)\b", _read(folder, "tests_triton") or ""
+    tests = [("tests_triton", "Triton kernels' tests, compiled for this GPU")]
+    if (folder / "tests_graph.txt").is_file():
+        tests.append(("tests_graph", "CUDA-graph step against eager training (GPU tests)"))
+    for part, check in tests:
+        counts = {
+            kind: int(n)
+            for n, kind in re.findall(r"(\d+) (passed|failed|errors?)\b", _read(folder, part) or "")
+        }
+        failed = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
+        rows.append(
+            _row(
+                folder,
+                check,
+                "all pass",
+                part,
+                ", ".join(f"{n} {kind}" for kind, n in counts.items()) or None,
+                counts.get("passed", 0) > 0 and failed == 0,
+            )
         )
-    }
-    failed = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
-    rows.append(
-        _row(
-            folder,
-            "Triton kernels' tests, compiled for this GPU",
-            "all pass",
-            "tests_triton",
-            ", ".join(f"{n} {kind}" for kind, n in counts.items()) or None,
-            counts.get("passed", 0) > 0 and failed == 0,
-        )
-    )
     return device, rows
 
 

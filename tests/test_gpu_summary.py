@@ -96,7 +96,19 @@ def test_other_targets_from_their_lines(tmp_path):
         "first step (compilation included, if any): 131.0 s\n"
     )
     (tmp_path / "tests_triton.txt").write_text("....\n2 failed, 27 passed in 40.1s\n")
+    (tmp_path / "loop_graph.txt").write_text(
+        "mode    img/s (median)       min       max\nstep 4100.0 4000.0 4200.0\n"
+        "loop            3690.5    3600.0    3700.0\n"
+        "loop / step throughput: median 0.900 (range 0.880-0.930 over 4 paired blocks; "
+        "target >= 0.95)\n"
+    )
+    (tmp_path / "tests_graph.txt").write_text("......\n6 passed in 30.0s\n")
     _, rows = _rows(tmp_path)
+    assert rows["train.py loop / bench_step throughput, cuda_graph on"][2:4] == (
+        "0.900 (range 0.880-0.930); loop 3690.5 img/s",
+        "missed",
+    )
+    assert rows["CUDA-graph step against eager training (GPU tests)"][2:4] == ("6 passed", "met")
     assert rows["host syncs in one fp16 `otface` step"][2:4] == ("2", "missed")
     assert rows["train.py loop / bench_step throughput"][2:4] == (
         "0.962 (range 0.941-0.977)",

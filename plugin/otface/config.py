@@ -18,7 +18,13 @@ from typing import Any, Callable
 
 from easydict import EasyDict as edict
 
-__all__ = ["ConfigError", "load_config", "validate_config", "config_name"]
+__all__ = [
+    "ConfigError",
+    "config_name",
+    "cuda_graph_config_conflict",
+    "load_config",
+    "validate_config",
+]
 
 
 class ConfigError(ValueError):
@@ -87,6 +93,7 @@ _SCHEMA: dict[str, _Spec] = {
     ),
     "compile_scope": _Spec((str,), choices=("blocks", "network")),
     "fused_bn_prelu": _Spec((str,), choices=("off", "auto", "triton")),
+    "cuda_graph": _Spec((str,), choices=("off", "auto", "on")),
     "batch_size": _POS_INT,
     "optimizer": _Spec((str,), choices=("sgd", "adamw")),
     "lr": _POS,
@@ -251,11 +258,36 @@ def validate_config(cfg: dict, *, source: str = "config") -> None:
             f"{cfg['fused_bn_prelu']!r} exclude each other: torch.compile fuses BatchNorm + PReLU "
             "itself and does not trace the fused op's kernels; set one of them off"
         )
+    if cfg["cuda_graph"] == "on":
+        why = cuda_graph_config_conflict(cfg)
+        if why:
+            raise ConfigError(f"{source}: key 'cuda_graph' = 'on' cannot be used: {why}")
     if cfg["sampler"]["type"] == "pk" and cfg["batch_size"] % cfg["sampler"]["k"] != 0:
         raise ConfigError(
             f"{source}: key 'batch_size' = {cfg['batch_size']} is not a multiple of key "
             f"'sampler.k' = {cfg['sampler']['k']} (a P x K batch holds P identities x K images)"
         )
+
+
+def cuda_graph_config_conflict(cfg) -> str:
+    """Why the config keys rule out recording the step as a CUDA graph (``cuda_graph``), or
+    ``""``. The device and the number of processes are checked when training starts."""
+    if cfg["compile"] is not False:
+        return (
+            f"key 'compile' = {cfg['compile']!r} is on (torch.compile's \"reduce-overhead\" "
+            "mode is its own CUDA graphs); set one of them off"
+        )
+    if cfg["gradient_acc"] != 1:
+        return (
+            f"key 'gradient_acc' = {cfg['gradient_acc']} (the recorded step is one batch's "
+            "forward and backward; accumulation is not recorded)"
+        )
+    if cfg["sample_rate"] < 1:
+        return (
+            f"key 'sample_rate' = {cfg['sample_rate']} (Partial FC's sampling of class centres "
+            "has a data-dependent shape, which a CUDA graph cannot hold)"
+        )
+    return ""
 
 
 def load_config(path: str, *, base: str | None = None) -> edict:

@@ -67,7 +67,13 @@ class MarginCriterion(nn.Module):
         super().__init__()
         self.partial_fc = build_partial_fc(cfg, rank=rank, world_size=world_size)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, step: int) -> LossOutput:
+    def prepare_step(self, step: int) -> None:
+        """Set what changes with the step before a ``forward(..., step=None)``: nothing here
+        (subclasses such as OTFace's fill their per-step values on the device)."""
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, *, step: int | None
+    ) -> LossOutput:
         loss = self.partial_fc(embeddings, labels, step=step)
         return LossOutput(loss, {"loss_margin": loss.detach()})
 

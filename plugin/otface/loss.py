@@ -318,12 +318,29 @@ class OTFaceCriterion(MarginCriterion):
         self.batches_per_update = max(1, int(cfg.get("gradient_acc", 1)))
         self.capture = HOOKS.build("hard_triplet", backbone, layer=o.layer)
         self._warned_no_grad = False
+        # lambda(step) lives on the device, filled by prepare_step before the forward, so that a
+        # forward recorded in a CUDA graph (otface.train.graph) follows the warm-up on replay.
+        self.register_buffer("_lambda", torch.zeros(()), persistent=False)
+
+    def prepare_step(self, step: int) -> None:
+        """Set lambda for batch ``step`` (1-based); a ``forward(..., step=None)`` then uses it."""
+        update = -(-int(step) // self.batches_per_update)
+        o = self.ot_cfg
+        self._lambda.fill_(
+            lambda_at(update, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])
+        )
 
     def remove_hook(self) -> None:
         """Detach the feature hook from the backbone."""
         self.capture.remove()
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *, step: int) -> LossOutput:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, *, step: int | None
+    ) -> LossOutput:
+        """``step`` (1-based batch number) sets lambda; ``None`` keeps the one
+        :meth:`prepare_step` set."""
+        if step is not None:
+            self.prepare_step(step)
         margin = super().forward(embeddings, labels, step=step)
         features = self.capture.pop()
         if features is None:
@@ -357,12 +374,11 @@ class OTFaceCriterion(MarginCriterion):
             kernel=o.get("kernel", "auto"),
             fixed_shapes=_fixed_shapes(o.get("fixed_shapes", "auto"), features.device),
         )
-        update = -(-int(step) // self.batches_per_update)
-        lam = lambda_at(update, lambda_ot=o["lambda_ot"], warmup_steps=o["warmup_steps"])
+        lam = self._lambda.to(margin.loss.dtype)
         loss = margin.loss + lam * ot.loss.to(margin.loss.dtype)
         metrics = dict(margin.metrics)
         metrics.update(ot.metrics)
-        metrics["lambda_ot"] = torch.full((), lam, device=ot.loss.device)
+        metrics["lambda_ot"] = lam.detach().clone()
         return LossOutput(loss, metrics)
 
 

@@ -10,6 +10,7 @@ This module is the loop itself: :class:`Trainer` (one rank's step and checkpoint
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from otface.config import ConfigError
+from otface.config import ConfigError, cuda_graph_config_conflict
 from otface.criterion import LossOutput
 from otface.registry import LOSSES
 from otface.train.checkpoint import (
@@ -29,6 +30,7 @@ from otface.train.checkpoint import (
 )
 from otface.train.data import build_loader, prepare_data
 from otface.train.distributed import DistEnv
+from otface.train.graph import StepGraph, forward_backward
 from otface.train.guard import BufferSnapshot, SkipCounter
 from otface.train.log import StepLogger
 from otface.train.lr import ScheduleMap, build_lr_scheduler
@@ -124,6 +126,37 @@ class Trainer(ResumeMixin):
         self.last_checkpoint: str | None = None
         self._resumed_rng: dict | None = None
         self._synced_once = False
+        self.step_graph = self._build_step_graph(cfg.get("cuda_graph", "off"))
+
+    def _build_step_graph(self, setting: str) -> StepGraph | None:
+        """Config ``cuda_graph``: the step's forward and backward as one CUDA graph
+        (:mod:`otface.train.graph`) where it can run; ``"on"`` where it cannot is an error."""
+        if setting == "off":
+            return None
+        why = cuda_graph_config_conflict(self.cfg)
+        if not why and self.device.type != "cuda":
+            why = f"the device is {self.device.type}, and CUDA graphs need CUDA"
+        if not why and self.env.distributed:
+            why = (
+                f"{self.env.world_size} processes: recording the step under DDP is not "
+                "supported yet (one process only)"
+            )
+        if not why and not hasattr(self.criterion, "prepare_step"):
+            why = (
+                f"loss {self.cfg.loss!r}: its criterion has no prepare_step(step), so what "
+                "changes with the step cannot reach a recorded forward"
+            )
+        if why:
+            if setting == "on":
+                raise ConfigError(f"key 'cuda_graph' = 'on' cannot be used: {why}")
+            logging.info("cuda_graph = 'auto': off, %s", why)
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return StepGraph(
+            functools.partial(forward_backward, self.model, self.criterion, self.grad_scaler),
+            params,
+            warmup=3,
+        )
 
     @property
     def skipped_steps(self) -> int:
@@ -148,6 +181,33 @@ class Trainer(ResumeMixin):
         # The loader hands uint8 batches to CUDA runs (pinned, 4x fewer bytes to copy); the
         # prefetcher has usually moved and normalised them already, and then this is a no-op.
         img, labels = to_training_layout(img, labels, self.device, channels_last=self.channels_last)
+        if self.step_graph is not None:  # one process, gradient_acc 1: every batch updates
+            self.criterion.prepare_step(self.global_step)
+            out = self.step_graph(img, labels)
+        else:
+            out = self._eager_forward_backward(img, labels, update=update, acc=acc)
+        skipped = update and not optimizer_step(
+            self.optimizer,
+            self.backbone,
+            grad_scaler=self.grad_scaler,
+            buffers=self._buffers,
+            skips=self.skips,
+            global_step=self.global_step,
+            keep_grads=self.step_graph is not None and self.step_graph.keeps_gradients,
+        )
+        with warnings.catch_warnings():
+            if skipped or not update:
+                # The schedule counts batches (as arcface_torch); torch warns when it moves on
+                # without an optimiser step, which skips and accumulation do by design.
+                warnings.simplefilter("ignore", UserWarning)
+            self.lr_scheduler.step()
+        metrics = dict(out.metrics)
+        metrics["loss"] = out.loss.detach()
+        return LossOutput(out.loss, metrics)
+
+    def _eager_forward_backward(
+        self, img: torch.Tensor, labels: torch.Tensor, *, update: bool, acc: int
+    ) -> LossOutput:
         # DDP's static graph records its first step with gradient hooks on: no_sync only after.
         no_sync = getattr(self.model, "no_sync", None) if self._synced_once else None
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
@@ -159,23 +219,7 @@ class Trainer(ResumeMixin):
             else:
                 loss.backward()
         self._synced_once = self._synced_once or update
-        skipped = update and not optimizer_step(
-            self.optimizer,
-            self.backbone,
-            grad_scaler=self.grad_scaler,
-            buffers=self._buffers,
-            skips=self.skips,
-            global_step=self.global_step,
-        )
-        with warnings.catch_warnings():
-            if skipped or not update:
-                # The schedule counts batches (as arcface_torch); torch warns when it moves on
-                # without an optimiser step, which skips and accumulation do by design.
-                warnings.simplefilter("ignore", UserWarning)
-            self.lr_scheduler.step()
-        metrics = dict(out.metrics)
-        metrics["loss"] = out.loss.detach()
-        return LossOutput(out.loss, metrics)
+        return out
 
     @property
     def lr(self) -> float:

@@ -57,14 +57,16 @@ def optimizer_step(
     buffers: BufferSnapshot,
     skips: SkipCounter,
     global_step: int,
+    keep_grads: bool = False,
 ) -> bool:
     """Clip, check and apply the accumulated gradients; ``False`` when skipped.
 
     The backbone's gradients are clipped to a norm of :data:`GRAD_CLIP_NORM`. A non-finite norm
     (or the scaler's Inf flag) skips the step: the weights and optimiser state stay, ``buffers``
     puts back the BatchNorm statistics the forward wrote, and ``skips`` counts it (raising
-    :class:`~otface.train.guard.TooManySkippedSteps` past its limit). The gradients are zeroed
-    either way. ``global_step`` names the step in the warning.
+    :class:`~otface.train.guard.TooManySkippedSteps` past its limit). The gradients are set to
+    ``None`` either way, unless ``keep_grads`` (a CUDA graph owns them and overwrites them on
+    its next replay: :mod:`otface.train.graph`). ``global_step`` names the step in the warning.
     """
     if grad_scaler is not None:
         grad_scaler.unscale_(optimizer)
@@ -105,7 +107,8 @@ def optimizer_step(
             )
     if grad_scaler is not None:
         grad_scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    if not keep_grads:
+        optimizer.zero_grad(set_to_none=True)
     skips.record(skipped=not finite, global_step=global_step)
     return finite
 
