@@ -33,7 +33,8 @@ config.channels_last = "auto"
 # ours: torch.compile the backbone in place (its state_dict keys do not change): False, True
 # (mode "default"), or a mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune",
 # "max-autotune-no-cudagraphs".
-# The first steps pay the compile time; benchmarks/gpu_check.sh measures both.
+# The first step pays the compile time. Off: on an H200 the compiled step was slower than the
+# eager one (r100 103 vs 68 ms, r50 63 vs 42 ms; README, "Measured on one H200").
 config.compile = False
 # ours: what `compile` compiles. "blocks": the stem and each residual block on its own
 # (identical blocks share one graph: r100 compiles like r18, and DDP's all-reduce still
@@ -43,12 +44,14 @@ config.compile_scope = "blocks"
 # ours: IResNet blocks and stem run their BatchNorm + PReLU as one fused Triton op in training
 # ("auto": on CUDA with channels_last; "triton": always, CPU tensors only under
 # TRITON_INTERPRET=1; "off": the plain modules). The state_dict and eval mode are unchanged.
-# Off until a GPU measurement shows it wins: benchmarks/bench_bn_prelu.py.
+# Off: on an H200 it made the r100 step slower (96 vs 68 ms): benchmarks/bench_bn_prelu.py.
 config.fused_bn_prelu = "off"
 # ours: record the step's forward and backward once as a CUDA graph and replay it (one launch
 # instead of ~2,500 kernel launches per r100 step; the optimiser step stays eager). "auto": where
 # it can run (one CUDA process, gradient_acc 1, sample_rate 1, compile off), else off; "on": the
-# same, and an error where it cannot; "off": never.
+# same, and an error where it cannot; "off": never. On an H200 it takes the r100 step from 73
+# to 50 ms (0.53x arcface_torch's); off by default until it has run through train.py's loop on
+# a GPU (README, "Measured on one H200").
 config.cuda_graph = "off"
 config.batch_size = 128
 

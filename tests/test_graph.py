@@ -158,6 +158,7 @@ def _train(cfg, batches, *, deterministic: bool):
     loop.seed_everything(cfg.seed)
     trainer = loop.Trainer(cfg, env)
     trainer.backbone.train()
+    trainer.start_weights = _flat_weights(trainer.backbone)
     outs = []
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
@@ -171,6 +172,15 @@ def _train(cfg, batches, *, deterministic: bool):
     if hasattr(trainer.criterion, "remove_hook"):
         trainer.criterion.remove_hook()
     return trainer, outs
+
+
+def _flat_weights(module) -> torch.Tensor:
+    return torch.cat([p.detach().double().flatten() for p in module.parameters()])
+
+
+def _update(trainer) -> torch.Tensor:
+    """How far training moved the backbone's parameters."""
+    return _flat_weights(trainer.backbone) - trainer.start_weights
 
 
 def _batches(n, batch=32, size=112):
@@ -190,6 +200,9 @@ def test_graphed_training_follows_eager_training(tmp_path, loss, fp16):
     batches = _batches(10)
     cfg = _demo_cfg(tmp_path, loss=loss, fp16=fp16)
     eager, ref = _train(cfg, batches, deterministic=not fp16)
+    # A second eager run measures the run-to-run noise (atomics in index_add and cuDNN's fp16
+    # kernels; OTFace's Sinkhorn stops at tol 1e-3, so a tiny difference can change where).
+    again, _ = _train(_demo_cfg(tmp_path, loss=loss, fp16=fp16), batches, deterministic=not fp16)
     graphed_cfg = _demo_cfg(tmp_path, loss=loss, fp16=fp16, cuda_graph="on")
     graphed, got = _train(graphed_cfg, batches, deterministic=not fp16)
     graph = graphed.step_graph
@@ -205,11 +218,12 @@ def test_graphed_training_follows_eager_training(tmp_path, loss, fp16):
             assert g.metrics["n_hard"].item() == r.metrics["n_hard"].item()
     # Outputs are copies: the first replay's loss was not overwritten by the later ones.
     assert got[4].loss.item() != got[-1].loss.item()
-    weights = zip(eager.backbone.state_dict().items(), graphed.backbone.state_dict().values())
-    for (name, a), b in weights:
-        if a.is_floating_point():
-            scale = a.abs().max().clamp(min=1e-6)
-            assert ((a - b).abs().max() / scale).item() < (5e-2 if fp16 else 1e-3), name
+    # Ten steps of training moved the weights as eager training does, within the eager runs'
+    # own spread (with a floor for runs that are bitwise repeatable).
+    ref_update = _update(eager)
+    noise = (_update(again) - ref_update).norm()
+    off = (_update(graphed) - ref_update).norm()
+    assert off <= 4 * noise + 2e-3 * ref_update.norm(), (off, noise, ref_update.norm())
     assert eager.skipped_steps == graphed.skipped_steps
 
 

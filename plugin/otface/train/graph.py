@@ -126,7 +126,8 @@ class StepGraph:
     # -- the three ways of running a step ---------------------------------------------------
     def _eager(self, img: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         if self.failed is not None:
-            return self._fn(img, labels)
+            out = self._fn(img, labels)
+            return LossOutput(out.loss.detach(), out.metrics)
         # Warm-up on a side stream, as torch.cuda.graph's documentation asks.
         if self._side is None:
             self._side = torch.cuda.Stream(device=img.device)
@@ -135,7 +136,9 @@ class StepGraph:
         with torch.cuda.stream(self._side):
             out = self._fn(img, labels)
         main.wait_stream(self._side)
-        return out
+        # Detached: a loss kept by the caller would keep this step's autograd graph (and its
+        # gradient accumulators, tied to the side stream) alive into the recording.
+        return LossOutput(out.loss.detach(), out.metrics)
 
     def _record(self, img: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         for p in self._params:
@@ -144,7 +147,10 @@ class StepGraph:
         started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: the DataLoader's pin-memory thread allocates pinned host memory
+            # while the step runs; under the default "global" mode that call would invalidate
+            # the recording (and fail in that thread). It never touches the recorded stream.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self._fn(*self._static)
                 names = ["loss", *out.metrics]
                 values = [out.loss.detach(), *out.metrics.values()]
@@ -158,7 +164,8 @@ class StepGraph:
                 "cuda_graph: recording the step failed (%s); training on eagerly", self.failed
             )
             torch.cuda.synchronize(img.device)
-            return self._fn(img, labels)
+            out = self._fn(img, labels)
+            return LossOutput(out.loss.detach(), out.metrics)
         self.graph = graph
         self._names = names
         self._packed = packed
@@ -200,7 +207,8 @@ class StepGraph:
             grads = [p.grad for p in self._params if p.grad is not None]
             if grads:
                 torch._foreach_zero_(grads)
-        return self._fn(img, labels)
+        out = self._fn(img, labels)
+        return LossOutput(out.loss.detach(), out.metrics)
 
     def _matches(self, img: torch.Tensor, labels: torch.Tensor) -> bool:
         static_img, static_labels = self._static
