@@ -116,6 +116,9 @@ config.otface.max_triplets = 0  # 0: no cap; else keep the largest violations
 config.otface.epsilon = 0.05  # entropic regularisation of Sinkhorn (cost in [0, 2])
 config.otface.max_iter = 50
 config.otface.tol = 1e-3  # stop when the marginal error falls below this
+# ours: eps-scaling: start the solve at eps 2 (the cost's range) and shrink it by this factor per
+# iteration down to epsilon, carrying the potentials (GeomLoss's annealing); 0: off.
+config.otface.eps_scaling = 0.0
 config.otface.layer = "auto"  # feature map to hook: "auto" or a module name of the backbone
 config.otface.solver = "auto"  # "auto", "torch" or "pot"
 # our solver's kernel: "auto" (the fused Triton kernel on CUDA when it fits, else "matmul" or

@@ -54,6 +54,31 @@ def test_paired_difference_by_hand():
         paired_difference([1, 2], [1])
 
 
+def test_detectable_difference_by_hand_and_by_the_power_it_promises():
+    # Differences 0.03, 0.02, 0.01: sd 0.01, n 3. With 2 degrees of freedom the t CDF is
+    # 1/2 + t / (2 sqrt(2 + t^2)), so t(0.8, 2) = sqrt(1.125) exactly.
+    d = paired_difference([0.90, 0.92, 0.91], [0.93, 0.94, 0.92])
+    expected = (T_975_DF2 + math.sqrt(1.125)) * 0.01 / math.sqrt(3)
+    assert d.detectable == pytest.approx(expected, rel=1e-9) and d.power == 0.8
+    assert math.isnan(paired_difference([0.5], [0.6]).detectable)
+    # With 10 seeds, a true difference equal to the detectable one is found (two-sided paired
+    # t-test at 5%) with probability close to 80%: the non-central t distribution says so.
+    from scipy.stats import nct
+    from scipy.stats import t as student_t
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.9, 0.01, 10)
+    b = a + rng.normal(0.0, 0.004, 10)
+    d10 = paired_difference(a, b)
+    se = (d10.high - d10.mean) / student_t.ppf(0.975, 9)
+    crit = student_t.ppf(0.975, 9)
+    shift = d10.detectable / se
+    power = nct.sf(crit, 9, shift) + nct.cdf(-crit, 9, shift)
+    assert 0.78 < power < 0.82
+    with pytest.raises(ValueError, match="power"):
+        paired_difference([1, 2], [1, 3], power=1.0)
+
+
 def test_summarize_by_hand():
     s = summarize([0.90, 0.92, 0.94])
     assert (s.n, s.mean, s.std) == (3, pytest.approx(0.92), pytest.approx(0.02))

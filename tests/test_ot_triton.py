@@ -71,11 +71,11 @@ from triton.compiler import ASTSource
 from otface.ot._triton_sinkhorn_kernel import sinkhorn_kernel
 from otface.ot.triton_sinkhorn import _num_warps
 
-ints = ("n", "m", "max_iter", "check_every")
+ints = ("n", "m", "max_iter", "check_every", "n_stages")
 sig = {
     name: "*i8" if name == "sym_ptr" else "*i32" if name == "iters_ptr" else
     "*fp32" if name.endswith("_ptr") else "i32" if name in ints else
-    "fp32" if name in ("neg_inv_eps", "tol") else "constexpr"
+    "fp32" if name in ("neg_inv_eps", "tol", "eps_start", "scaling", "eps") else "constexpr"
     for name in sinkhorn_kernel.arg_names
 }
 for block in (16, 64):

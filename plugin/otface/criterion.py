@@ -8,7 +8,7 @@ A criterion is an ``nn.Module`` built by a function registered in
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -25,10 +25,14 @@ class LossOutput(NamedTuple):
         loss: scalar tensor to back-propagate.
         metrics: detached scalar tensors to log (name → value); read with ``.item()`` only
             when a log line is written, so no device sync happens on other steps.
+        terms: optional parts of ``loss`` with their graphs, for measurements on log steps
+            (OTFace: ``"margin"``, ``"ot"`` (weighted) and the hooked ``"features"``; see
+            :mod:`otface.train.grad_share`); None when there are none.
     """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    terms: Optional[dict] = None
 
 
 def build_margin_loss(cfg) -> nn.Module:

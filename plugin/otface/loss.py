@@ -58,7 +58,8 @@ class OTLossOutput(NamedTuple):
         loss: scalar ``L_OT`` (connected to the feature map even when zero).
         metrics: detached scalars: ``loss_ot``, ``n_hard``, ``w_ap``, ``w_an`` (means of the
             chosen distance), ``sinkhorn_iters``, ``sinkhorn_err`` (over all problems solved,
-            self-terms included), ``ot_nonfinite``.
+            self-terms included), ``sinkhorn_unconverged`` (the fraction of those problems
+            stopped by ``max_iter`` above ``tol``), ``ot_nonfinite``.
     """
 
     loss: torch.Tensor
@@ -103,6 +104,7 @@ def hard_triplet_ot_loss(
     distance: str = "divergence",
     kernel: str = "auto",
     fixed_shapes: bool = False,
+    eps_scaling: float = 0.0,
 ) -> OTLossOutput:
     """OT loss between the feature distributions of hard triplets (design spec §2, steps 1-4).
 
@@ -131,6 +133,8 @@ def hard_triplet_ot_loss(
             hard ones (:func:`otface.mining.mine_hard_triplet_slots`). The same loss and
             gradient; more problems solved, but no host read of the number of hard triplets
             (a device sync per step on CUDA).
+        eps_scaling: the solver's ε-scaling factor (:func:`otface.ot.sinkhorn.sinkhorn`; 0:
+            off).
 
     Returns:
         :class:`OTLossOutput`.
@@ -163,6 +167,9 @@ def hard_triplet_ot_loss(
         solver=solver,
         cost_range=2.0,
         kernel=kernel,
+        eps_scaling=eps_scaling,
+        # The trainer warns on the logged fraction of unconverged problems instead.
+        warn=False,
     )
     if fixed_shapes and mode == "spatial":
         slots = mine_hard_triplet_slots(embeddings.detach(), labels, **mine)
@@ -186,7 +193,9 @@ def hard_triplet_ot_loss(
     }
     if n_hard == 0:
         z = torch.zeros((), device=device)
-        metrics.update(loss_ot=z, w_ap=z, w_an=z, sinkhorn_iters=z, sinkhorn_err=z)
+        metrics.update(
+            loss_ot=z, w_ap=z, w_an=z, sinkhorn_iters=z, sinkhorn_err=z, sinkhorn_unconverged=z
+        )
         return OTLossOutput(zero.float(), metrics)
 
     a, p, n = triplets
@@ -235,6 +244,7 @@ def _solve_metrics(res, device: torch.device) -> Dict[str, torch.Tensor]:
     return {
         "sinkhorn_iters": torch.as_tensor(res.n_iter, device=device).float(),
         "sinkhorn_err": res.marginal_error.detach().float(),
+        "sinkhorn_unconverged": res.unconverged.float(),
     }
 
 
@@ -373,13 +383,16 @@ class OTFaceCriterion(MarginCriterion):
             distance=o["distance"],
             kernel=o.get("kernel", "auto"),
             fixed_shapes=_fixed_shapes(o.get("fixed_shapes", "auto"), features.device),
+            eps_scaling=o.get("eps_scaling", 0.0),
         )
         lam = self._lambda.to(margin.loss.dtype)
-        loss = margin.loss + lam * ot.loss.to(margin.loss.dtype)
+        weighted = lam * ot.loss.to(margin.loss.dtype)
+        loss = margin.loss + weighted
         metrics = dict(margin.metrics)
         metrics.update(ot.metrics)
         metrics["lambda_ot"] = lam.detach().clone()
-        return LossOutput(loss, metrics)
+        terms = {"margin": margin.loss, "ot": weighted, "features": features}
+        return LossOutput(loss, metrics, terms)
 
 
 @LOSSES.register("otface")

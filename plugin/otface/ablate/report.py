@@ -1,8 +1,8 @@
 """The ablation's outputs: a text table, ``ablation.json``, ``ablation.csv`` and a PNG.
 
 Every metric is reported per config as mean ± std over seeds (percent), and for each config
-after the first as the paired difference to the first one with its 95% t-interval
-(:mod:`otface.ablate.stats`).
+after the first as the paired difference to the first one with its 95% t-interval and the
+smallest difference the run could have detected at 80% power (:mod:`otface.ablate.stats`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def _pct(v: float, signed: bool = False) -> str:
 
 def format_table(report: Report) -> str:
     """The table as text: a row per config (mean ± std) and, under each config after the first,
-    its paired difference to the first with the 95% interval."""
+    its paired difference to the first with the 95% interval, then the smallest difference
+    the run could have detected (80% power, from the measured spread of the differences)."""
     cell = {(r.label, r.metric): r for r in report.rows}
     header = ["config"] + report.metrics
     body: List[List[str]] = []
@@ -103,6 +104,11 @@ def format_table(report: Report) -> str:
             ci = f" [{_pct(d.low, True)}, {_pct(d.high, True)}]" if math.isfinite(d.low) else ""
             drow.append(_pct(d.mean, True) + ci)
         body.append(drow)
+        mrow = ["    detectable (80% power)"]
+        for m in report.metrics:
+            d = cell[(label, m)].difference
+            mrow.append(f"±{_pct(d.detectable)}" if math.isfinite(d.detectable) else "n/a")
+        body.append(mrow)
     widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
 
@@ -119,6 +125,8 @@ def format_table(report: Report) -> str:
     notes = (
         f"{len(report.seeds)} seed(s) ({seeds}); percent; mean ± sample std over seeds; "
         f"Δ: paired difference per seed to {report.labels[0]}, mean [95% t-interval]; "
+        "detectable: the smallest true Δ this run finds with 80% power (a Δ inside it that is "
+        "not significant means 'not resolved', not 'equal'); "
         f"TAR read as {report.tar_method}"
     )
     return "\n".join([rule, line(header), rule, *map(line, body), rule, notes])
@@ -129,11 +137,12 @@ def _write_csv(path: Path, report: Report) -> None:
         w = csv.writer(f)
         w.writerow(
             ["config", "metric", "n_seeds", "mean", "std", "diff_mean", "diff_low", "diff_high"]
+            + ["diff_detectable"]
             + [f"seed{s}" for s in report.seeds]
         )
         for r in report.rows:
             d = r.difference
-            diff = [d.mean, d.low, d.high] if d is not None else [math.nan] * 3
+            diff = [d.mean, d.low, d.high, d.detectable] if d is not None else [math.nan] * 4
             w.writerow(
                 [r.label, r.metric, r.summary.n, r.summary.mean, r.summary.std, *diff, *r.values]
             )

@@ -48,6 +48,10 @@ def sinkhorn_kernel(
     tol,
     max_iter,
     check_every,
+    eps_start,
+    n_stages,
+    scaling,
+    eps,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HAS_SYM: tl.constexpr,
@@ -58,7 +62,9 @@ def sinkhorn_kernel(
     ``(B, n, m)``; ``a``, ``u`` ``(B, n)`` and ``b``, ``v`` ``(B, m)`` float32; ``sym``
     ``(B,)`` int8, read only when ``HAS_SYM`` (then ``n == m`` and ``BLOCK_N == BLOCK_M``);
     ``iters`` ``(B,)`` int32; ``err`` ``(B,)`` float32. ``BLOCK_N >= n`` and
-    ``BLOCK_M >= m`` are powers of two; the padding is masked.
+    ``BLOCK_M >= m`` are powers of two; the padding is masked. ``n_stages`` annealing
+    iterations (eps ``eps_start * scaling^k``, then ``eps``; ``neg_inv_eps = -1 / eps``) come
+    first and count as iterations, as in the torch path.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -80,9 +86,33 @@ def sinkhorn_kernel(
     # Padded entries keep potential 0 (their K is -inf, so they add nothing to any sum).
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
     v = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # eps-scaling: one iteration at each larger eps, the potentials carried in cost units.
+    e = eps_start
+    stage = 0
+    while stage < n_stages:
+        stage_logk = tl.where(mask, c * (-1.0 / e), -float("inf"))
+        lse_row = _lse(stage_logk + v[None, :], 1)
+        u_new = tl.where(rmask, log_a - lse_row, 0.0)
+        if HAS_SYM:
+            u = tl.where(sym, 0.5 * (v + u_new), u_new)
+        else:
+            u = u_new
+        lse_col = _lse(stage_logk + u[:, None], 0)
+        v_new = tl.where(cmask, log_b - lse_col, 0.0)
+        if HAS_SYM:
+            v = tl.where(sym, 0.5 * (u + v_new), v_new)
+        else:
+            v = v_new
+        e_next = tl.maximum(e * scaling, eps)
+        stage += 1
+        e_next = tl.where(stage == n_stages, eps, e_next)
+        ratio = e / e_next
+        u = tl.where(rmask & (a > 0), log_a + (u - log_a) * ratio, u)
+        v = tl.where(cmask & (b > 0), log_b + (v - log_b) * ratio, v)
+        e = e_next
     lse_row = _lse(logk + v[None, :], 1)
-    it = 0
-    going = max_iter > 0
+    it = n_stages
+    going = max_iter > n_stages
     while going:
         u_new = tl.where(rmask, log_a - lse_row, 0.0)
         if HAS_SYM:

@@ -43,12 +43,15 @@ class OTDistances(NamedTuple):
         marginal_error: 0-d tensor, largest L1 marginal error over all problems solved
             (self-problems of the divergence included).
         n_problems: number of OT problems solved (pairs, plus distinct self-problems).
+        unconverged: 0-d tensor, the fraction of those problems whose marginal error is not
+            below ``tol`` (0 when ``tol <= 0``): stopped by ``max_iter``.
     """
 
     value: torch.Tensor
     n_iter: int | torch.Tensor
     marginal_error: torch.Tensor
     n_problems: int
+    unconverged: Optional[torch.Tensor] = None
 
 
 def ot_distances(
@@ -65,6 +68,8 @@ def ot_distances(
     cost_range: Optional[float] = None,
     kernel: str = "auto",
     self_terms: str = "used",
+    eps_scaling: float = 0.0,
+    warn: bool = True,
 ) -> OTDistances:
     """OT distance between ``points[source[k]]`` and ``points[target[k]]`` for every pair ``k``.
 
@@ -92,6 +97,9 @@ def ot_distances(
             cost), for the solver's kernel choice; None: measured.
         kernel: our solver's kernel (:func:`otface.ot.solve_ot`).
         self_terms: ``"used"`` or ``"all"``: the divergence's self-problems (above).
+        eps_scaling: ε-scaling factor of our solver (:func:`otface.ot.sinkhorn.sinkhorn`;
+            0: off); POT's solver ignores it.
+        warn: whether our solver warns when it stops at ``max_iter`` (see ``sinkhorn``).
 
     Returns:
         :class:`OTDistances`.
@@ -135,6 +143,8 @@ def ot_distances(
         cost_range=cost_range,
         symmetric=symmetric,
         kernel=kernel,
+        eps_scaling=eps_scaling,
+        warn=warn,
     )
     if distance == "transport":
         value = res.cost
@@ -145,4 +155,14 @@ def ot_distances(
         self_x = self_ot.index_select(0, inverse[:n_pairs])
         self_y = self_ot.index_select(0, inverse[n_pairs:])
         value = cross - 0.5 * self_x - 0.5 * self_y
-    return OTDistances(value, res.n_iter, res.marginal_error, int(x_idx.numel()))
+    errors = res.problem_errors
+    if errors is None:
+        n, m = res.plan.shape[-2:]
+        errors = torch.maximum(
+            (res.plan.sum(-1) - 1.0 / n).abs().sum(-1), (res.plan.sum(-2) - 1.0 / m).abs().sum(-1)
+        )
+    # A NaN error counts as not converged.
+    unconverged = (~(errors < tol)).float().mean() if tol > 0 else errors.new_zeros(())
+    return OTDistances(
+        value, res.n_iter, res.marginal_error, int(x_idx.numel()), unconverged.detach()
+    )

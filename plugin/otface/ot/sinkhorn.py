@@ -39,7 +39,9 @@ __all__ = [
     "SinkhornResult",
     "sinkhorn",
     "entropic_objective",
+    "eps_stages",
     "marginal_error",
+    "problem_marginal_errors",
     "transport_cost",
 ]
 
@@ -180,6 +182,15 @@ def entropic_objective(
     return linear + rest
 
 
+def problem_marginal_errors(
+    plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """``(B,)`` L1 marginal deviation of each plan (the larger of rows and columns)."""
+    return torch.maximum(
+        (plan.sum(dim=-1) - a).abs().sum(dim=-1), (plan.sum(dim=-2) - b).abs().sum(dim=-1)
+    )
+
+
 def marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Largest L1 marginal deviation over the problems whose deviation is finite (0-d tensor).
 
@@ -191,10 +202,7 @@ def marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torc
         a: ``(B, n)`` source weights.
         b: ``(B, m)`` target weights.
     """
-    err = torch.maximum(
-        (plan.sum(dim=-1) - a).abs().sum(dim=-1), (plan.sum(dim=-2) - b).abs().sum(dim=-1)
-    )
-    return _finite_max(err)
+    return _finite_max(problem_marginal_errors(plan, a, b))
 
 
 def _finite_max(err: torch.Tensor) -> torch.Tensor:
@@ -227,6 +235,8 @@ def sinkhorn(
     kernel: str = "auto",
     cost_range: Optional[float] = None,
     symmetric: Optional[torch.Tensor] = None,
+    eps_scaling: float = 0.0,
+    warn: bool = True,
 ) -> SinkhornResult:
     """Solve a batch of entropic OT problems with log-domain Sinkhorn.
 
@@ -274,6 +284,15 @@ def sinkhorn(
             ``u <- (v + T(v)) / 2`` (Feydy et al. 2019, as in GeomLoss), with the same fixed
             point: alternating updates oscillate on them (their plan is close to diagonal) and
             can need thousands of iterations where the averaged ones need tens.
+        eps_scaling: ε-scaling (annealing, as in GeomLoss): with ``q`` in ``(0, 1)``, the
+            solve starts at ``eps_0`` = the cost's range (``cost_range``, else measured) and
+            runs one iteration at each of ``eps_0, eps_0 q, eps_0 q^2, ...`` while above
+            ``eps``, carrying the dual potentials (in cost units) from one to the next, then
+            iterates at ``eps`` until ``tol`` as without it. These iterations count towards
+            ``max_iter`` (at least one runs at ``eps``). ``0``: off, the solve starts at
+            ``eps`` from zero potentials.
+        warn: warn once per process when a solve stops at ``max_iter`` above ``tol`` (torch
+            kernels; the trainer warns on the fraction of unconverged problems instead).
 
     Returns:
         :class:`SinkhornResult` (with its ``potentials``).
@@ -292,6 +311,8 @@ def sinkhorn(
         raise ValueError(
             f"sinkhorn: max_iter and check_every must be >= 1, got {max_iter!r}, {check_every!r}"
         )
+    if not 0.0 <= eps_scaling < 1.0:
+        raise ValueError(f"sinkhorn: eps_scaling must be in [0, 1) (0: off), got {eps_scaling!r}")
     batch, n, m = cost.shape
     dtype = torch.promote_types(cost.dtype, torch.float32)
     like = cost.new_empty((), dtype=dtype)  # dtype and device of the solve
@@ -309,6 +330,9 @@ def sinkhorn(
         plan = like.new_zeros((0, n, m))
         potentials = (like.new_zeros((0, n)), like.new_zeros((0, m)))
         return SinkhornResult(plan, transport_cost(plan, cost), 0, like.new_zeros(()), potentials)
+    stages = eps_stages(
+        eps, eps_scaling, _cost_diameter(cost, cost_range) if eps_scaling else eps, max_iter
+    )
     if kernel == "triton" or (kernel == "auto" and triton_sinkhorn.auto_fits(cost)):
         return _sinkhorn_triton(
             cost,
@@ -319,22 +343,31 @@ def sinkhorn(
             tol=tol,
             check_every=check_every,
             symmetric=symmetric,
+            stages=stages,
+            eps_scaling=eps_scaling,
         )
     with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
-        logk = cost.detach().to(dtype) * (-1.0 / eps)
+        c = cost.detach().to(dtype)
         log_a, log_b = torch.log(a_), torch.log(b_)
+        u = torch.zeros_like(a_)
+        v = torch.zeros_like(b_)
+        for k, stage_eps in enumerate(stages):
+            # One iteration at a larger eps, then the potentials carried to the next eps: the
+            # dual potentials f = eps (u - log a), g = eps (v - log b) are kept fixed.
+            stage_logk = c * (-1.0 / stage_eps)
+            pick = _pick_kernel(kernel, stage_logk, eps=stage_eps, cost_range=cost_range)
+            stage = KERNELS[pick](stage_logk)
+            u, v, _ = _iterate(stage, stage.row(v), u, v, log_a, log_b, symmetric)
+            ratio = stage_eps / (stages[k + 1] if k + 1 < len(stages) else eps)
+            u = torch.where(a_ > 0, log_a + (u - log_a) * ratio, u)
+            v = torch.where(b_ > 0, log_b + (v - log_b) * ratio, v)
+        logk = c * (-1.0 / eps)
         ker = KERNELS[_pick_kernel(kernel, logk, eps=eps, cost_range=cost_range)](logk)
 
-        v = torch.zeros_like(b_)
         lse_row = ker.row(v)
-        n_iter, converged = 0, False
-        for n_iter in range(1, max_iter + 1):
-            u = log_a - lse_row
-            if symmetric is not None:
-                u = torch.where(symmetric, 0.5 * (v + u), u)
-            lse_col = ker.col(u)
-            v_new = log_b - lse_col
-            v = v_new if symmetric is None else torch.where(symmetric, 0.5 * (u + v_new), v_new)
+        n_iter, converged = len(stages), False
+        for n_iter in range(len(stages) + 1, max_iter + 1):
+            u, v, lse_col = _iterate(ker, lse_row, u, v, log_a, log_b, symmetric)
             lse_row = ker.row(v)  # reused by the next u update, and by the check below
             if tol > 0 and (n_iter % check_every == 0 or n_iter == max_iter):
                 # Problems with a non-finite error (NaN cost) are masked: they must not keep
@@ -347,9 +380,10 @@ def sinkhorn(
                     break
 
         plan = torch.exp(logk.add_(u.unsqueeze(-1)).add_(v.unsqueeze(-2)))
-        err = marginal_error(plan, a_, b_)
+        errors = problem_marginal_errors(plan, a_, b_)
+        err = _finite_max(errors)
     global _warned_no_convergence
-    if tol > 0 and not converged and not _warned_no_convergence:
+    if warn and tol > 0 and not converged and not _warned_no_convergence:
         _warned_no_convergence = True
         warnings.warn(
             f"sinkhorn did not reach tol={tol} in max_iter={max_iter} iterations "
@@ -357,7 +391,41 @@ def sinkhorn(
             RuntimeWarning,
             stacklevel=2,
         )
-    return SinkhornResult(plan, transport_cost(plan, cost), n_iter, err, (u, v))
+    return SinkhornResult(plan, transport_cost(plan, cost), n_iter, err, (u, v), None, errors)
+
+
+def _iterate(ker, lse_row, u, v, log_a, log_b, symmetric):
+    """One Sinkhorn iteration (both potentials) on kernel ``ker`` from ``lse_row = ker.row(v)``;
+    returns the new ``u``, ``v`` and ``lse_col``."""
+    u_new = log_a - lse_row
+    u = u_new if symmetric is None else torch.where(symmetric, 0.5 * (v + u_new), u_new)
+    lse_col = ker.col(u)
+    v_new = log_b - lse_col
+    v = v_new if symmetric is None else torch.where(symmetric, 0.5 * (u + v_new), v_new)
+    return u, v, lse_col
+
+
+def eps_stages(eps: float, scaling: float, diameter: float, max_iter: int) -> list:
+    """The eps of each annealing iteration before ``eps`` (see ``sinkhorn``'s ``eps_scaling``):
+    ``diameter * scaling^k`` while above ``eps``, at most ``max_iter - 1`` of them (the first
+    ones are dropped when there are more). Empty when ``scaling`` is 0 or ``diameter <= eps``."""
+    if not scaling or not diameter > eps:
+        return []
+    out, e = [], float(diameter)
+    while e > eps * (1 + 1e-9):
+        out.append(e)
+        e *= scaling
+    return out[max(0, len(out) - (max_iter - 1)) :]
+
+
+def _cost_diameter(cost: torch.Tensor, cost_range: Optional[float]) -> float:
+    # The start of the annealing: the largest cost difference (a host read when not known).
+    if cost_range is not None:
+        return float(cost_range)
+    if cost.numel() == 0:
+        return 0.0
+    finite = cost.detach()[torch.isfinite(cost.detach())]
+    return float(finite.max() - finite.min()) if finite.numel() else 0.0
 
 
 def _sinkhorn_triton(
@@ -370,6 +438,8 @@ def _sinkhorn_triton(
     tol: float,
     check_every: int,
     symmetric: Optional[torch.Tensor],
+    stages: list,
+    eps_scaling: float,
 ) -> SinkhornResult:
     with torch.no_grad():
         sol = triton_sinkhorn.sinkhorn_triton(
@@ -381,6 +451,9 @@ def _sinkhorn_triton(
             tol=tol,
             check_every=check_every,
             symmetric=symmetric,
+            eps_start=stages[0] if stages else eps,
+            n_stages=len(stages),
+            eps_scaling=eps_scaling,
         )
         err = _finite_max(sol.errors)
         n_iter = sol.iters.amax()

@@ -23,6 +23,8 @@ def solve_ot(
     cost_range: Optional[float] = None,
     symmetric: Optional[torch.Tensor] = None,
     kernel: str = "auto",
+    eps_scaling: float = 0.0,
+    warn: bool = True,
 ) -> SinkhornResult:
     """Solve ``(B, n, m)`` entropic OT problems with uniform marginals.
 
@@ -41,6 +43,8 @@ def solve_ot(
             plain updates (same fixed point, more iterations).
         kernel: our solver's kernel (:data:`otface.ot.sinkhorn.KERNEL_CHOICES`: ``"auto"``,
             ``"torch"``, ``"matmul"``, ``"triton"``); ignored by POT.
+        eps_scaling: ε-scaling factor of our solver (0: off); ignored by POT.
+        warn: our solver warns once when it stops at ``max_iter`` above ``tol``.
 
     Returns:
         :class:`otface.ot.sinkhorn.SinkhornResult`.
@@ -59,4 +63,6 @@ def solve_ot(
         cost_range=cost_range,
         symmetric=symmetric,
         kernel=kernel,
+        eps_scaling=eps_scaling,
+        warn=warn,
     )

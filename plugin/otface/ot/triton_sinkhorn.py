@@ -96,6 +96,9 @@ def sinkhorn_triton(
     tol: float,
     check_every: int,
     symmetric: Optional[torch.Tensor] = None,
+    eps_start: Optional[float] = None,
+    n_stages: int = 0,
+    eps_scaling: float = 0.0,
 ) -> TritonSolve:
     """Run the fused kernel on a batch (inputs already checked by ``sinkhorn``).
 
@@ -105,6 +108,9 @@ def sinkhorn_triton(
         a: ``(B, n)`` and ``b``: ``(B, m)`` float32 marginals.
         eps, max_iter, tol, check_every: as in :func:`otface.ot.sinkhorn.sinkhorn`.
         symmetric: optional ``(B,)`` bool mask (``n == m``), averaged updates.
+        eps_start, n_stages, eps_scaling: the eps-scaling iterations that come first (eps
+            ``eps_start * eps_scaling^k`` for ``k < n_stages``; see
+            :func:`otface.ot.sinkhorn.eps_stages`); ``n_stages = 0``: none.
 
     Returns:
         :class:`TritonSolve`.
@@ -161,6 +167,10 @@ def sinkhorn_triton(
         float(tol),
         int(max_iter),
         int(check_every),
+        float(eps if eps_start is None else eps_start),
+        int(n_stages),
+        float(eps_scaling),
+        float(eps),
         BLOCK_N=block_n,
         BLOCK_M=block_m,
         HAS_SYM=has_sym,

@@ -46,27 +46,32 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 class MetricMeter:
-    """Running sums of scalar tensors, kept on their device until read (no per-step sync)."""
+    """Running sums of scalar tensors, kept on their device until read (no per-step sync).
+
+    Each metric is averaged over the steps that reported it (some, such as the gradient
+    shares, come only on log steps)."""
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
 
     def update(self, metrics: dict[str, torch.Tensor]) -> None:
         for name, value in metrics.items():
             value = value.detach().float()
             prev = self._sums.get(name)
             self._sums[name] = value if prev is None else prev + value
-        self._count += 1
+            self._counts[name] = self._counts.get(name, 0) + 1
 
     def averages(self) -> dict[str, float]:
-        if self._count == 0:
-            return {}
-        return {name: float(total) / self._count for name, total in self._sums.items()}
+        return {name: float(total) / self._counts[name] for name, total in self._sums.items()}
 
     def reset(self) -> None:
         self._sums.clear()
-        self._count = 0
+        self._counts.clear()
+
+
+UNCONVERGED_WARN_FRACTION = 0.001
+"""A log window whose share of unconverged Sinkhorn problems passes this warns (once)."""
 
 
 class StepLogger:
@@ -94,6 +99,7 @@ class StepLogger:
         self.meter = MetricMeter()
         self._t_start = time.time()
         self._tic: float | None = None
+        self._warned_unconverged = False
 
     def __call__(
         self,
@@ -135,6 +141,7 @@ class StepLogger:
         for name, count in (counters or {}).items():
             msg += f"   {name} {count}"
         logging.info(msg)
+        self._check_unconverged(avg.get("sinkhorn_unconverged"), global_step)
         if self.writer is not None:
             self.writer.add_scalar("time_for_end", eta_hours, global_step)
             self.writer.add_scalar("learning_rate", lr, global_step)
@@ -146,6 +153,23 @@ class StepLogger:
         self.meter.reset()
         self._tic = now
         return msg
+
+
+    def _check_unconverged(self, fraction: float | None, global_step: int) -> None:
+        if fraction is None or self._warned_unconverged:
+            return
+        if not fraction > UNCONVERGED_WARN_FRACTION:
+            return
+        self._warned_unconverged = True
+        logging.warning(
+            "step %d: %.2f%% of the Sinkhorn problems of the last %d steps stopped at "
+            "otface.max_iter before reaching otface.tol, so their OT gradients are inexact; "
+            "raise otface.max_iter, or otface.eps_scaling (e.g. 0.5), or otface.epsilon "
+            "(warned once; sinkhorn_unconverged on every log line)",
+            global_step,
+            100 * fraction,
+            self.frequent,
+        )
 
 
 def _fmt(value: float) -> str:

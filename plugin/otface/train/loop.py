@@ -30,6 +30,7 @@ from otface.train.checkpoint import (
 )
 from otface.train.data import build_loader, prepare_data
 from otface.train.distributed import DistEnv
+from otface.train.grad_share import gradient_shares
 from otface.train.graph import StepGraph, forward_backward
 from otface.train.guard import BufferSnapshot, SkipCounter
 from otface.train.log import StepLogger
@@ -213,13 +214,21 @@ class Trainer(ResumeMixin):
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
             embeddings = self.model(img)
             out = self.criterion(embeddings, labels, step=self.global_step)
+            shares = {}
+            if out.terms is not None and self.global_step % self.cfg.frequent == 0:
+                # On log steps only: the OT term's gradient beside the margin loss's.
+                shares = gradient_shares(
+                    out.terms,
+                    list(self.backbone.parameters()),
+                    scale=self.grad_scaler.scale if self.grad_scaler is not None else None,
+                )
             loss = out.loss / acc if acc > 1 else out.loss
             if self.grad_scaler is not None:
                 self.grad_scaler.scale(loss).backward()
             else:
                 loss.backward()
         self._synced_once = self._synced_once or update
-        return out
+        return LossOutput(out.loss, {**out.metrics, **shares})
 
     @property
     def lr(self) -> float:
