@@ -40,6 +40,7 @@ config.otface = edict(
     ot_margin=0.05,
     mining_margin=0.0,
     epsilon=0.05,
-    max_iter=50,
-    tol=1e-3,
+    max_iter=500,
+    tol=3e-4,
+    relaxation=1.6,
 )

@@ -46,8 +46,9 @@ config.otface = edict(
     mining_margin=0.0,
     max_triplets=0,
     epsilon=0.05,
-    max_iter=50,
-    tol=1e-3,
+    max_iter=500,
+    tol=3e-4,
+    relaxation=1.6,
     layer="auto",  # IResNet: bn2
     solver="auto",
 )

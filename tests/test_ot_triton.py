@@ -75,7 +75,8 @@ ints = ("n", "m", "max_iter", "check_every", "n_stages")
 sig = {
     name: "*i8" if name == "sym_ptr" else "*i32" if name == "iters_ptr" else
     "*fp32" if name.endswith("_ptr") else "i32" if name in ints else
-    "fp32" if name in ("neg_inv_eps", "tol", "eps_start", "scaling", "eps") else "constexpr"
+    "fp32" if name in ("neg_inv_eps", "tol", "eps_start", "scaling", "eps", "relaxation")
+    else "constexpr"
     for name in sinkhorn_kernel.arg_names
 }
 for block in (16, 64):
@@ -214,7 +215,8 @@ def test_auto_uses_the_kernel_only_where_it_fits(monkeypatch):
     c = _costs(2, 4, 5, seed=8)
     # CPU tensors: auto keeps the torch kernels, even under the interpreter.
     assert not triton_sinkhorn.auto_fits(c.cpu())
-    assert sinkhorn(c.cpu(), eps=0.1, max_iter=5, tol=0.0).problem_iters is None
+    # (the torch kernels count iterations on the host: an int, not the kernel's tensor)
+    assert isinstance(sinkhorn(c.cpu(), eps=0.1, max_iter=5, tol=0.0).n_iter, int)
     if DEVICE == "cuda":
         assert triton_sinkhorn.auto_fits(c)
         assert not triton_sinkhorn.auto_fits(c.double())
@@ -255,3 +257,55 @@ def test_what_it_does_not_take_is_named(monkeypatch):
     monkeypatch.setattr(triton_sinkhorn, "available", lambda: False)
     with pytest.raises(ValueError, match="pip install triton"):
         sinkhorn(c, **kw)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 13), (2, 16, 16)])
+def test_eps_scaling_matches_the_torch_kernel(shape):
+    # Fixed iterations (tol 0): the annealing iterations and the carried potentials must be
+    # the torch path's, problem by problem.
+    c = _costs(*shape, seed=5)
+    kw = dict(eps=0.05, max_iter=12, tol=0.0, eps_scaling=0.5, cost_range=2.0)
+    ref = sinkhorn(c, kernel="torch", **kw)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    _assert_same_solve(fast, ref)
+    assert ref.n_iter == 12 and fast.problem_iters.tolist() == [12] * shape[0]
+
+
+def test_eps_scaling_with_symmetric_problems_and_early_stops():
+    # Self-problems (averaged updates) beside cross problems, each stopping on its own.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 9, 16, generator=g)
+    c = torch.cat([cosine_cost(x, x.flip(0)), cosine_cost(x, x)]).to(DEVICE)
+    sym = torch.tensor([False] * 3 + [True] * 3, device=DEVICE)
+    kw = dict(eps=0.05, max_iter=200, tol=1e-4, check_every=2, eps_scaling=0.7, cost_range=2.0)
+    fast = sinkhorn(c, kernel="triton", symmetric=sym, **kw)
+    for i in range(6):
+        alone = sinkhorn(c[i : i + 1], kernel="torch", symmetric=sym[i : i + 1], **kw)
+        _assert_same_solve(fast, alone, i, 0)
+        assert fast.problem_iters[i].item() == alone.n_iter
+
+
+def test_over_relaxation_matches_the_torch_kernel_problem_by_problem():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 9, 16, generator=g)
+    c = torch.cat([cosine_cost(x, x.flip(0)), cosine_cost(x, x)]).to(DEVICE)
+    sym = torch.tensor([False] * 3 + [True] * 3, device=DEVICE)
+    # Fixed iterations (no checks, so no safeguard): the same relaxed updates, to rounding.
+    kw = dict(eps=0.05, max_iter=20, tol=0.0, relaxation=1.6)
+    _assert_same_solve(
+        sinkhorn(c, kernel="triton", symmetric=sym, **kw),
+        sinkhorn(c, kernel="torch", symmetric=sym, **kw),
+    )
+    # With checks, relaxed cross problems and averaged self-problems in one launch each stop
+    # (and fall back to plain updates) on their own. Where the safeguard compares two nearly
+    # equal errors the two kernels can decide differently and take different paths to tol:
+    # both end below tol, with plans within tol's reach of each other.
+    for omega in (1.6, 1.95):
+        kw = dict(eps=0.05, max_iter=400, tol=1e-4, check_every=1, relaxation=omega)
+        fast = sinkhorn(c, kernel="triton", symmetric=sym, **kw)
+        # (the final plan's error is recomputed: it may exceed the check's by float32 rounding)
+        assert (fast.problem_errors < 1.001e-4).all()
+        for i in range(6):
+            alone = sinkhorn(c[i : i + 1], kernel="torch", symmetric=sym[i : i + 1], **kw)
+            torch.testing.assert_close(fast.plan[i], alone.plan[0], atol=5e-5, rtol=0)
+            assert abs(fast.problem_iters[i].item() - alone.n_iter) <= 3

@@ -132,6 +132,7 @@ _SCHEMA: dict[str, _Spec] = {
     "otface.max_iter": _POS_INT,
     "otface.tol": _POS,
     "otface.eps_scaling": _num("in [0, 1) (0: off)", lambda v: 0 <= v < 1),
+    "otface.relaxation": _num("in [1, 2) (1: off)", lambda v: 1 <= v < 2),
     "otface.layer": _STR,
     "otface.solver": _Spec((str,), choices=("auto", "torch", "pot")),
     "otface.kernel": _Spec((str,), choices=("auto", "torch", "matmul", "triton")),

@@ -105,6 +105,7 @@ def hard_triplet_ot_loss(
     kernel: str = "auto",
     fixed_shapes: bool = False,
     eps_scaling: float = 0.0,
+    relaxation: float = 1.0,
 ) -> OTLossOutput:
     """OT loss between the feature distributions of hard triplets (design spec §2, steps 1-4).
 
@@ -135,6 +136,7 @@ def hard_triplet_ot_loss(
             (a device sync per step on CUDA).
         eps_scaling: the solver's ε-scaling factor (:func:`otface.ot.sinkhorn.sinkhorn`; 0:
             off).
+        relaxation: the solver's over-relaxation (1: off).
 
     Returns:
         :class:`OTLossOutput`.
@@ -168,6 +170,7 @@ def hard_triplet_ot_loss(
         cost_range=2.0,
         kernel=kernel,
         eps_scaling=eps_scaling,
+        relaxation=relaxation,
         # The trainer warns on the logged fraction of unconverged problems instead.
         warn=False,
     )
@@ -384,6 +387,7 @@ class OTFaceCriterion(MarginCriterion):
             kernel=o.get("kernel", "auto"),
             fixed_shapes=_fixed_shapes(o.get("fixed_shapes", "auto"), features.device),
             eps_scaling=o.get("eps_scaling", 0.0),
+            relaxation=o.get("relaxation", 1.0),
         )
         lam = self._lambda.to(margin.loss.dtype)
         weighted = lam * ot.loss.to(margin.loss.dtype)

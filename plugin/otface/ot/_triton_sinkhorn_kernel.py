@@ -32,6 +32,26 @@ def _lse(x, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _step(old, target, other, log_w, mask, omega, sym, HAS_SYM: tl.constexpr):
+    # Over-relaxed by omega (a zero weight keeps its -inf potential), averaged when symmetric.
+    target = tl.where(mask, target, 0.0)
+    new = tl.where(log_w > -float("inf"), old + omega * (target - old), target)
+    if HAS_SYM:
+        new = tl.where(sym, 0.5 * (other + target), new)
+    return new
+
+
+@triton.jit
+def _update(logk, lse_row, u, v, log_a, log_b, rmask, cmask, omega, sym, HAS_SYM: tl.constexpr):
+    # One iteration, both potentials, from lse_row = LSE_j(logk + v). Returns the new u, v and
+    # LSE_i(logk + u).
+    u = _step(u, log_a - lse_row, v, log_a, rmask, omega, sym, HAS_SYM)
+    lse_col = _lse(logk + u[:, None], 0)
+    v = _step(v, log_b - lse_col, u, log_b, cmask, omega, sym, HAS_SYM)
+    return u, v, lse_col
+
+
+@triton.jit
 def sinkhorn_kernel(
     cost_ptr,
     a_ptr,
@@ -52,6 +72,7 @@ def sinkhorn_kernel(
     n_stages,
     scaling,
     eps,
+    relaxation,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     HAS_SYM: tl.constexpr,
@@ -64,7 +85,8 @@ def sinkhorn_kernel(
     ``iters`` ``(B,)`` int32; ``err`` ``(B,)`` float32. ``BLOCK_N >= n`` and
     ``BLOCK_M >= m`` are powers of two; the padding is masked. ``n_stages`` annealing
     iterations (eps ``eps_start * scaling^k``, then ``eps``; ``neg_inv_eps = -1 / eps``) come
-    first and count as iterations, as in the torch path.
+    first and count as iterations, as in the torch path. ``relaxation``: the over-relaxation
+    of the later iterations (1: plain), safeguarded as in the torch path.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -82,6 +104,8 @@ def sinkhorn_kernel(
     log_b = tl.log(b)
     if HAS_SYM:
         sym = tl.load(sym_ptr + pid) != 0
+    else:
+        sym = pid < 0  # not read
 
     # Padded entries keep potential 0 (their K is -inf, so they add nothing to any sum).
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -91,18 +115,10 @@ def sinkhorn_kernel(
     stage = 0
     while stage < n_stages:
         stage_logk = tl.where(mask, c * (-1.0 / e), -float("inf"))
-        lse_row = _lse(stage_logk + v[None, :], 1)
-        u_new = tl.where(rmask, log_a - lse_row, 0.0)
-        if HAS_SYM:
-            u = tl.where(sym, 0.5 * (v + u_new), u_new)
-        else:
-            u = u_new
-        lse_col = _lse(stage_logk + u[:, None], 0)
-        v_new = tl.where(cmask, log_b - lse_col, 0.0)
-        if HAS_SYM:
-            v = tl.where(sym, 0.5 * (u + v_new), v_new)
-        else:
-            v = v_new
+        stage_row = _lse(stage_logk + v[None, :], 1)
+        u, v, _ = _update(
+            stage_logk, stage_row, u, v, log_a, log_b, rmask, cmask, 1.0, sym, HAS_SYM
+        )
         e_next = tl.maximum(e * scaling, eps)
         stage += 1
         e_next = tl.where(stage == n_stages, eps, e_next)
@@ -113,18 +129,12 @@ def sinkhorn_kernel(
     lse_row = _lse(logk + v[None, :], 1)
     it = n_stages
     going = max_iter > n_stages
+    omega = relaxation
+    best_err = float("inf")
     while going:
-        u_new = tl.where(rmask, log_a - lse_row, 0.0)
-        if HAS_SYM:
-            u = tl.where(sym, 0.5 * (v + u_new), u_new)
-        else:
-            u = u_new
-        lse_col = _lse(logk + u[:, None], 0)
-        v_new = tl.where(cmask, log_b - lse_col, 0.0)
-        if HAS_SYM:
-            v = tl.where(sym, 0.5 * (u + v_new), v_new)
-        else:
-            v = v_new
+        u, v, lse_col = _update(
+            logk, lse_row, u, v, log_a, log_b, rmask, cmask, omega, sym, HAS_SYM
+        )
         lse_row = _lse(logk + v[None, :], 1)
         it += 1
         # The same test as the torch path: L1 row error of the current plan (its columns are
@@ -136,6 +146,10 @@ def sinkhorn_kernel(
             both = tl.maximum(err, col_err, propagate_nan=tl.PropagateNan.ALL)
             err = tl.where(sym, both, err)
         check = (tol > 0) & (((it % check_every) == 0) | (it == max_iter))
+        # The safeguard of the over-relaxation, as the torch path: an error more than twice
+        # the best one so far, plain updates from now on.
+        omega = tl.where(check & (err > 2 * best_err), 1.0, omega)
+        best_err = tl.where(check, tl.minimum(err, best_err), best_err)
         unconverged = (err >= tol) & (tl.abs(err) < float("inf"))
         going = (it < max_iter) & ((check == 0) | unconverged)
 

@@ -43,8 +43,9 @@ class OTDistances(NamedTuple):
         marginal_error: 0-d tensor, largest L1 marginal error over all problems solved
             (self-problems of the divergence included).
         n_problems: number of OT problems solved (pairs, plus distinct self-problems).
-        unconverged: 0-d tensor, the fraction of those problems whose marginal error is not
-            below ``tol`` (0 when ``tol <= 0``): stopped by ``max_iter``.
+        unconverged: 0-d tensor, the fraction of those problems that ran ``max_iter``
+            iterations and still have a marginal error of ``tol`` or more (0 when
+            ``tol <= 0``).
     """
 
     value: torch.Tensor
@@ -69,6 +70,7 @@ def ot_distances(
     kernel: str = "auto",
     self_terms: str = "used",
     eps_scaling: float = 0.0,
+    relaxation: float = 1.0,
     warn: bool = True,
 ) -> OTDistances:
     """OT distance between ``points[source[k]]`` and ``points[target[k]]`` for every pair ``k``.
@@ -99,6 +101,7 @@ def ot_distances(
         self_terms: ``"used"`` or ``"all"``: the divergence's self-problems (above).
         eps_scaling: ε-scaling factor of our solver (:func:`otface.ot.sinkhorn.sinkhorn`;
             0: off); POT's solver ignores it.
+        relaxation: over-relaxation of our solver (1: off); POT's solver ignores it.
         warn: whether our solver warns when it stops at ``max_iter`` (see ``sinkhorn``).
 
     Returns:
@@ -144,6 +147,7 @@ def ot_distances(
         symmetric=symmetric,
         kernel=kernel,
         eps_scaling=eps_scaling,
+        relaxation=relaxation,
         warn=warn,
     )
     if distance == "transport":
@@ -161,8 +165,13 @@ def ot_distances(
         errors = torch.maximum(
             (res.plan.sum(-1) - 1.0 / n).abs().sum(-1), (res.plan.sum(-2) - 1.0 / m).abs().sum(-1)
         )
-    # A NaN error counts as not converged.
-    unconverged = (~(errors < tol)).float().mean() if tol > 0 else errors.new_zeros(())
+    # Not converged: stopped by max_iter with the error still at or above tol (a NaN error
+    # counts). A problem that stopped earlier passed its check; its plan's error, recomputed,
+    # can differ from that check's in the last float32 bits.
+    above = ~(errors < tol)
+    if res.problem_iters is not None:
+        above &= res.problem_iters.to(errors.device) >= max_iter
+    unconverged = above.float().mean() if tol > 0 else errors.new_zeros(())
     return OTDistances(
         value, res.n_iter, res.marginal_error, int(x_idx.numel()), unconverged.detach()
     )

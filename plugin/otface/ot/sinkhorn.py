@@ -56,18 +56,18 @@ class SinkhornResult(NamedTuple):
         plan: ``(B, n, m)`` entropic plans ``T*`` (no autograd history), float32 or float64.
         cost: ``(B,)`` transport costs ``<T*, C>``; differentiable w.r.t. ``C`` with gradient
             ``T*`` (the envelope gradient of ``OT_eps``, only an approximation of ``d<T*,C>/dC``).
-        n_iter: number of Sinkhorn iterations run (one iteration updates both potentials):
-            an int, or with the Triton kernel a 0-d int32 tensor on the device, the largest of
-            ``problem_iters`` (reading it on the host is a device sync).
+        n_iter: number of Sinkhorn iterations run (one iteration updates both potentials),
+            the largest of ``problem_iters``: an int, or with the Triton kernel a 0-d int32
+            tensor on the device (reading it on the host is a device sync).
         marginal_error: 0-d tensor, largest over the problems with a finite error of the L1
             deviation of both marginals of ``plan`` from ``a`` and ``b`` (a problem whose plan
             holds NaN/Inf is left out here; its plan and cost show it).
         potentials: ``((B, n), (B, m))`` log-scalings ``(u, v)`` in units of ``eps`` with
             ``plan = exp(u_i + v_j - C_ij / eps)``, or None when the solver gives none.
-        problem_iters: ``(B,)`` int32 iterations each problem ran, on the device, from the
-            Triton kernel (which stops each problem on its own); None otherwise.
+        problem_iters: ``(B,)`` int32 iterations each problem ran (each stops on its own),
+            on the device; None from solvers that do not say (POT).
         problem_errors: ``(B,)`` L1 marginal error of each problem's plan (the larger of rows
-            and columns), on the device, from the Triton kernel; None otherwise.
+            and columns), on the device; None from solvers that do not say (POT).
     """
 
     plan: torch.Tensor
@@ -182,9 +182,7 @@ def entropic_objective(
     return linear + rest
 
 
-def problem_marginal_errors(
-    plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-) -> torch.Tensor:
+def problem_marginal_errors(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(B,)`` L1 marginal deviation of each plan (the larger of rows and columns)."""
     return torch.maximum(
         (plan.sum(dim=-1) - a).abs().sum(dim=-1), (plan.sum(dim=-2) - b).abs().sum(dim=-1)
@@ -231,11 +229,12 @@ def sinkhorn(
     eps: float,
     max_iter: int,
     tol: float,
-    check_every: int = 5,
+    check_every: Optional[int] = None,
     kernel: str = "auto",
     cost_range: Optional[float] = None,
     symmetric: Optional[torch.Tensor] = None,
     eps_scaling: float = 0.0,
+    relaxation: float = 1.0,
     warn: bool = True,
 ) -> SinkhornResult:
     """Solve a batch of entropic OT problems with log-domain Sinkhorn.
@@ -246,12 +245,13 @@ def sinkhorn(
     docstring: exact for ``OT_eps``, approximate for ``<T*, C>``); pass the result's plan and
     potentials to :func:`entropic_objective` for ``OT_eps``.
 
-    Convergence is checked every ``check_every`` iterations and at the last one (each check
-    reads one number on the host, i.e. one device sync on CUDA): the solve stops when the
-    largest L1 deviation of the marginals (for non-symmetric problems the column marginals are
-    exact after each iteration) falls below ``tol``. Problems whose error is not finite (a NaN
-    cost) are left out of the check, so they cannot keep the others iterating. ``tol <= 0``
-    runs exactly ``max_iter`` iterations.
+    Each problem stops on its own: convergence is checked every ``check_every`` iterations
+    and at the last one (with the torch kernels each check reads the problems' errors on the
+    host, i.e. one device sync on CUDA), and a problem whose L1 marginal deviation (for
+    non-symmetric problems the column marginals are exact after each iteration) is below
+    ``tol`` leaves the batch, which iterates on with the others. A problem gets the plan it
+    gets when solved alone. Problems whose error is not finite (a NaN cost) leave too, so they
+    cannot keep the others iterating. ``tol <= 0`` runs exactly ``max_iter`` iterations.
 
     An empty batch (``B = 0``) gives an empty result whose ``cost`` is still connected to the
     graph of ``cost``; a distribution with no points (``n = 0`` or ``m = 0``) raises
@@ -264,7 +264,10 @@ def sinkhorn(
         eps: entropic regularisation (in the units of the cost), > 0.
         max_iter: maximum number of iterations, >= 1.
         tol: stopping tolerance on the marginal error.
-        check_every: iterations between convergence checks, >= 1.
+        check_every: iterations between convergence checks, >= 1. None: every iteration
+            where a check reads nothing on the host (CPU tensors, the Triton kernel), which lets
+            each problem stop as soon as it can; every 5 on the torch kernels on a GPU, where
+            each check is a device sync.
         kernel: ``"torch"`` (reference softmin), ``"matmul"`` (exponentiated kernel, see
             :mod:`otface.ot.softmin`), ``"triton"`` (the fused whole-solve kernel of
             :mod:`otface.ot.triton_sinkhorn`: float32, ``n, m <= 128``, CUDA tensors or CPU
@@ -291,6 +294,13 @@ def sinkhorn(
             iterates at ``eps`` until ``tol`` as without it. These iterations count towards
             ``max_iter`` (at least one runs at ``eps``). ``0``: off, the solve starts at
             ``eps`` from zero potentials.
+        relaxation: over-relaxation ``omega`` in ``[1, 2)`` of the non-symmetric problems'
+            updates, ``u <- u + omega (T(u) - u)`` (Thibault et al. 2017, "Overrelaxed
+            Sinkhorn-Knopp"): the same fixed point, reached in fewer iterations at small eps
+            (1.6: about 2.6 times fewer in all on the demo's problems at tol 3e-4).
+            Safeguarded: a problem whose marginal error at a check is more than twice its best
+            so far goes on with plain updates. ``1``: plain Sinkhorn. The eps-scaling
+            iterations are plain.
         warn: warn once per process when a solve stops at ``max_iter`` above ``tol`` (torch
             kernels; the trainer warns on the fraction of unconverged problems instead).
 
@@ -307,12 +317,19 @@ def sinkhorn(
         raise ValueError(f"sinkhorn: eps must be > 0, got {eps!r}")
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"sinkhorn: unknown kernel {kernel!r}; choices: {KERNEL_CHOICES}")
+    if check_every is None:
+        on_device = cost.device.type != "cpu" and not (
+            kernel == "triton" or (kernel == "auto" and triton_sinkhorn.auto_fits(cost))
+        )
+        check_every = 5 if on_device else 1
     if max_iter < 1 or check_every < 1:
         raise ValueError(
             f"sinkhorn: max_iter and check_every must be >= 1, got {max_iter!r}, {check_every!r}"
         )
     if not 0.0 <= eps_scaling < 1.0:
         raise ValueError(f"sinkhorn: eps_scaling must be in [0, 1) (0: off), got {eps_scaling!r}")
+    if not 1.0 <= relaxation < 2.0:
+        raise ValueError(f"sinkhorn: relaxation must be in [1, 2) (1: off), got {relaxation!r}")
     batch, n, m = cost.shape
     dtype = torch.promote_types(cost.dtype, torch.float32)
     like = cost.new_empty((), dtype=dtype)  # dtype and device of the solve
@@ -345,6 +362,7 @@ def sinkhorn(
             symmetric=symmetric,
             stages=stages,
             eps_scaling=eps_scaling,
+            relaxation=relaxation,
         )
     with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
         c = cost.detach().to(dtype)
@@ -357,31 +375,70 @@ def sinkhorn(
             stage_logk = c * (-1.0 / stage_eps)
             pick = _pick_kernel(kernel, stage_logk, eps=stage_eps, cost_range=cost_range)
             stage = KERNELS[pick](stage_logk)
-            u, v, _ = _iterate(stage, stage.row(v), u, v, log_a, log_b, symmetric)
+            u, v, _ = _iterate(stage, stage.row(v), u, v, log_a, log_b, symmetric, None)
             ratio = stage_eps / (stages[k + 1] if k + 1 < len(stages) else eps)
             u = torch.where(a_ > 0, log_a + (u - log_a) * ratio, u)
             v = torch.where(b_ > 0, log_b + (v - log_b) * ratio, v)
         logk = c * (-1.0 / eps)
-        ker = KERNELS[_pick_kernel(kernel, logk, eps=eps, cost_range=cost_range)](logk)
-
+        pick = _pick_kernel(kernel, logk, eps=eps, cost_range=cost_range)
+        # Each problem stops on its own, as in the Triton kernel: at a check, the problems
+        # below tol leave the batch (their potentials are stored), and only the others iterate
+        # on. A problem whose error is not finite (a NaN cost) leaves too: it must not keep the
+        # rest iterating until max_iter.
+        u_all, v_all = u.clone(), v.clone()
+        iters_all = torch.full((batch,), max(len(stages), 0), dtype=torch.int32)
+        omega = torch.full((batch, 1), float(relaxation), dtype=dtype, device=c.device)
+        live = _Subset(
+            torch.arange(batch, device=c.device),
+            logk,
+            log_a,
+            log_b,
+            a_,
+            b_,
+            symmetric,
+            omega if relaxation != 1.0 else None,
+            torch.full((batch,), float("inf"), dtype=dtype, device=c.device),
+        )
+        ker = KERNELS[pick](live.logk)
         lse_row = ker.row(v)
         n_iter, converged = len(stages), False
         for n_iter in range(len(stages) + 1, max_iter + 1):
-            u, v, lse_col = _iterate(ker, lse_row, u, v, log_a, log_b, symmetric)
+            u, v, lse_col = _iterate(
+                ker, lse_row, u, v, live.log_a, live.log_b, live.sym, live.omega
+            )
             lse_row = ker.row(v)  # reused by the next u update, and by the check below
             if tol > 0 and (n_iter % check_every == 0 or n_iter == max_iter):
-                # Problems with a non-finite error (NaN cost) are masked: they must not keep
-                # the rest of the batch iterating until max_iter.
-                err = (torch.exp(u + lse_row) - a_).abs().sum(dim=-1)
-                if symmetric is not None:
-                    err = torch.maximum(err, (torch.exp(v + lse_col) - b_).abs().sum(dim=-1))
-                if float(_finite_max(err)) < tol:
-                    converged = True
-                    break
-
+                err = (torch.exp(u + lse_row) - live.a).abs().sum(dim=-1)
+                if live.sym is not None:
+                    err = torch.maximum(err, (torch.exp(v + lse_col) - live.b).abs().sum(dim=-1))
+                done = (err < tol) | ~torch.isfinite(err)
+                if live.omega is not None:
+                    # The safeguard: a relaxed problem whose error has grown to more than twice
+                    # its best so far goes on with plain updates (which cannot diverge).
+                    # Smaller rises are normal in relaxed iterations; reacting to them costs
+                    # the speed-up (measured: the slowest demo problem 1201 iterations, against
+                    # 440).
+                    live.omega.masked_fill_((err > 2 * live.best_err).unsqueeze(-1), 1.0)
+                    torch.minimum(live.best_err, err, out=live.best_err)
+                if bool(done.any()):
+                    leaving = live.index[done]
+                    u_all[leaving], v_all[leaving] = u[done], v[done]
+                    iters_all[leaving.cpu()] = n_iter
+                    if bool(done.all()):
+                        converged = True
+                        break
+                    keep = (~done).nonzero().squeeze(1)
+                    live = live.select(keep)
+                    u, v, lse_row = u[keep], v[keep], lse_row[keep]
+                    ker = KERNELS[pick](live.logk)
+        if not converged:
+            u_all[live.index], v_all[live.index] = u, v
+            iters_all[live.index.cpu()] = n_iter
+        u, v = u_all, v_all
         plan = torch.exp(logk.add_(u.unsqueeze(-1)).add_(v.unsqueeze(-2)))
         errors = problem_marginal_errors(plan, a_, b_)
         err = _finite_max(errors)
+        n_iter = int(iters_all.max())
     global _warned_no_convergence
     if warn and tol > 0 and not converged and not _warned_no_convergence:
         _warned_no_convergence = True
@@ -391,18 +448,46 @@ def sinkhorn(
             RuntimeWarning,
             stacklevel=2,
         )
-    return SinkhornResult(plan, transport_cost(plan, cost), n_iter, err, (u, v), None, errors)
+    return SinkhornResult(
+        plan, transport_cost(plan, cost), n_iter, err, (u, v), iters_all.to(c.device), errors
+    )
 
 
-def _iterate(ker, lse_row, u, v, log_a, log_b, symmetric):
-    """One Sinkhorn iteration (both potentials) on kernel ``ker`` from ``lse_row = ker.row(v)``;
-    returns the new ``u``, ``v`` and ``lse_col``."""
-    u_new = log_a - lse_row
-    u = u_new if symmetric is None else torch.where(symmetric, 0.5 * (v + u_new), u_new)
+class _Subset(NamedTuple):
+    """The problems of a solve that still iterate: their indices in the batch and their data."""
+
+    index: torch.Tensor
+    logk: torch.Tensor
+    log_a: torch.Tensor
+    log_b: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    sym: Optional[torch.Tensor]
+    omega: Optional[torch.Tensor]  # (k, 1) relaxation of each problem; None: plain updates
+    best_err: torch.Tensor  # (k,) smallest error at a check so far
+
+    def select(self, keep: torch.Tensor) -> "_Subset":
+        return _Subset(*(None if t is None else t[keep] for t in self))
+
+
+def _iterate(ker, lse_row, u, v, log_a, log_b, symmetric, omega):
+    """One Sinkhorn iteration (both potentials) on kernel ``ker`` from ``lse_row = ker.row(v)``,
+    over-relaxed by ``omega`` (``(B, 1)``, or None for plain updates) and averaged on the
+    ``symmetric`` problems; returns the new ``u``, ``v`` and ``lse_col``."""
+    u = _step(u, log_a - lse_row, v, log_a, symmetric, omega)
     lse_col = ker.col(u)
-    v_new = log_b - lse_col
-    v = v_new if symmetric is None else torch.where(symmetric, 0.5 * (u + v_new), v_new)
+    v = _step(v, log_b - lse_col, u, log_b, symmetric, omega)
     return u, v, lse_col
+
+
+def _step(old, target, other, log_w, symmetric, omega):
+    new = target
+    if omega is not None:
+        # (1 - omega) * old + omega * target; a zero weight keeps its -inf potential.
+        new = torch.where(torch.isfinite(log_w), old + omega * (target - old), target)
+    if symmetric is not None:
+        new = torch.where(symmetric, 0.5 * (other + target), new)
+    return new
 
 
 def eps_stages(eps: float, scaling: float, diameter: float, max_iter: int) -> list:
@@ -440,6 +525,7 @@ def _sinkhorn_triton(
     symmetric: Optional[torch.Tensor],
     stages: list,
     eps_scaling: float,
+    relaxation: float,
 ) -> SinkhornResult:
     with torch.no_grad():
         sol = triton_sinkhorn.sinkhorn_triton(
@@ -454,6 +540,7 @@ def _sinkhorn_triton(
             eps_start=stages[0] if stages else eps,
             n_stages=len(stages),
             eps_scaling=eps_scaling,
+            relaxation=relaxation,
         )
         err = _finite_max(sol.errors)
         n_iter = sol.iters.amax()

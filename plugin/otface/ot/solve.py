@@ -24,6 +24,7 @@ def solve_ot(
     symmetric: Optional[torch.Tensor] = None,
     kernel: str = "auto",
     eps_scaling: float = 0.0,
+    relaxation: float = 1.0,
     warn: bool = True,
 ) -> SinkhornResult:
     """Solve ``(B, n, m)`` entropic OT problems with uniform marginals.
@@ -44,6 +45,7 @@ def solve_ot(
         kernel: our solver's kernel (:data:`otface.ot.sinkhorn.KERNEL_CHOICES`: ``"auto"``,
             ``"torch"``, ``"matmul"``, ``"triton"``); ignored by POT.
         eps_scaling: ε-scaling factor of our solver (0: off); ignored by POT.
+        relaxation: over-relaxation of our solver (1: off); ignored by POT.
         warn: our solver warns once when it stops at ``max_iter`` above ``tol``.
 
     Returns:
@@ -64,5 +66,6 @@ def solve_ot(
         symmetric=symmetric,
         kernel=kernel,
         eps_scaling=eps_scaling,
+        relaxation=relaxation,
         warn=warn,
     )

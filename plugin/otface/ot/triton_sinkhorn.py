@@ -11,8 +11,8 @@ Nothing is read on the host: the iteration counts and errors come back as device
 a solve can be captured in a CUDA graph.
 
 Because each problem stops on its own, a problem of a batch gets exactly the plan, potentials
-and iteration count that the torch path gives it when solved alone (to float32 rounding);
-the torch path's batched solve instead runs every problem until the slowest converges.
+and iteration count that the torch path gives it (which also stops each problem on its own,
+reading the errors on the host at each check), to float32 rounding.
 
 Selection (see :func:`otface.ot.sinkhorn.sinkhorn`): ``kernel="triton"`` explicitly, on CUDA
 tensors or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests);
@@ -99,6 +99,7 @@ def sinkhorn_triton(
     eps_start: Optional[float] = None,
     n_stages: int = 0,
     eps_scaling: float = 0.0,
+    relaxation: float = 1.0,
 ) -> TritonSolve:
     """Run the fused kernel on a batch (inputs already checked by ``sinkhorn``).
 
@@ -111,6 +112,8 @@ def sinkhorn_triton(
         eps_start, n_stages, eps_scaling: the eps-scaling iterations that come first (eps
             ``eps_start * eps_scaling^k`` for ``k < n_stages``; see
             :func:`otface.ot.sinkhorn.eps_stages`); ``n_stages = 0``: none.
+        relaxation: over-relaxation of the non-symmetric problems (1: plain), as in
+            :func:`otface.ot.sinkhorn.sinkhorn`.
 
     Returns:
         :class:`TritonSolve`.
@@ -171,6 +174,7 @@ def sinkhorn_triton(
         int(n_stages),
         float(eps_scaling),
         float(eps),
+        float(relaxation),
         BLOCK_N=block_n,
         BLOCK_M=block_m,
         HAS_SYM=has_sym,

@@ -154,7 +154,6 @@ class StepLogger:
         self._tic = now
         return msg
 
-
     def _check_unconverged(self, fraction: float | None, global_step: int) -> None:
         if fraction is None or self._warned_unconverged:
             return
