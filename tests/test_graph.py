@@ -12,8 +12,8 @@ import os
 
 import pytest
 import torch
+from _tiny import TinyNet
 from easydict import EasyDict as edict
-from torch import nn
 
 from otface.config import ConfigError, load_config, validate_config
 from otface.loss import lambda_at
@@ -27,18 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore:sinkhorn did not reach")
 
 
-class _Tiny(nn.Module):
-    """A conv net with a ``bn2`` map (B, 8, 4, 4) and a 16-d embedding."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 16, 16)
-
-    def forward(self, x):
-        return self.fc(self.bn2(self.conv(x)).flatten(1))
+_Tiny = TinyNet
 
 
 def _base(**keys):

@@ -18,6 +18,17 @@ def _costs(batch, n, m, *, seed=0, dtype=torch.float64):
     return cosine_cost(x, y)
 
 
+def _assert_pot_plans(res, c, eps):
+    """Each plan of ``res`` against POT's log-domain Sinkhorn on the same cost, run to 1e-14."""
+    for i in range(c.shape[0]):
+        n, m = c.shape[1:]
+        a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+        ref = ot.sinkhorn(
+            a, b, c[i].numpy(), eps, method="sinkhorn_log", numItermax=100000, stopThr=1e-14
+        )
+        np.testing.assert_allclose(res.plan[i].numpy(), ref, atol=1e-5)
+
+
 def test_cosine_cost_matches_numpy():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(2, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g)
@@ -63,12 +74,7 @@ def test_plan_matches_pot_sinkhorn_log():
     c = _costs(3, 8, 11, seed=4)
     eps = 0.05
     res = sinkhorn(c, eps=eps, max_iter=5000, tol=1e-12, check_every=1)
-    for i in range(c.shape[0]):
-        a, b = np.full(8, 1 / 8), np.full(11, 1 / 11)
-        ref = ot.sinkhorn(
-            a, b, c[i].numpy(), eps, method="sinkhorn_log", numItermax=100000, stopThr=1e-14
-        )
-        np.testing.assert_allclose(res.plan[i].numpy(), ref, atol=1e-5)
+    _assert_pot_plans(res, c, eps)
 
 
 def test_marginals_hold_to_tol_with_given_weights():
@@ -297,12 +303,7 @@ def test_eps_scaling_reaches_pots_plan(kernel):
     res = sinkhorn(
         c, eps=eps, max_iter=5000, tol=1e-12, check_every=1, kernel=kernel, eps_scaling=0.5
     )
-    for i in range(c.shape[0]):
-        a, b = np.full(8, 1 / 8), np.full(11, 1 / 11)
-        ref = ot.sinkhorn(
-            a, b, c[i].numpy(), eps, method="sinkhorn_log", numItermax=100000, stopThr=1e-14
-        )
-        np.testing.assert_allclose(res.plan[i].numpy(), ref, atol=1e-5)
+    _assert_pot_plans(res, c, eps)
 
 
 def test_eps_scaling_counts_its_iterations_and_is_refused_out_of_range():
@@ -344,12 +345,7 @@ def test_over_relaxation_reaches_pots_plan_in_fewer_iterations(kernel):
     plain = sinkhorn(c, **kw)
     for omega in (1.3, 1.6):
         fast = sinkhorn(c, relaxation=omega, **kw)
-        for i in range(c.shape[0]):
-            a, b = np.full(8, 1 / 8), np.full(11, 1 / 11)
-            ref = ot.sinkhorn(
-                a, b, c[i].numpy(), 0.05, method="sinkhorn_log", numItermax=100000, stopThr=1e-14
-            )
-            np.testing.assert_allclose(fast.plan[i].numpy(), ref, atol=1e-5)
+        _assert_pot_plans(fast, c, 0.05)
         # Which omega is fastest depends on the problems (1.3 here; 1.6 on the demo's): both
         # take fewer iterations than plain updates.
         assert fast.problem_iters.sum() < (0.6 if omega == 1.3 else 0.9) * plain.problem_iters.sum()
@@ -361,11 +357,6 @@ def test_over_relaxation_safeguard_falls_back_to_plain_updates():
     c = _costs(4, 8, 11, seed=5)
     res = sinkhorn(c, eps=0.05, max_iter=20000, tol=1e-10, check_every=1, relaxation=1.99)
     assert (res.problem_errors < 1e-10).all()
-    for i in range(c.shape[0]):
-        a, b = np.full(8, 1 / 8), np.full(11, 1 / 11)
-        ref = ot.sinkhorn(
-            a, b, c[i].numpy(), 0.05, method="sinkhorn_log", numItermax=100000, stopThr=1e-14
-        )
-        np.testing.assert_allclose(res.plan[i].numpy(), ref, atol=1e-5)
+    _assert_pot_plans(res, c, 0.05)
     with pytest.raises(ValueError, match="relaxation"):
         sinkhorn(c, eps=0.05, max_iter=5, tol=0.0, relaxation=2.0)

@@ -14,8 +14,8 @@ import os
 
 import pytest
 import torch
+from _tiny import TinyNet
 from easydict import EasyDict as edict
-from torch import nn
 
 from otface.loss import hard_triplet_ot_loss
 from otface.mining import mine_hard_triplets
@@ -147,16 +147,7 @@ def test_divergence_gradient_at_the_default_settings(demo_features):
     assert max(errors) <= 1e-3, errors
 
 
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8 * 16, 16)
-
-    def forward(self, x):
-        return self.fc(self.bn2(self.conv(x)).flatten(1))
+_Tiny = TinyNet
 
 
 def test_gradient_shares_against_gradients_taken_one_term_at_a_time():
