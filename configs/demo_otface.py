@@ -33,7 +33,7 @@ config.seed = 2048
 # The OT term on the 7x7 feature map of r18_lite's bn2 (spatial mode). lambda_ot, ot_margin and
 # the warm-up are our defaults: the paper does not state them.
 config.otface = edict(
-    lambda_ot=1.0,
+    lambda_ot=10.0,
     warmup_steps=64,
     mode="spatial",
     variant="hinge",

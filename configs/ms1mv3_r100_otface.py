@@ -38,7 +38,7 @@ config.sampler = edict(type="pk", k=4)
 # The OT term. The paper's abstract gives the method, not these numbers: every value below is
 # our default (see configs/base.py), written out here so a run records what it used.
 config.otface = edict(
-    lambda_ot=1.0,
+    lambda_ot=10.0,
     warmup_steps=0,
     mode="spatial",  # uniform distribution over the 7x7 vectors of bn2's 512x7x7 output
     variant="hinge",
