@@ -87,6 +87,10 @@ config.save_every_steps = 0
 # (0: never stop). A skipped step leaves weights, optimiser state and BatchNorm buffers as they
 # were before it.
 config.max_consecutive_skips = 100
+# Stop (exit code 1, model.pt not written) when more than this fraction of the optimiser steps so
+# far were skipped, checked at the end of every epoch: a run whose steps are mostly skipped has
+# diverged, even when no 100 of them came in a row. 1: never.
+config.max_skipped_fraction = 0.2
 # Undecodable images are replaced by another image of the same identity (warned, counted);
 # training stops when one epoch meets more than this fraction of its images.
 config.max_bad_image_fraction = 0.001

@@ -177,7 +177,11 @@ def test_consecutive_skips_stop_the_run(tmp_path):
 
 
 def test_nan_metrics_are_logged_and_skips_counted(tmp_path, monkeypatch):
-    path, out = _config(tmp_path, num_image=64, num_epoch=1)
+    # 2 skips of 8 steps: past the default max_skipped_fraction (0.2), which this test is
+    # not about.
+    path, out = _config(
+        tmp_path, num_image=64, num_epoch=1, extra="config.max_skipped_fraction = 1.0\n"
+    )
     original = _ORIGINAL_STEP
 
     def poisoned(self, img, labels):
@@ -442,8 +446,9 @@ def test_lambda_warmup_counts_optimiser_steps(tmp_path):
     for _ in range(6):
         out = trainer.train_step(torch.rand(8, 3, 112, 112, generator=g), torch.arange(8) // 2)
         lams.append(out.metrics["lambda_ot"].item())
-    # Batches 1-2 are optimiser step 1, 3-4 step 2, 5-6 step 3: lambda = step / 4.
-    assert lams == pytest.approx([0.25, 0.25, 0.5, 0.5, 0.75, 0.75])
+    # Batches 1-2 are optimiser step 1, 3-4 step 2, 5-6 step 3: lambda = lambda_ot * step / 4.
+    expected = [cfg.otface.lambda_ot * f for f in (0.25, 0.25, 0.5, 0.5, 0.75, 0.75)]
+    assert lams == pytest.approx(expected)
 
 
 def _acc_worker(rank, world_size, port, path, result_dir):
@@ -510,3 +515,81 @@ def test_interrupt_during_a_save_waits_for_it(tmp_path, monkeypatch, sig):
     assert isinstance(info.value, Terminated) == (sig == signal.SIGTERM)
     assert trainer.last_checkpoint == checkpoint_path(out, 0)
     assert torch.load(checkpoint_path(out, 0), weights_only=False)["epoch_step"] == 1
+
+
+# -- divergence: non-finite state never reaches a file ----------------------------------------
+
+
+def test_forward_that_makes_batchnorm_statistics_infinite_is_skipped(tmp_path):
+    # Finite loss and gradients, but the forward pushed running_var to Inf (as a huge learning
+    # rate does): the step is skipped and the statistics restored.
+    path, _ = _config(tmp_path, extra="config.sampler = edict(type='uniform')\n")
+    trainer = loop.Trainer(load_config(path), _env())
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(8, 3, 112, 112, generator=g) * 2 - 1
+    trainer.train_step(img, torch.arange(8))
+    before = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+    bn = trainer.backbone.bn2
+
+    def poison(module, inputs, output):
+        module.running_var.data.fill_(float("inf"))  # (.data: no autograd version bump)
+
+    hook = bn.register_forward_hook(poison)
+    out = trainer.train_step(img, torch.arange(8))
+    hook.remove()
+    assert torch.isfinite(out.loss) and trainer.skipped_steps == 1
+    for k, v in trainer.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_diverged_run_ends_non_zero_with_finite_files_or_none(tmp_path, capsys):
+    # The reproduction: lr = 1e6 at the default limits, one epoch of 64 steps,
+    # frequent 1, save_all_states, a checkpoint every 8 steps.
+    extra = (
+        "config.lr = 1e6\nconfig.frequent = 1\nconfig.save_every_steps = 8\n"
+        "config.warmup_epoch = 0\n"
+    )
+    path, out = _config(tmp_path, num_image=512, num_epoch=1, save_every=8, extra=extra)
+    rc = run.main(path)
+    err = capsys.readouterr().err
+    assert rc == 1
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "max_skipped_fraction" in lines[0], err
+    assert not os.path.exists(os.path.join(out, "model.pt"))
+    for name in os.listdir(out):
+        if name.endswith(".pt"):
+            state = torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)
+            tensors = state.get("state_dict_backbone", state)
+            for key, value in tensors.items():
+                if value.is_floating_point():
+                    assert torch.isfinite(value).all(), (name, key)
+
+
+def test_a_save_of_non_finite_state_is_refused_and_the_old_files_stay(tmp_path):
+    from otface.train.guard import NonFiniteState
+
+    path, out = _config(tmp_path, extra="config.sampler = edict(type='uniform')\n")
+    trainer = loop.Trainer(load_config(path), _env())
+    os.makedirs(out, exist_ok=True)
+    first = trainer.save_model()
+    good = open(first, "rb").read()
+    with torch.no_grad():
+        trainer.backbone.bn2.weight[0] = float("nan")
+    with pytest.raises(NonFiniteState, match=r"bn2\.weight holds NaN or Inf"):
+        trainer.save_model()
+    with pytest.raises(NonFiniteState, match="checkpoint of rank 0"):
+        trainer.save_state(epoch=0, epoch_step=1)
+    assert open(first, "rb").read() == good
+    assert not os.path.exists(checkpoint_path(out, 0))
+
+
+def test_evaluation_refuses_non_finite_or_empty_models(tmp_path):
+    from otface.evaluation import load_backbone_state
+
+    state = {"a.weight": torch.ones(3), "bn.running_var": torch.tensor([1.0, float("inf")])}
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="holds NaN or Inf in 'bn.running_var'"):
+        load_backbone_state(tmp_path / "model.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"the file is empty \(0 bytes\)"):
+        load_backbone_state(tmp_path / "empty.pt")

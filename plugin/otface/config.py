@@ -116,6 +116,7 @@ _SCHEMA: dict[str, _Spec] = {
     "num_workers": _NONNEG_INT,
     "save_every_steps": _NONNEG_INT,
     "max_consecutive_skips": _NONNEG_INT,
+    "max_skipped_fraction": _num("in (0, 1]", lambda v: 0 < v <= 1),
     "max_bad_image_fraction": _num("in [0, 1]", lambda v: 0 <= v <= 1),
     "collective_timeout_s": _POS,
     "loss": _STR,  # checked against the LOSSES registry at build time

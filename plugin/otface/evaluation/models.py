@@ -70,10 +70,13 @@ def load_backbone_state(path: PathLike) -> Dict[str, torch.Tensor]:
     refused with a message pointing to ``model.pt``.
     """
     path = resolve_model_path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path} as a PyTorch state_dict: the file is empty (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors come in many types
-        raise ValueError(f"cannot read {path} as a PyTorch state_dict: {exc}") from exc
+        reason = str(exc).strip() or type(exc).__name__
+        raise ValueError(f"cannot read {path} as a PyTorch state_dict: {reason}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, expected a state_dict (dict)")
     found = [k for k in _TRAINING_CHECKPOINT_KEYS if k in state]
@@ -88,6 +91,13 @@ def load_backbone_state(path: PathLike) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a state_dict: entry {bad[0]!r} is not a tensor")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(
+            f"{path} holds NaN or Inf in {broken[0]!r}"
+            + (f" and {len(broken) - 1} more tensors" if len(broken) > 1 else "")
+            + ": its embeddings would be meaningless (the run that wrote it diverged)"
+        )
     return state
 
 

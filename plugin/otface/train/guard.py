@@ -11,11 +11,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BufferSnapshot", "TooManySkippedSteps", "SkipCounter"]
+__all__ = [
+    "BufferSnapshot",
+    "NonFiniteState",
+    "SkipCounter",
+    "TooManySkippedSteps",
+    "first_nonfinite",
+]
 
 
 class TooManySkippedSteps(RuntimeError):
-    """Training stopped: too many consecutive optimiser steps were skipped."""
+    """Training stopped: too many optimiser steps were skipped (in a row, or in all)."""
+
+
+class NonFiniteState(RuntimeError):
+    """A save was refused: the state to write holds NaN or Inf."""
+
+
+def first_nonfinite(tensors) -> str | None:
+    """The name of the first floating-point tensor of ``tensors`` (a mapping of names to
+    tensors, nested mappings and lists allowed) that holds NaN or Inf; None if all are finite.
+    Reads every tensor on the host: for saves, not for the step."""
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return prefix
+            return None
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        else:
+            return None
+        for key, item in items:
+            found = walk(f"{prefix}.{key}" if prefix else str(key), item)
+            if found is not None:
+                return found
+        return None
+
+    return walk("", tensors)
 
 
 class BufferSnapshot:
@@ -29,6 +64,7 @@ class BufferSnapshot:
     def __init__(self, module: nn.Module) -> None:
         self._buffers = [b for b in module.buffers() if b is not None]
         self._saved = [torch.empty_like(b) for b in self._buffers]
+        self._floats = [b for b in self._buffers if b.is_floating_point()]
 
     def __len__(self) -> int:
         return len(self._buffers)
@@ -38,6 +74,16 @@ class BufferSnapshot:
 
     def restore(self) -> None:
         _copy_all(self._buffers, self._saved)
+
+    def finite(self) -> torch.Tensor | None:
+        """A device bool: every floating-point buffer (BatchNorm's running statistics) holds
+        only finite values; None without such buffers. No host read: x * 0 is 0 for a finite
+        x and NaN for Inf or NaN, whatever the magnitude, and one fused norm sums them."""
+        if not self._floats:
+            return None
+        with torch.no_grad():
+            zeros = torch._foreach_mul(self._floats, 0.0)
+            return torch.isfinite(torch.stack(torch._foreach_norm(zeros))).all()
 
 
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:

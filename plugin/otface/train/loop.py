@@ -32,7 +32,13 @@ from otface.train.data import build_loader, prepare_data
 from otface.train.distributed import DistEnv
 from otface.train.grad_share import gradient_shares
 from otface.train.graph import StepGraph, forward_backward
-from otface.train.guard import BufferSnapshot, SkipCounter
+from otface.train.guard import (
+    BufferSnapshot,
+    NonFiniteState,
+    SkipCounter,
+    TooManySkippedSteps,
+    first_nonfinite,
+)
 from otface.train.log import StepLogger
 from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.model import (
@@ -259,19 +265,51 @@ class Trainer(ResumeMixin):
 
     def save_state(self, *, epoch: int, epoch_step: int) -> str:
         """Write this rank's checkpoint (checksummed; the previous one is kept). Ctrl-C or
-        SIGTERM during the write takes effect when it is complete."""
+        SIGTERM during the write takes effect when it is complete. State holding NaN or Inf is
+        never written (:class:`NonFiniteState`; the previous files stay)."""
+        state = self.state(epoch=epoch, epoch_step=epoch_step)
+        _refuse_nonfinite(
+            {k: state[k] for k in ("state_dict_backbone", "state_dict_softmax_fc")},
+            f"the checkpoint of rank {self.env.rank} at global step {self.global_step}",
+        )
         with signals_deferred():
-            path = save_checkpoint(
-                self.state(epoch=epoch, epoch_step=epoch_step), self.cfg.output, self.env.rank
-            )
+            path = save_checkpoint(state, self.cfg.output, self.env.rank)
             self.last_checkpoint = path
         return path
 
     def save_model(self) -> str:
         path = model_path(self.cfg.output)
+        state = self.backbone.state_dict()
+        _refuse_nonfinite(state, f"{path} at global step {self.global_step}")
         with signals_deferred():
-            atomic_save(self.backbone.state_dict(), path)
+            atomic_save(state, path)
         return path
+
+    def check_skipped_fraction(self) -> None:
+        """Stop (:class:`TooManySkippedSteps`) when more than ``max_skipped_fraction`` of the
+        optimiser steps so far were skipped: the run has diverged."""
+        limit = float(self.cfg.get("max_skipped_fraction", 1.0))
+        updates = self.global_step // self.cfg.gradient_acc
+        if limit >= 1.0 or updates == 0:
+            return
+        fraction = self.skips.total / updates
+        if fraction > limit:
+            raise TooManySkippedSteps(
+                f"{self.skips.total} of {updates} optimiser steps ({100 * fraction:.0f}%) were "
+                f"skipped for a non-finite loss, gradient or BatchNorm statistic, more than "
+                f"max_skipped_fraction = {limit:g}: the run has diverged and is not saved as "
+                f"finished (model.pt not written at global step {self.global_step}); lower "
+                "the learning rate and check the data for NaN/Inf images"
+            )
+
+
+def _refuse_nonfinite(tensors, what: str) -> None:
+    name = first_nonfinite(tensors)
+    if name is not None:
+        raise NonFiniteState(
+            f"not saving {what}: {name} holds NaN or Inf; the files already written are "
+            "kept as they were. The run has diverged: lower the learning rate"
+        )
 
 
 def _log_config(cfg) -> None:
@@ -390,6 +428,7 @@ def fit(
                     and batch_idx + 1 < trainer.steps_per_epoch
                 ):
                     trainer.save_state(epoch=epoch, epoch_step=batch_idx + 1)
+            trainer.check_skipped_fraction()  # every rank: they count the same skips
             if cfg.save_all_states or cfg.save_every_steps:
                 trainer.save_state(epoch=epoch + 1, epoch_step=0)
             if env.rank == 0:

@@ -5,6 +5,7 @@ without a trace."""
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -62,8 +63,9 @@ def optimizer_step(
     """Clip, check and apply the accumulated gradients; ``False`` when skipped.
 
     The backbone's gradients are clipped to a norm of :data:`GRAD_CLIP_NORM`. A non-finite norm
-    (or the scaler's Inf flag) skips the step: the weights and optimiser state stay, ``buffers``
-    puts back the BatchNorm statistics the forward wrote, and ``skips`` counts it (raising
+    (or the scaler's Inf flag, or a BatchNorm buffer the forward made non-finite) skips the
+    step: the weights and optimiser state stay, ``buffers`` puts back the BatchNorm statistics
+    the forward wrote, and ``skips`` counts it (raising
     :class:`~otface.train.guard.TooManySkippedSteps` past its limit). The gradients are set to
     ``None`` either way, unless ``keep_grads`` (a CUDA graph owns them and overwrites them on
     its next replay: :mod:`otface.train.graph`). ``global_step`` names the step in the warning.
@@ -72,6 +74,12 @@ def optimizer_step(
         grad_scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(backbone.parameters(), GRAD_CLIP_NORM)
     ok = torch.isfinite(grad_norm)
+    # A forward can push BatchNorm's running statistics to Inf while the loss and the
+    # gradients stay finite (a huge learning rate): such a step is skipped too, and its
+    # statistics restored, or every later step is NaN and the saved model useless.
+    buffers_ok = buffers.finite()
+    if buffers_ok is not None:
+        ok = ok & buffers_ok.to(ok.device)
     found_inf = _found_inf(grad_scaler, optimizer)
     if found_inf is not None:
         # The scaler's Inf flag (class centres included; all-reduced by ShardedGradScaler,
@@ -91,8 +99,11 @@ def optimizer_step(
         # step), and the BatchNorm statistics its forward wrote are put back.
         buffers.restore()
         if skips.total == 0 or (skips.total + 1) % 100 == 0:
-            why = f"non-finite gradient norm ({float(grad_norm)})"
-            if grad_scaler is not None:
+            norm = float(grad_norm)
+            why = f"non-finite gradient norm ({norm})"
+            if math.isfinite(norm) and buffers_ok is not None and not bool(buffers_ok):
+                why = "non-finite BatchNorm running statistics after the forward"
+            elif grad_scaler is not None:
                 # Normal at the start of fp16 training, while the scaler calibrates.
                 why = (
                     f"fp16 gradients overflowed at loss scale "

@@ -15,7 +15,7 @@ from otface.config import ConfigError, load_config
 from otface.data.loader import TooManyBadImages
 from otface.train.checkpoint import CheckpointError, checkpoint_path
 from otface.train.distributed import init_distributed, shutdown_distributed
-from otface.train.guard import TooManySkippedSteps
+from otface.train.guard import NonFiniteState, TooManySkippedSteps
 from otface.train.log import init_logging
 from otface.train.loop import BackboneFactory, fit, prepare_data
 from otface.train.signals import RUN, Terminated, in_main_thread, raise_terminated
@@ -57,7 +57,13 @@ def main(
     except ConfigError as err:
         _report_error(str(err))
         return 2
-    except (CheckpointError, TooManySkippedSteps, TooManyBadImages, OSError) as err:
+    except (
+        CheckpointError,
+        TooManySkippedSteps,
+        NonFiniteState,
+        TooManyBadImages,
+        OSError,
+    ) as err:
         _report_error(str(err))
         return 1
     except RuntimeError as err:
