@@ -2,6 +2,7 @@
 that disagree, signals, and one-line errors instead of tracebacks."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -388,8 +389,47 @@ def test_sigterm_reports_the_last_complete_checkpoint(tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-2000:]
-    assert f"interrupted (SIGTERM); the last complete checkpoint is {ckpt}" in output
+    line = next(x for x in output.splitlines() if "interrupted (SIGTERM)" in x)
+    assert f"this run's last complete checkpoint is {ckpt} (global step " in line
+    steps = [int(v) for v in re.findall(r"global step (\d+)", line)]
+    assert len(steps) == 2 and steps[1] <= steps[0] and steps[1] % 2 == 0, line
     assert "Traceback" not in output
+
+
+def test_interrupt_of_a_new_run_never_offers_an_older_runs_checkpoint(tmp_path):
+    # A finished run leaves its checkpoint; a new run in the same folder (resume = False) is
+    # stopped before it writes one: the message must say so, and not offer the old file.
+    path, out = _config(tmp_path, num_image=64, num_epoch=1, save_every=0)
+    assert run.main(path) == 0
+    old = checkpoint_path(out, 0)
+    assert os.path.isfile(old)
+    path2, _ = _config(tmp_path, num_image=8 * 400, num_epoch=1, save_every=0, name="job")
+    log = os.path.join(out, "training.log")
+    proc = start_train(
+        path2, wait_for=log, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+
+    def training_again():  # the new run's log lines come after its warning
+        text = _read(log)
+        return "already holds" in text and "Global Step:" in text.rsplit("already holds", 1)[1]
+
+    while time.time() < deadline and proc.poll() is None and not training_again():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-2000:]
+    line = next(x for x in output.splitlines() if "interrupted (SIGTERM)" in x)
+    assert "this run wrote no checkpoint" in line and "an earlier run's" in line, line
+    assert "last complete checkpoint" not in line
+    assert "already holds" in output  # warned at the start, before anything was replaced
+
+
+def _read(path):
+    try:
+        return open(path).read()
+    except OSError:
+        return ""
 
 
 @pytest.mark.parametrize(

@@ -125,9 +125,12 @@ def cannot_write(path: str, err: OSError) -> CheckpointError:
     """The one-line error for a failed write or rename of ``path``, with the OS's reason."""
     code = errno.errorcode.get(err.errno or 0, "")
     why = f"{err.strerror} ({code})" if err.strerror else str(err)
-    return CheckpointError(
-        f"cannot write {path}: {why}; the existing {os.path.basename(path)} was left as it was"
+    kept = (
+        f"the existing {os.path.basename(path)} was left as it was"
+        if os.path.exists(path)
+        else f"there was no {os.path.basename(path)} before, and none was written"
     )
+    return CheckpointError(f"cannot write {path}: {why}; {kept}")
 
 
 def write_temp(path: str, write: Callable[[Any], Any]) -> tuple[str, FileDigest]:

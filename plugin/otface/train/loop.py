@@ -131,6 +131,7 @@ class Trainer(ResumeMixin):
         self.start_epoch = 0
         self.start_batch = 0
         self.last_checkpoint: str | None = None
+        self.last_checkpoint_step: int | None = None
         self._resumed_rng: dict | None = None
         self._synced_once = False
         self.step_graph = self._build_step_graph(cfg.get("cuda_graph", "off"))
@@ -275,6 +276,7 @@ class Trainer(ResumeMixin):
         with signals_deferred():
             path = save_checkpoint(state, self.cfg.output, self.env.rank)
             self.last_checkpoint = path
+            self.last_checkpoint_step = self.global_step
         return path
 
     def save_model(self) -> str:
@@ -301,6 +303,23 @@ class Trainer(ResumeMixin):
                 f"finished (model.pt not written at global step {self.global_step}); lower "
                 "the learning rate and check the data for NaN/Inf images"
             )
+
+
+def _warn_earlier_checkpoint(cfg, env: DistEnv) -> None:
+    """A fresh run (resume = False) in a folder that holds another run's checkpoint: say so
+    before anything replaces it."""
+    from otface.train.checkpoint import checkpoint_path
+
+    path = checkpoint_path(cfg.output, env.rank)
+    if env.rank == 0 and os.path.isfile(path):
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+        logging.warning(
+            "%s already holds %s from an earlier run (written %s); this run starts afresh "
+            "(resume = False) and replaces it at its first checkpoint",
+            cfg.output,
+            os.path.basename(path),
+            written,
+        )
 
 
 def _refuse_nonfinite(tensors, what: str) -> None:
@@ -338,6 +357,8 @@ def fit(
     trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
     if cfg.resume:
         trainer.resume()
+    else:
+        _warn_earlier_checkpoint(cfg, env)
     leftover = trainer.total_step % cfg.gradient_acc
     if leftover:
         logging.warning(
@@ -447,4 +468,6 @@ def fit(
         if writer is not None:
             writer.close()
         RUN.last_checkpoint = trainer.last_checkpoint
+        RUN.last_checkpoint_step = trainer.last_checkpoint_step
+        RUN.global_step = trainer.global_step
     return trainer

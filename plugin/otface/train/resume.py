@@ -88,6 +88,7 @@ class ResumeMixin:
         elif position.note:
             logging.info("resuming at global step %d: %s", self.global_step, position.note)
         self.last_checkpoint = path
+        self.last_checkpoint_step = self.global_step
         logging.info(
             "resumed from %s: epoch %d, batch %d of the epoch, global step %d, learning rate %.6f",
             path,

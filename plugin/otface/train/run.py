@@ -41,7 +41,7 @@ def main(
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    RUN.last_checkpoint = None
+    RUN.reset()
     previous_handler = None
     if in_main_thread():
         previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
@@ -110,19 +110,29 @@ def _report_error(message: str) -> None:
             )
 
 
-def _last_checkpoint(output: str) -> str | None:
-    last = RUN.last_checkpoint
-    if last is None:
-        path = checkpoint_path(output, 0)
-        last = path if os.path.isfile(path) else None
-    return last
+def _this_runs_checkpoint(output: str) -> str:
+    """Which checkpoint this run can resume from, with its step: the last one it wrote or
+    resumed from. A checkpoint in the folder that this run did not write (an earlier run's)
+    is named as such, never offered as this run's."""
+    if RUN.last_checkpoint is not None:
+        step = RUN.last_checkpoint_step
+        at = f" (global step {step})" if step is not None else ""
+        return f"this run's last complete checkpoint is {RUN.last_checkpoint}{at}"
+    other = checkpoint_path(output, 0)
+    if os.path.isfile(other):
+        return (
+            f"this run wrote no checkpoint; {other} is an earlier run's, and resume = True "
+            "would continue that run, not this one"
+        )
+    return f"this run wrote no checkpoint in {output}"
+
+
+def _at_step() -> str:
+    return f" at global step {RUN.global_step}" if RUN.global_step is not None else ""
 
 
 def _interrupted_message(output: str, signal_name: str) -> str:
-    last = _last_checkpoint(output)
-    if last is None:
-        return f"interrupted ({signal_name}); no checkpoint was written in {output}"
-    return f"interrupted ({signal_name}); the last complete checkpoint is {last}"
+    return f"interrupted ({signal_name}){_at_step()}; {_this_runs_checkpoint(output)}"
 
 
 # gloo reports a peer that died mid-collective as a plain RuntimeError naming its transport.
@@ -141,14 +151,13 @@ def _lost_peer(err: RuntimeError) -> bool:
 def _lost_peer_message(err: RuntimeError, output: str, env) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     rank = f"rank {env.rank}" if env is not None else "this rank"
-    last = _last_checkpoint(output)
-    resume = (
-        f"the last complete checkpoint is {last}; restart the job with resume = True "
-        "(on any number of ranks: Partial FC's centres are resharded)"
-        if last
-        else f"no checkpoint was written in {output}"
-    )
+    resume = _this_runs_checkpoint(output)
+    if RUN.last_checkpoint is not None:
+        resume += (
+            "; restart the job with resume = True (on any number of ranks: Partial FC's "
+            "centres are resharded)"
+        )
     return (
-        f"{rank}: a collective failed because another rank of the job died or stopped "
-        f"answering ({type(err).__name__}: {first}); {resume}"
+        f"{rank}: a collective failed{_at_step()} because another rank of the job died or "
+        f"stopped answering ({type(err).__name__}: {first}); {resume}"
     )

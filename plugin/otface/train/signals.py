@@ -11,9 +11,15 @@ __all__ = ["RUN", "Terminated", "in_main_thread", "raise_terminated", "signals_d
 
 
 class RunRecord:
-    """What an interrupted run reports: the last checkpoint this process completed."""
+    """What an interrupted run reports: the last checkpoint this process completed (or the
+    one it resumed from), that checkpoint's global step, and the step the run had reached."""
 
     last_checkpoint: str | None = None
+    last_checkpoint_step: int | None = None
+    global_step: int | None = None
+
+    def reset(self) -> None:
+        self.last_checkpoint = self.last_checkpoint_step = self.global_step = None
 
 
 RUN = RunRecord()
