@@ -10,6 +10,7 @@ holding the magic word at a 4-byte aligned position is split there (cflag 1 = fi
 
 from __future__ import annotations
 
+import os
 import struct
 
 import cv2
@@ -171,7 +172,12 @@ def test_packer_round_trip(tmp_path):
         for j in range(label + 1):
             data = _jpeg(100 * label + j, size=112)
             if label == 1 and j == 0:
-                data = data[:24] + MAGIC_BYTES + data[24:]  # payload with an aligned magic word
+                # A payload with an aligned magic word at byte 24, in a JPEG comment segment
+                # (FF FE, length) so that the image still decodes.
+                comment = b"x" * 18 + MAGIC_BYTES + b"xx"
+                segment = b"\xff\xfe" + struct.pack(">H", 2 + len(comment)) + comment
+                data = data[:2] + segment + data[2:]
+                assert data[24:28] == MAGIC_BYTES
             (root / name / f"{j:03d}.jpg").write_bytes(data)
             expected.append((label, data))
     out = tmp_path / "packed"
@@ -264,3 +270,54 @@ def test_index_parse_fast_path_and_bad_lines(tmp_path):
         idx.write_text(bad)
         with pytest.raises(RecordIOError, match=f"train.idx line {line}: expected"):
             _read_index(idx)
+
+
+def _faces_with_bad_files(root):
+    """Three identities of good JPEGs, plus a JPEG header followed by garbage, a JPEG cut to
+    200 bytes and an empty file, each in its own identity's folder."""
+    good = 0
+    for label, name in enumerate(["alice", "bob", "carol"]):
+        (root / name).mkdir(parents=True)
+        for j in range(2):
+            (root / name / f"{j:03d}.jpg").write_bytes(_jpeg(10 * label + j, size=112))
+            good += 1
+    (root / "alice" / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(4000))
+    (root / "bob" / "cut.jpg").write_bytes(_jpeg(99, size=112)[:200])
+    (root / "dave").mkdir()
+    (root / "dave" / "empty.jpg").write_bytes(b"")
+    return good
+
+
+def test_packer_decodes_every_image_and_writes_nothing_when_it_refuses(tmp_path, capsys):
+    root = tmp_path / "faces"
+    _faces_with_bad_files(root)
+    out = tmp_path / "packed"
+    assert pack_main([str(root), str(out)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for name in ("garbage.jpg", "cut.jpg", "empty.jpg"):  # every bad file, in one summary
+        assert name in lines[0], lines[0]
+    assert "3 of 9 files" in lines[0] and "--skip-bad" in lines[0]
+    assert "checked 9/9 images (3 not decodable)" in err  # the progress line
+    assert not out.exists()  # not even an empty folder
+
+
+def test_packer_skip_bad_packs_the_rest_and_lists_what_it_left_out(tmp_path, capsys):
+    root = tmp_path / "faces"
+    good = _faces_with_bad_files(root)
+    out = tmp_path / "packed"
+    assert pack_main([str(root), str(out), "--skip-bad", "--workers", "2"]) == 0
+    assert "left out 3 files" in capsys.readouterr().out
+    reader = IndexedRecordReader(out / "train.rec", out / "train.idx")
+    keys, labels, _ = read_rec_labels(reader)
+    assert len(keys) == good and sorted(set(labels.tolist())) == [0, 1, 2]
+    for key in keys:  # everything packed decodes
+        _, image = unpack_payload(reader.read(int(key)))
+        assert cv2.imdecode(np.frombuffer(image, np.uint8), 1) is not None
+    # dave had only an empty file: dropped, labels follow the remaining folders.
+    assert (out / "classes.txt").read_text().split() == ["alice", "bob", "carol"]
+    skipped = (out / "skipped.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in skipped) == sorted(
+        ["alice/garbage.jpg", "bob/cut.jpg", "dave/empty.jpg"]
+    )

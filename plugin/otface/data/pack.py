@@ -2,12 +2,17 @@
 
 Usage::
 
-    python -m otface.data.pack IMAGE_DIR OUT_DIR
+    python -m otface.data.pack IMAGE_DIR OUT_DIR [--skip-bad] [--workers N]
 
 ``IMAGE_DIR`` holds one sub-folder per identity; labels follow the sorted sub-folder names.
-JPEG and PNG files are stored byte for byte; other formats are re-encoded as PNG (lossless).
-``OUT_DIR`` receives ``train.rec``, ``train.idx`` and ``property`` (header-0 identity ranges,
-as in MS1M / Glint360K), and ``classes.txt`` (one sub-folder name per label).
+Every file is decoded first (in parallel threads, with a progress line): a file that OpenCV
+cannot decode (a truncated JPEG, garbage after a valid header) is reported by name, all of them
+in one summary, and nothing is written, not even ``OUT_DIR``. With ``--skip-bad`` the others
+are packed, and the left-out files are listed in ``OUT_DIR/skipped.txt``; identities left with
+no image are dropped (labels follow the remaining sub-folders). JPEG and PNG files are stored
+byte for byte; other formats are re-encoded as PNG (lossless). ``OUT_DIR`` receives
+``train.rec``, ``train.idx`` and ``property`` (header-0 identity ranges, as in MS1M /
+Glint360K), and ``classes.txt`` (one sub-folder name per label).
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -24,19 +32,79 @@ import numpy as np
 from otface.data.datasets import scan_image_folder
 from otface.data.rec_writer import WrittenRec, write_rec
 
-__all__ = ["pack_image_folder", "main"]
+__all__ = ["BadImages", "PackResult", "check_images", "pack_image_folder", "main"]
+
+_SHOWN = 20  # bad files named in an error message; all of them go to skipped.txt
+
+
+class BadImages(ValueError):
+    """Files of the image folder that are not decodable images (``bad``: path, reason)."""
+
+    def __init__(self, root: Path, bad: list[tuple[Path, str]], total: int) -> None:
+        self.bad = bad
+        shown = "; ".join(f"{path.relative_to(root)} ({why})" for path, why in bad[:_SHOWN])
+        more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+        super().__init__(
+            f"{root}: {len(bad)} of {total} files are not decodable images: {shown}{more}. "
+            "Nothing was written; remove or replace them, or pass --skip-bad to pack the rest"
+        )
+
+
+class PackResult(NamedTuple):
+    written: WrittenRec
+    skipped: list[tuple[Path, str]]
 
 
 def _is_jpeg_or_png(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _decode(data: bytes) -> Optional[np.ndarray]:
+    if not data:
+        return None
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+
+
+def _why_bad(path: Path) -> Optional[str]:
+    """None for a decodable image, else why not."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    if not data:
+        return "empty file"
+    if _decode(data) is None:
+        return "cannot be decoded" + (" (truncated or damaged)" if _is_jpeg_or_png(data) else "")
+    return None
+
+
+def check_images(
+    paths: Sequence[Path], *, workers: int = 0, progress=None
+) -> list[tuple[Path, str]]:
+    """Decode every file (threads: OpenCV releases the GIL); return the bad ones with why.
+
+    ``progress(done, total, bad)`` is called about every two seconds and at the end.
+    """
+    workers = workers or min(16, os.cpu_count() or 1)
+    bad: list[tuple[Path, str]] = []
+    last = time.monotonic()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, (path, why) in enumerate(zip(paths, pool.map(_why_bad, paths)), start=1):
+            if why is not None:
+                bad.append((path, why))
+            now = time.monotonic()
+            if progress is not None and (now - last >= 2.0 or done == len(paths)):
+                progress(done, len(paths), len(bad))
+                last = now
+    return bad
+
+
 def _encoded(path: Path) -> bytes:
     data = path.read_bytes()
     if _is_jpeg_or_png(data):
         return data
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
-    if img is None:
+    img = _decode(data)
+    if img is None:  # changed since it was checked
         raise ValueError(f"{path}: not a decodable image")
     ok, buf = cv2.imencode(".png", img)
     if not ok:
@@ -44,24 +112,61 @@ def _encoded(path: Path) -> bytes:
     return buf.tobytes()
 
 
-def pack_image_folder(image_dir: str | os.PathLike, out_dir: str | os.PathLike) -> WrittenRec:
-    """Writes ``out_dir/train.{rec,idx}``, ``property`` and ``classes.txt`` from ``image_dir``.
+def pack_image_folder(
+    image_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    skip_bad: bool = False,
+    workers: int = 0,
+    progress=None,
+) -> PackResult:
+    """Writes ``out_dir/train.{rec,idx}``, ``property`` and ``classes.txt`` from ``image_dir``
+    (and ``skipped.txt`` when ``skip_bad`` left files out).
 
     Raises:
         FileNotFoundError: ``image_dir`` is missing or holds no images.
-        ValueError: a file is not a decodable image (named).
+        BadImages: files that are not decodable images (all named; nothing written), unless
+            ``skip_bad``.
+        ValueError: nothing decodable is left to pack.
     """
-    paths, labels, classes = scan_image_folder(image_dir)
+    root = Path(image_dir)
+    paths, labels, classes = scan_image_folder(root)
+    bad = check_images(paths, workers=workers, progress=progress)
+    if bad and not skip_bad:
+        raise BadImages(root, bad, len(paths))
+    refused = {path for path, _ in bad}
+    keep = [i for i, path in enumerate(paths) if path not in refused]
+    if not keep:
+        raise ValueError(f"{root}: none of the {len(paths)} files is a decodable image")
+    kept_labels = sorted({int(labels[i]) for i in keep})
+    relabel = {old: new for new, old in enumerate(kept_labels)}
 
     def samples() -> Iterator[tuple[int, bytes]]:
-        for path, label in zip(paths, labels):
-            yield int(label), _encoded(path)
+        for i in keep:
+            yield relabel[int(labels[i])], _encoded(paths[i])
 
-    written = write_rec(out_dir, samples())
-    tmp = Path(out_dir) / f"classes.txt.tmp-{os.getpid()}"
-    tmp.write_text("".join(f"{name}\n" for name in classes), encoding="utf-8")
-    os.replace(tmp, Path(out_dir) / "classes.txt")
-    return written
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        written = write_rec(out, samples())
+        _write_text(out / "classes.txt", "".join(f"{classes[c]}\n" for c in kept_labels))
+        if bad:
+            _write_text(
+                out / "skipped.txt", "".join(f"{p.relative_to(root)}\t{why}\n" for p, why in bad)
+            )
+    except BaseException:
+        if created:  # nothing half-written left behind
+            for child in out.glob("*"):
+                child.unlink()
+            out.rmdir()
+        raise
+    return PackResult(written, bad)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,16 +176,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("image_dir", help="folder with one sub-folder of images per identity")
     parser.add_argument("out_dir", help="output folder for train.rec, train.idx, property")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="pack the decodable images and list the others in OUT_DIR/skipped.txt",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="decoding threads (default: CPUs, at most 16)"
+    )
     args = parser.parse_args(argv)
+
+    def progress(done: int, total: int, bad: int) -> None:
+        print(f"checked {done}/{total} images ({bad} not decodable)", file=sys.stderr)
+
     try:
-        written = pack_image_folder(args.image_dir, args.out_dir)
+        result = pack_image_folder(
+            args.image_dir,
+            args.out_dir,
+            skip_bad=args.skip_bad,
+            workers=args.workers,
+            progress=progress,
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    written = result.written
     print(
         f"wrote {written.num_image} images of {written.num_classes} identities to "
         f"{written.root / 'train.rec'}"
     )
+    if result.skipped:
+        print(
+            f"left out {len(result.skipped)} files that are not decodable images "
+            f"(listed in {written.root / 'skipped.txt'})"
+        )
     return 0
 
 
