@@ -111,7 +111,10 @@ def test_rotation_keeps_exactly_two_with_checksums(tmp_path):
         # arcface_torch reads it with a plain torch.load
         assert _same(torch.load(tmp_path / name, weights_only=False), _state(step))
         recorded = (tmp_path / (name + ".sha256")).read_text().split()
-        assert recorded == [hashlib.sha256(data).hexdigest(), str(len(data))]
+        assert recorded[:2] == [hashlib.sha256(data).hexdigest(), str(len(data))]
+        # The third field checks the first two: SHA-256 of "<digest>  <size>", 16 hex digits.
+        own = hashlib.sha256(f"{recorded[0]}  {recorded[1]}".encode()).hexdigest()[:16]
+        assert recorded[2] == own
 
 
 @pytest.mark.parametrize("damage", ["overwrite", "truncate"])
@@ -305,3 +308,23 @@ def test_unwritable_folder_names_file(tmp_path, monkeypatch):
     monkeypatch.setattr(integrity.tempfile, "mkstemp", mkstemp)
     with pytest.raises(CheckpointError, match=r"checkpoint_gpu_3\.pt: Permission denied"):
         save_checkpoint(_state(1), str(tmp_path), 3)
+
+
+@pytest.mark.parametrize("damage", ["wrong_hash", "garbled"])
+def test_damaged_sidecar_does_not_condemn_a_good_checkpoint(tmp_path, caplog, damage):
+    # A wrong hash in the sidecar (its own check then fails), or bytes that do not parse:
+    # the newest checkpoint is still the one loaded, with a warning, not set aside.
+    save_checkpoint(_state(1), str(tmp_path), 0)
+    save_checkpoint(_state(2), str(tmp_path), 0)
+    sidecar = tmp_path / "checkpoint_gpu_0.pt.sha256"
+    fields = sidecar.read_text().split()
+    if damage == "wrong_hash":
+        fields[0] = ("0" if fields[0][0] != "0" else "1") + fields[0][1:]
+        sidecar.write_text("  ".join(fields) + "\n")
+    else:
+        sidecar.write_bytes(b"\x00\xff" * 20)
+    with caplog.at_level(logging.WARNING):
+        ckpt, path = load_latest_checkpoint(str(tmp_path), 0)
+    assert path.endswith("checkpoint_gpu_0.pt") and ckpt["global_step"] == 2
+    assert "damaged" in caplog.text and "without verification" in caplog.text
+    assert not list(tmp_path.glob("*.corrupt*"))

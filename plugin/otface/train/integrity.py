@@ -4,7 +4,13 @@ Every file is written to a temporary ``.NAME.XXXXXXXX.tmp`` beside it, fsynced a
 the old one, so a kill never leaves a truncated file under a real name. The SHA-256 and size of
 the bytes are computed while ``torch.save`` writes them (no re-read of a multi-GB Partial-FC
 shard) and can be stored in a sidecar ``NAME.sha256`` (one line, ``<hex digest>  <size in
-bytes>``); the file itself is unchanged for readers that know nothing of sidecars.
+bytes>  <check>``, where ``<check>`` is the first 16 hex digits of the SHA-256 of the line's
+first two fields); the file itself is unchanged for readers that know nothing of sidecars.
+
+The sidecar vouches for itself: a sidecar whose own check fails, or that cannot be parsed, is
+damaged, and says nothing about its file, which then loads with a warning that it could not be
+verified (rather than being set aside as corrupt). Sidecars of two fields (older otface) are
+still read, without that self-check.
 
 A file counts as verified when its size and digest match its own sidecar or its *partner's*:
 the training checkpoints are rotated in pairs, and during a rotation a file can be described by
@@ -27,6 +33,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "DamagedSidecar",
     "FileDigest",
     "atomic_save",
     "cannot_write",
@@ -181,9 +188,14 @@ def atomic_save(obj: Any, path: str) -> FileDigest:
     return digest
 
 
+def _self_check(record: str) -> str:
+    return hashlib.sha256(record.encode("ascii")).hexdigest()[:16]
+
+
 def write_checksum(path: str, digest: FileDigest) -> None:
-    """Atomically publish the sidecar of ``path``."""
-    line = f"{digest.sha256}  {digest.size_bytes}\n".encode("ascii")
+    """Atomically publish the sidecar of ``path`` (with its own check)."""
+    record = f"{digest.sha256}  {digest.size_bytes}"
+    line = f"{record}  {_self_check(record)}\n".encode("ascii")
     sidecar = checksum_path(path)
     tmp, _ = write_temp(sidecar, lambda f: f.write(line))
     try:
@@ -236,19 +248,38 @@ def load_verified(path: str, *, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err})") from err
 
 
+class DamagedSidecar(ValueError):
+    """A sidecar that fails its own check or cannot be parsed: it vouches for nothing."""
+
+
 def _read_checksum(path: str) -> FileDigest | None:
-    """The record in ``path``'s sidecar; ``None`` when there is none. Raises ValueError if bad."""
+    """The record in ``path``'s sidecar; ``None`` when there is none.
+
+    Raises:
+        DamagedSidecar: the sidecar fails its own check, or cannot be parsed.
+        ValueError: the sidecar cannot be read.
+    """
     sidecar = checksum_path(path)
     try:
-        with open(sidecar, encoding="ascii") as f:
-            text = f.read(256)
+        with open(sidecar, "rb") as f:
+            raw = f.read(256)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise ValueError(f"checksum file {sidecar} cannot be read ({err})") from err
-    fields = text.split()
-    if len(fields) != 2 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]) or not fields[1].isdigit():
-        raise ValueError(f"checksum file {sidecar} is malformed ({text[:80]!r})")
+    try:
+        fields = raw.decode("ascii").split()
+    except UnicodeDecodeError:
+        fields = []
+    well_formed = (
+        len(fields) in (2, 3)
+        and re.fullmatch(r"[0-9a-f]{64}", fields[0]) is not None
+        and fields[1].isdigit()
+    )
+    if not well_formed:
+        raise DamagedSidecar(f"checksum file {sidecar} is damaged (cannot be parsed)")
+    if len(fields) == 3 and fields[2] != _self_check(f"{fields[0]}  {fields[1]}"):
+        raise DamagedSidecar(f"checksum file {sidecar} is damaged (its own check fails)")
     return FileDigest(fields[0], int(fields[1]))
 
 
@@ -273,9 +304,11 @@ def verify(path: str, partner: str) -> bool:
         ValueError: it is corrupt (size or SHA-256 differs from its checksum file), or its
             checksum file is unreadable; the message says which.
     """
+    own_error = None
     try:
         own = _read_checksum(path)
-        own_error = None
+    except DamagedSidecar as err:
+        own, own_error = None, err
     except ValueError as err:
         own, own_error = None, err
     try:
@@ -287,6 +320,10 @@ def verify(path: str, partner: str) -> bool:
     actual = _file_digest(path) if any(r.size_bytes == size for r in records) else None
     if actual is not None and actual in records:
         return True
+    if isinstance(own_error, DamagedSidecar):
+        # The sidecar is what is broken: the file is not condemned on its word.
+        logger.warning("%s; %s is used without verification", own_error, path)
+        return False
     if own_error is not None:
         raise own_error
     if own is None:
