@@ -1,6 +1,7 @@
 """Trainer reliability over a long run: NaN batches, exact resume, corrupt checkpoints, ranks
 that disagree, signals, and one-line errors instead of tracebacks."""
 
+import logging
 import os
 import re
 import shutil
@@ -633,3 +634,27 @@ def test_evaluation_refuses_non_finite_or_empty_models(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"the file is empty \(0 bytes\)"):
         load_backbone_state(tmp_path / "empty.pt")
+
+
+def test_the_first_step_and_the_stopping_skip_are_logged(tmp_path):
+    # frequent = 1: step 1 gets its line (its speed counts the start-up); the skipped step that
+    # stops the run gets its warning line before the error.
+    path, out = _config(tmp_path, num_image=64, num_epoch=1, extra="config.frequent = 1\n")
+    assert run.main(path) == 0
+    log = open(os.path.join(out, "training.log")).read()
+    assert "Global Step: 1 " in log
+    path, _ = _config(tmp_path, name="stops", extra="config.max_consecutive_skips = 3\n")
+    trainer = loop.Trainer(load_config(path), _env())
+    nan = torch.full((8, 3, 112, 112), float("nan"))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append  # the run above set up the root logger's own handlers
+    logging.getLogger().addHandler(handler)
+    try:
+        trainer.train_step(nan, torch.arange(8))
+        trainer.train_step(nan, torch.arange(8))
+        with pytest.raises(TooManySkippedSteps):
+            trainer.train_step(nan, torch.arange(8))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert any(r.getMessage().startswith("step 3:") for r in records), records

@@ -120,11 +120,11 @@ class StepLogger:
         if global_step % self.frequent != 0:
             return None
         now = time.time()
-        if self._tic is None:  # the first window includes start-up: time from the next one
-            self._tic = now
-            self.meter.reset()
-            return None
-        speed = self.frequent * self.samples_per_step / max(now - self._tic, 1e-9)
+        # The first window of a start or a resume is logged too; its speed includes start-up
+        # (from the logger's creation), the later ones are the steady pace.
+        since = self._t_start if self._tic is None else self._tic
+        steps = global_step - self.start_step if self._tic is None else self.frequent
+        speed = max(steps, 1) * self.samples_per_step / max(now - since, 1e-9)
         done = max(global_step - self.start_step, 1)
         eta_hours = (now - self._t_start) / done * (self.total_step - global_step) / 3600
         avg = self.meter.averages()

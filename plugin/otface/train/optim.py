@@ -98,7 +98,8 @@ def optimizer_step(
         # A NaN/Inf batch must not poison the model: weights and optimiser state stay (no
         # step), and the BatchNorm statistics its forward wrote are put back.
         buffers.restore()
-        if skips.total == 0 or (skips.total + 1) % 100 == 0:
+        last = skips.max_consecutive and skips.consecutive + 1 >= skips.max_consecutive
+        if skips.total == 0 or (skips.total + 1) % 100 == 0 or last:
             norm = float(grad_norm)
             why = f"non-finite gradient norm ({norm})"
             if math.isfinite(norm) and buffers_ok is not None and not bool(buffers_ok):
