@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import cv2
@@ -658,3 +659,67 @@ def test_the_first_step_and_the_stopping_skip_are_logged(tmp_path):
     finally:
         logging.getLogger().removeHandler(handler)
     assert any(r.getMessage().startswith("step 3:") for r in records), records
+
+
+# -- a full disk under the log and TensorBoard --------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 24 KB tmpfs (skipped where mounting is not permitted)."""
+    where = tmp_path / "tiny"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or done.returncode}")
+    yield where
+    subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_full_disk_under_the_log_is_one_error_line(tmp_path, tiny_disk):
+    path, _ = _config(tmp_path, num_image=8 * 200, num_epoch=1, extra="config.frequent = 1\n")
+    text = open(path + ".py").read().replace("config.save_all_states = True", "")
+    out = str(tiny_disk / "run")
+    text += f"config.save_all_states = False\nconfig.output = {out!r}\n"
+    open(path + ".py", "w").write(text)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), path], capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output and "Logging error" not in output, output[-3000:]
+    assert "Exception in thread" not in output
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], proc.stderr[-2000:]
+    assert "training.log" in errors[0] or "tfevents" in errors[0] or "tensorboard" in errors[0]
+
+
+def test_tensorboard_write_errors_are_recorded_not_printed(tmp_path, capsys):
+    import errno as errno_codes
+    import threading
+
+    from otface.train import log as train_log
+
+    train_log._FAILED_WRITE.clear()
+    previous_hook = threading.excepthook
+    threading.excepthook = train_log._thread_excepthook  # as init_logging sets it
+    writer = train_log.SafeSummaryWriter(str(tmp_path / "tensorboard"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno_codes.ENOSPC, "No space left on device")
+
+    writer._writer.add_scalar = full
+    writer.add_scalar("loss", 1.0, 1)
+    with pytest.raises(train_log.OutputWriteError, match="tfevents.*No space left on device"):
+        train_log.raise_write_failure()
+    # TensorBoard's background thread: recorded, no "Exception in thread" traceback.
+    thread = threading.Thread(target=full)
+    thread.start()
+    thread.join()
+    assert "Exception in thread" not in capsys.readouterr().err
+    threading.excepthook = previous_hook
+    with pytest.raises(train_log.OutputWriteError, match="No space left on device"):
+        train_log.raise_write_failure()
+    writer.close()

@@ -2,18 +2,111 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 
 import torch
 
-__all__ = ["init_logging", "MetricMeter", "StepLogger"]
+__all__ = [
+    "OutputWriteError",
+    "SafeSummaryWriter",
+    "init_logging",
+    "MetricMeter",
+    "StepLogger",
+    "raise_write_failure",
+]
 
 _FORMAT = "Training: %(asctime)s-%(message)s"
+
+
+class OutputWriteError(RuntimeError):
+    """The log file or TensorBoard's events could not be written (a full disk, say)."""
+
+
+# The first failed write of the log file or of TensorBoard's events: (file, error). Recorded
+# where it happens (a logging handler, TensorBoard's writer thread), raised in the training
+# loop by raise_write_failure().
+_FAILED_WRITE: list[tuple[str, OSError]] = []
+
+
+def _record_failure(path: str, err: OSError) -> None:
+    if not _FAILED_WRITE:
+        _FAILED_WRITE.append((path, err))
+
+
+def raise_write_failure() -> None:
+    """Raise :class:`OutputWriteError` if a log or TensorBoard write has failed (one line
+    naming the file and the OS's reason)."""
+    if not _FAILED_WRITE:
+        return
+    path, err = _FAILED_WRITE.pop()
+    code = errno.errorcode.get(err.errno or 0, "")
+    why = f"{err.strerror} ({code})" if err.strerror else str(err)
+    raise OutputWriteError(
+        f"cannot write {path}: {why}; training stopped, the checkpoints already written are "
+        "untouched"
+    )
+
+
+class _LogFileHandler(logging.FileHandler):
+    """``training.log``: a failed write is recorded for the loop to stop on, not printed as a
+    ``--- Logging error ---`` traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            _record_failure(self.baseFilename, err)
+            return
+        super().handleError(record)
+
+
+class SafeSummaryWriter:
+    """TensorBoard's ``SummaryWriter`` whose write errors (from its calls or its background
+    writer thread) are recorded for the loop to stop on, with the events file's name, instead
+    of a thread traceback."""
+
+    def __init__(self, log_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = log_dir
+        self._writer = SummaryWriter(log_dir=log_dir)
+        event_writer = getattr(self._writer._get_file_writer(), "event_writer", None)
+        self.file_name = getattr(event_writer, "_file_name", None) or log_dir
+        _WRITER_FILES.add(self.file_name)
+
+    def _call(self, name: str, *args, **kwargs):
+        try:
+            return getattr(self._writer, name)(*args, **kwargs)
+        except OSError as err:
+            _record_failure(self.file_name, err)
+
+    def add_scalar(self, *args, **kwargs):
+        return self._call("add_scalar", *args, **kwargs)
+
+    def flush(self):
+        return self._call("flush")
+
+    def close(self):
+        return self._call("close")
+
+
+_WRITER_FILES: set[str] = set()
+_previous_excepthook = threading.excepthook
+
+
+def _thread_excepthook(args) -> None:
+    # TensorBoard's background writer thread: an OSError there is recorded (and stops the run
+    # in the loop), not printed as "Exception in thread ...".
+    if isinstance(args.exc_value, OSError) and _WRITER_FILES:
+        _record_failure(sorted(_WRITER_FILES)[0], args.exc_value)
+        return
+    _previous_excepthook(args)
 
 
 def init_logging(rank: int, output: str) -> logging.Logger:
@@ -25,7 +118,7 @@ def init_logging(rank: int, output: str) -> logging.Logger:
     if rank == 0:
         root.setLevel(logging.INFO)
         formatter = logging.Formatter(_FORMAT)
-        file_handler = logging.FileHandler(os.path.join(output, "training.log"))
+        file_handler = _LogFileHandler(os.path.join(output, "training.log"))
         stream_handler = logging.StreamHandler(sys.stdout)
         for handler in (file_handler, stream_handler):
             handler.setFormatter(formatter)
@@ -38,6 +131,8 @@ def init_logging(rank: int, output: str) -> logging.Logger:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Python warnings go to the log as one line in words (no source line), each once per place.
     warnings.showwarning = _log_warning
+    _FAILED_WRITE.clear()
+    threading.excepthook = _thread_excepthook
     return root
 
 
@@ -142,6 +237,7 @@ class StepLogger:
             msg += f"   {name} {count}"
         logging.info(msg)
         self._check_unconverged(avg.get("sinkhorn_unconverged"), global_step)
+        raise_write_failure()
         if self.writer is not None:
             self.writer.add_scalar("time_for_end", eta_hours, global_step)
             self.writer.add_scalar("learning_rate", lr, global_step)

@@ -39,7 +39,7 @@ from otface.train.guard import (
     TooManySkippedSteps,
     first_nonfinite,
 )
-from otface.train.log import StepLogger
+from otface.train.log import SafeSummaryWriter, StepLogger, raise_write_failure
 from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.model import (
     BackboneFactory,
@@ -372,9 +372,7 @@ def fit(
     writer = None
     verification = None
     if env.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
+        writer = SafeSummaryWriter(os.path.join(cfg.output, "tensorboard"))
         _log_config(cfg)
         if os.path.isdir(cfg.rec) and cfg.val_targets:
             from otface.evaluation import VerificationCallback
@@ -442,6 +440,7 @@ def fit(
                     step_logger(step, out.metrics, epoch=epoch, lr=trainer.lr)
                 if step % cfg.verbose == 0:
                     verify()
+                raise_write_failure()  # a full disk under the log or TensorBoard stops here
                 if (
                     cfg.save_every_steps
                     and step % cfg.save_every_steps == 0

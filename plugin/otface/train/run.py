@@ -16,7 +16,7 @@ from otface.data.loader import TooManyBadImages
 from otface.train.checkpoint import CheckpointError, checkpoint_path
 from otface.train.distributed import init_distributed, shutdown_distributed
 from otface.train.guard import NonFiniteState, TooManySkippedSteps
-from otface.train.log import init_logging
+from otface.train.log import OutputWriteError, init_logging
 from otface.train.loop import BackboneFactory, fit, prepare_data
 from otface.train.signals import RUN, Terminated, in_main_thread, raise_terminated
 
@@ -61,6 +61,7 @@ def main(
         CheckpointError,
         TooManySkippedSteps,
         NonFiniteState,
+        OutputWriteError,
         TooManyBadImages,
         OSError,
     ) as err:
