@@ -6,9 +6,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 import torch.multiprocessing as mp
-from _spawn import free_port
+from _spawn import TRAIN_PY, free_port
 
 CONFIG = """
 from easydict import EasyDict as edict
@@ -74,9 +80,76 @@ def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
     assert "Traceback" not in stderr, stderr
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1, stderr
-    assert "rank 0: a collective failed because another rank of the job died" in errors[0]
+    assert "rank 0: a collective failed at global step " in errors[0]
+    assert "because another rank of the job died" in errors[0]
     # Rank 0 saved at step 2 before rank 1 died in step 4: the line names that checkpoint.
     assert str(output / "checkpoint_gpu_0.pt") in errors[0], errors[0]
     assert "resume = True" in errors[0]
     log = (output / "training.log").read_text()
     assert errors[0] in log
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_rank_killed_under_torchrun_reads_as_a_lost_rank(tmp_path, victim):
+    # torchrun stops the other rank with SIGTERM when one dies; whichever rank is killed, the
+    # survivor says a rank died (not that someone stopped the job) and exits with 1, not -15.
+    path = tmp_path / "under_torchrun.py"
+    output = tmp_path / "out"
+    path.write_text(
+        CONFIG.format(output=str(output)).replace("num_image = 160", "num_image = 8 * 3000")
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_port", str(free_port()), TRAIN_PY, str(path),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    deadline = time.time() + 120
+    while not (output / "checkpoint_gpu_0.pt").exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    killed = None
+    for pid in _children(proc.pid):
+        if _environ(pid).get("RANK") == str(victim):
+            os.kill(pid, signal.SIGKILL)
+            killed = pid
+    assert killed is not None
+    out, _ = proc.communicate(timeout=180)
+    survivor = 1 - victim
+    errors = [line for line in out.splitlines() if line.startswith(f"error: rank {survivor}")]
+    assert len(errors) == 1, out[-4000:]
+    assert "died" in errors[0] and "interrupted" not in out, errors[0]
+    codes = {int(p): int(c) for c, p in re.findall(r"exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", out)}
+    others = [code for pid, code in codes.items() if pid != killed]
+    assert others == [1], out[-3000:]
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of ``pid`` (torchrun's agent and its workers)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                kids = []
+            found += kids
+            todo += kids
+    return found
+
+
+def _environ(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)

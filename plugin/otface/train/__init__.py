@@ -4,7 +4,18 @@ __all__ = ["main"]
 
 
 def main(config_path: str) -> int:
-    """Train with the config at ``config_path``; returns a process exit code."""
+    """Train with the config at ``config_path``; returns a process exit code.
+
+    For the command line: once training has ended, a SIGTERM (torchrun's, sent to every rank
+    when one of them fails) no longer kills the process, so that it exits with the code it
+    reported (1 after a lost rank, say) rather than -15.
+    """
+    import signal
+    import threading
+
     from otface.train.run import main as _main
 
-    return _main(config_path)
+    code = _main(config_path)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code

@@ -14,7 +14,12 @@ import torch
 from otface.config import ConfigError, load_config
 from otface.data.loader import TooManyBadImages
 from otface.train.checkpoint import CheckpointError, checkpoint_path
-from otface.train.distributed import init_distributed, shutdown_distributed
+from otface.train.distributed import (
+    dead_local_peers,
+    init_distributed,
+    peers_on_other_hosts,
+    shutdown_distributed,
+)
 from otface.train.guard import NonFiniteState, TooManySkippedSteps
 from otface.train.log import OutputWriteError, init_logging
 from otface.train.loop import BackboneFactory, fit, prepare_data
@@ -73,18 +78,46 @@ def main(
         _report_error(_lost_peer_message(err, cfg.output, env))
         return 1
     except KeyboardInterrupt as err:
+        if isinstance(err, Terminated):
+            dead = dead_local_peers()
+            if dead:  # torchrun's stop after a rank of this node died, not a person's
+                _report_error(_dead_rank_message(dead, cfg.output, env))
+                return 1
         name = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
         message = _interrupted_message(cfg.output, name)
+        if isinstance(err, Terminated) and peers_on_other_hosts():
+            message += (
+                ". Under torchrun this is either a stop of the job (a person or a scheduler) "
+                "or torchrun ending every rank because a rank on another node died: its "
+                "node's log says which"
+            )
         if logging.getLogger().handlers:
             logging.warning(message)
         else:
             print(message, file=sys.stderr)
         return 130
     finally:
+        # torchrun's SIGTERM while this rank shuts down must not turn its exit code into -15.
+        if in_main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        shutdown_distributed()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-        shutdown_distributed()
     return 0
+
+
+def _dead_rank_message(dead: list[tuple[int, int]], output: str, env) -> str:
+    rank = f"rank {env.rank}" if env is not None else "this rank"
+    who = ", ".join(f"rank {r} (pid {pid})" for r, pid in dead)
+    return (
+        f"{rank}{_at_step()}: {who} of this machine died, and torchrun is stopping the job; "
+        f"{_this_runs_checkpoint(output)}"
+        + (
+            "; restart the job with resume = True (on any number of ranks)"
+            if RUN.last_checkpoint is not None
+            else ""
+        )
+    )
 
 
 def _check_output_writable(output: str) -> None:
