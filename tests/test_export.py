@@ -91,6 +91,27 @@ def _check_insightface(result, backbone, n_faces=7):
     assert task["input_size"] == [112, 112] and task["embedding_dimension"] == 512
 
 
+def test_package_holds_every_file_its_manifest_names(tmp_path):
+    result = export_model(_save(tmp_path, "r18_lite"), network="r18_lite")
+    manifest = json.loads((result.package_dir / "manifest.json").read_text())
+    named = [manifest["license"]] + [t["file"] for t in manifest["tasks"].values()]
+    for name in named:
+        assert (result.package_dir / name).is_file(), name
+    assert "No license has been chosen" in (result.package_dir / "MODEL.LICENSE").read_text()
+
+
+def test_export_reads_the_network_from_training_log(tmp_path, capsys):
+    from otface.export import main as export_main
+
+    work = _save(tmp_path, "r18_lite")
+    (work / "training.log").write_text("Training: 2026-01-01 00:00:00,000-: network   r18_lite\n")
+    assert export_main([str(work), "--no-package"]) == 0
+    assert (work / "model.onnx").is_file()
+    (work / "training.log").unlink()
+    assert export_main([str(work), "--no-package"]) == 1
+    assert "give --network" in capsys.readouterr().err
+
+
 def test_export_r18_lite(tmp_path):
     result, backbone = _check_export(_save(tmp_path, "r18_lite"), "r18_lite")
     if HAS_INSIGHTFACE:

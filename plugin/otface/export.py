@@ -1,14 +1,14 @@
 """ONNX export of a trained backbone, for onnxruntime and the insightface model zoo.
 
-``python -m otface.export work_dirs/NAME --network r100`` reads ``work_dirs/NAME/model.pt``
-and writes, in that folder:
+``python -m otface.export work_dirs/NAME`` reads ``work_dirs/NAME/model.pt`` (the network as
+logged in ``training.log``, or ``--network r100``) and writes, in that folder:
 
 - ``model.onnx``: input ``data`` ``(N, 3, 112, 112)`` float32 with a dynamic batch axis, RGB
   scaled to ``(x - 127.5) / 127.5``, one output ``embedding`` ``(N, 512)``. After export,
   onnxruntime runs a batch and each embedding must match PyTorch's (cosine ≥ 0.9999).
 - ``package/``: an insightface model package (``manifest.json``, manifest version 2, task
-  ``recognition``) holding the same ``model.onnx``; insightface ≥ 2.1 loads it with
-  ``get_model("package", model_task="recognition")``.
+  ``recognition``, and the ``MODEL.LICENSE`` it names) holding the same ``model.onnx``;
+  insightface ≥ 2.1 loads it with ``get_model("package", model_task="recognition")``.
 
 Only the backbone is exported. Pass ``model.pt`` (or its folder), not ``checkpoint_gpu_*.pt``.
 """
@@ -204,8 +204,9 @@ def write_model_package(
     The folder gets ``model.onnx`` (a hard link to, or copy of, ``onnx_path``) and
     ``manifest.json`` with the recognition task: file, sha256, mean/std 127.5 preprocessing
     (RGB), input size and embedding dimension. The ``license`` field names ``MODEL.LICENSE``
-    as the schema requires; that file is not written (insightface then applies its public
-    terms), add your own if you ship the package.
+    as the schema requires, and that file is written too (unless one is already there): it
+    says that no license was chosen and that the model's terms follow its training data's;
+    replace it with your own before you ship the package.
     """
     onnx_path = Path(onnx_path)
     package_dir = Path(package_dir)
@@ -235,10 +236,23 @@ def write_model_package(
             }
         },
     }
+    license_file = package_dir / "MODEL.LICENSE"
+    if not license_file.exists():
+        license_file.write_text(_LICENSE_PLACEHOLDER, encoding="utf-8")
     tmp = package_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     tmp.replace(package_dir / "manifest.json")
     return package_dir
+
+
+_LICENSE_PLACEHOLDER = """\
+No license has been chosen for this model yet.
+
+It was exported by otface from weights trained by whoever ran the training. The terms under
+which it may be used follow from its training data (MS1MV3, Glint360K and WebFace are licensed
+for non-commercial research only) and from its owner's choice. Replace this file with those
+terms before you ship the package.
+"""
 
 
 def export_model(
@@ -290,13 +304,17 @@ def export_model(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: ``python -m otface.export MODEL_PT_OR_DIR --network NAME [...]``."""
+    """Command line: ``python -m otface.export MODEL_PT_OR_DIR [--network NAME] [...]``."""
     parser = argparse.ArgumentParser(
         prog="python -m otface.export",
         description="Export a trained backbone (model.pt) to ONNX and an insightface package.",
     )
     parser.add_argument("model", help="model.pt, or the training output folder holding it")
-    parser.add_argument("--network", required=True, help="backbone name, e.g. r50, r100, mbf")
+    parser.add_argument(
+        "--network",
+        default=None,
+        help="backbone name, e.g. r50, r100, mbf (default: as logged in the folder's training.log)",
+    )
     parser.add_argument("--output", default=None, help="output folder (default: model's folder)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
     parser.add_argument("--simplify", action="store_true", help="simplify with onnxsim")
@@ -306,10 +324,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-package", action="store_true", help="skip the model package")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from otface.evaluation.models import resolve_network
+
+    network = resolve_network(args.model, args.network)
+    if network is None:
+        print(
+            f"error: cannot tell which network {args.model} is: no training.log beside it "
+            "names one; give --network (e.g. r50, r100, mbf)",
+            file=sys.stderr,
+        )
+        return 1
     try:
         result = export_model(
             args.model,
-            network=args.network,
+            network=network,
             output_dir=args.output,
             opset=args.opset,
             simplify=args.simplify,

@@ -282,20 +282,48 @@ def evaluate_ijb(
     )
 
 
+FEW_IMPOSTORS = 10
+"""A TAR read at a FAR that fewer impostor pairs than this exceed is marked in the table."""
+
+
 def format_table(results: Dict[str, IJBResult]) -> str:
-    """Text table of TAR (%) at each FAR, one row per named result."""
+    """Text table of TAR (%) at each FAR, one row per named result.
+
+    A FAR times the number of impostor pairs is how many impostors the threshold lets through:
+    below :data:`FEW_IMPOSTORS` the TAR is marked ``*`` (it rests on a handful of pairs), and
+    below one no TAR is printed (``-``), with a note under the table.
+    """
     first = next(iter(results.values()))
     header = ["Methods"] + [f"{far:.0e}" for far in first.fars]
     rows: List[List[str]] = [header]
+    marked = False
     for name, res in results.items():
-        rows.append([f"{name}-{res.target}"] + [f"{100 * t:.2f}" for t in res.tars])
+        impostors = int(np.sum(np.asarray(res.labels) == 0))
+        cells = []
+        for far, tar in zip(res.fars, res.tars):
+            expected = far * impostors
+            if expected < 1:
+                cells.append("-")
+                marked = True
+            elif expected < FEW_IMPOSTORS:
+                cells.append(f"{100 * tar:.2f}*")
+                marked = True
+            else:
+                cells.append(f"{100 * tar:.2f}")
+        rows.append([f"{name}-{res.target}"] + cells)
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
 
     def line(row: List[str]) -> str:
         return "| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |"
 
-    return "\n".join([rule, line(rows[0]), rule, *map(line, rows[1:]), rule])
+    table = [rule, line(rows[0]), rule, *map(line, rows[1:]), rule]
+    if marked:
+        table.append(
+            f"* rests on fewer than {FEW_IMPOSTORS} impostor pairs (FAR x impostor pairs); "
+            "- : less than one impostor pair at that FAR, no TAR"
+        )
+    return "\n".join(table)
 
 
 def save_roc_plot(results: Dict[str, IJBResult], path_stem: PathLike) -> List[Path]:
