@@ -14,7 +14,7 @@ TEST_STAMP := $(VENV)/.otface-test-extras
 .PHONY: demo test venv
 
 demo: $(STAMP)
-	$(PY) train.py configs/demo_otface
+	$(PY) train.py configs/demo_otface --move-aside
 
 test: $(STAMP) $(TEST_STAMP)
 	$(PY) -m pytest tests

@@ -13,4 +13,20 @@ from otface.train import main  # noqa: E402
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="arcface_torch-style training with OTFace")
     parser.add_argument("config", help="config to train, e.g. configs/demo_otface")
-    sys.exit(main(parser.parse_args().config))
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--overwrite",
+        action="store_const",
+        const="overwrite",
+        dest="existing",
+        help="train into an output folder that holds another run, replacing it",
+    )
+    existing.add_argument(
+        "--move-aside",
+        action="store_const",
+        const="move-aside",
+        dest="existing",
+        help="rename an output folder that holds another run to OUTPUT.<date> first",
+    )
+    args = parser.parse_args()
+    sys.exit(main(args.config, existing=args.existing or "refuse"))

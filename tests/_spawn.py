@@ -73,11 +73,11 @@ def run_train(
     )
 
 
-def start_train(config_path: str, *, wait_for: str, timeout_s: float = 120, **kwargs):
-    """Start ``python train.py CONFIG`` and return its :class:`subprocess.Popen` once the file
-    ``wait_for`` exists, the run has ended, or ``timeout_s`` has passed; ``kwargs`` go to
+def start_train(config_path: str, *args: str, wait_for: str, timeout_s: float = 120, **kwargs):
+    """Start ``python train.py CONFIG ARGS`` and return its :class:`subprocess.Popen` once the
+    file ``wait_for`` exists, the run has ended, or ``timeout_s`` has passed; ``kwargs`` go to
     ``Popen``."""
-    proc = subprocess.Popen([sys.executable, TRAIN_PY, config_path], **kwargs)
+    proc = subprocess.Popen([sys.executable, TRAIN_PY, config_path, *args], **kwargs)
     deadline = time.time() + timeout_s
     while not os.path.exists(wait_for) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -408,7 +408,12 @@ def test_interrupt_of_a_new_run_never_offers_an_older_runs_checkpoint(tmp_path):
     path2, _ = _config(tmp_path, num_image=8 * 400, num_epoch=1, save_every=0, name="job")
     log = os.path.join(out, "training.log")
     proc = start_train(
-        path2, wait_for=log, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        path2,
+        "--overwrite",  # else refused: the folder holds a run
+        wait_for=log,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 120
 
@@ -723,3 +728,28 @@ def test_tensorboard_write_errors_are_recorded_not_printed(tmp_path, capsys):
     with pytest.raises(train_log.OutputWriteError, match="No space left on device"):
         train_log.raise_write_failure()
     writer.close()
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_refuses_or_moves_it_aside(tmp_path, capsys):
+    path, out = _config(tmp_path, num_image=64, num_epoch=1)
+    assert run.main(path) == 0
+    model = open(os.path.join(out, "model.pt"), "rb").read()
+    open(os.path.join(out, "model.onnx"), "wb").write(b"made from the first model")
+    # Refused: one line naming the choices; nothing touched.
+    assert run.main(path) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "already holds a run" in lines[0]
+    for choice in ("resume = True", "another output", "--overwrite", "--move-aside"):
+        assert choice in lines[0], lines[0]
+    assert open(os.path.join(out, "model.pt"), "rb").read() == model
+    # Overwrite: trains there; the ONNX made from the old model is gone.
+    assert run.main(path, existing="overwrite") == 0
+    assert not os.path.exists(os.path.join(out, "model.onnx"))
+    # Move aside: the old run keeps its folder under a dated name.
+    assert run.main(path, existing="move-aside") == 0
+    assert "moved the previous run" in capsys.readouterr().out
+    aside = [p for p in os.listdir(os.path.dirname(out)) if p.startswith("job.")]
+    assert len(aside) == 1
+    assert os.path.isfile(os.path.join(os.path.dirname(out), aside[0], "model.pt"))
+    assert os.path.isfile(os.path.join(out, "model.pt"))

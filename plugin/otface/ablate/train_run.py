@@ -26,7 +26,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(args) != 1:
         print("usage: python -m otface.ablate.train_run CONFIG_FILE", file=sys.stderr)
         return 2
-    return train_main(args[0], load=_load_frozen)
+    # The ablation owns its run folders: a run killed before its first checkpoint starts
+    # again in its own folder.
+    return train_main(args[0], load=_load_frozen, existing="overwrite")
 
 
 if __name__ == "__main__":

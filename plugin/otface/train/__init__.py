@@ -3,8 +3,9 @@
 __all__ = ["main"]
 
 
-def main(config_path: str) -> int:
-    """Train with the config at ``config_path``; returns a process exit code.
+def main(config_path: str, *, existing: str = "refuse") -> int:
+    """Train with the config at ``config_path``; returns a process exit code. ``existing``:
+    what to do with an earlier run in the output folder (:func:`otface.train.run.main`).
 
     For the command line: once training has ended, a SIGTERM (torchrun's, sent to every rank
     when one of them fails) no longer kills the process, so that it exits with the code it
@@ -15,7 +16,7 @@ def main(config_path: str) -> int:
 
     from otface.train.run import main as _main
 
-    code = _main(config_path)
+    code = _main(config_path, existing=existing)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code

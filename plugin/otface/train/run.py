@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -28,11 +31,15 @@ from otface.train.signals import RUN, Terminated, in_main_thread, raise_terminat
 __all__ = ["main"]
 
 
+EXISTING_RUN = ("refuse", "overwrite", "move-aside")
+
+
 def main(
     config_path: str,
     *,
     load: Callable[[str], Any] = load_config,
     backbone_factory: BackboneFactory | None = None,
+    existing: str = "refuse",
 ) -> int:
     """Command-line entry: load the config, join the process group, train. Returns exit code.
 
@@ -40,7 +47,15 @@ def main(
     ``backbone_factory`` is passed to :func:`fit`. Exit codes: 0 done, 1 a failure during
     training (one ``error:`` line), 2 a bad config or data (one ``error:`` line), 130
     interrupted by Ctrl-C or SIGTERM.
+
+    ``existing``: what a fresh run (``resume = False``) does with an ``output`` folder that
+    already holds a run: ``"refuse"`` (exit 2, naming the choices), ``"overwrite"`` (train
+    there, replacing the old run's files as the new ones are written; its ``model.onnx`` and
+    ``package/``, made from the old model, are removed first) or ``"move-aside"`` (rename the
+    old folder to ``OUTPUT.YYYYmmdd-HHMMSS`` first; one process only).
     """
+    if existing not in EXISTING_RUN:
+        raise ValueError(f"existing must be one of {EXISTING_RUN}, got {existing!r}")
     try:
         cfg = load(config_path)
     except ConfigError as err:
@@ -54,6 +69,7 @@ def main(
     try:
         env = init_distributed(timeout_s=float(cfg.collective_timeout_s))
         dataset = prepare_data(cfg)  # before anything is written: no empty log on bad data
+        _claim_output(cfg, env, existing)
         _check_output_writable(cfg.output)
         init_logging(env.rank, cfg.output)
         if env.device.type == "cuda":
@@ -118,6 +134,52 @@ def _dead_rank_message(dead: list[tuple[int, int]], output: str, env) -> str:
             else ""
         )
     )
+
+
+_RUN_FILES = ("model.pt", "training.log")
+_STALE = ("model.onnx", "package")  # made from a model.pt by otface.export
+
+
+def _claim_output(cfg, env, existing: str) -> None:
+    """A fresh run into a folder that holds another run: refuse, overwrite or move it aside
+    (see :func:`main`)."""
+    output = cfg.output
+    if cfg.resume:
+        return
+    found: list[str] = []
+    # Rank 0 looks, before it writes anything, and tells the others (which would otherwise
+    # see the log it has just started).
+    if env.rank == 0 and os.path.isdir(output):
+        found = [name for name in _RUN_FILES if os.path.exists(os.path.join(output, name))]
+        pattern = r"checkpoint_gpu_\d+\.pt"
+        found += sorted(n for n in os.listdir(output) if re.fullmatch(pattern, n))
+    if env.distributed:
+        shared = [found]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        found = shared[0]
+    if not found:
+        return
+    if existing == "refuse":
+        raise ConfigError(
+            f"key 'output' = {output!r} already holds a run ({', '.join(found)}) and resume = "
+            "False: set resume = True to continue it, choose another output, or run train.py "
+            "with --overwrite (train there, replacing it) or --move-aside (keep it as "
+            f"{os.path.basename(os.path.normpath(output))}.<date>)"
+        )
+    if existing == "move-aside":
+        if env.world_size > 1:
+            raise ConfigError("--move-aside is for one process; with torchrun use --overwrite")
+        aside = f"{os.path.normpath(output)}.{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(output, aside)
+        print(f"moved the previous run in {output} aside to {aside}")
+        return
+    if env.rank == 0:  # overwrite: what was made from the old model must not stay beside the new
+        for name in _STALE:
+            path = os.path.join(output, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.unlink(path)
 
 
 def _check_output_writable(output: str) -> None:
