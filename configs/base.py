@@ -34,7 +34,7 @@ config.channels_last = "auto"
 # (mode "default"), or a mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune",
 # "max-autotune-no-cudagraphs".
 # The first step pays the compile time. Off: on an H200 the compiled step was slower than the
-# eager one (r100 103 vs 68 ms, r50 63 vs 42 ms; README, "Measured on one H200").
+# eager one (r100 103 vs 68 ms, r50 63 vs 42 ms; docs/benchmarks.md).
 config.compile = False
 # ours: what `compile` compiles. "blocks": the stem and each residual block on its own
 # (identical blocks share one graph: r100 compiles like r18, and DDP's all-reduce still
@@ -51,7 +51,7 @@ config.fused_bn_prelu = "off"
 # it can run (one CUDA process, gradient_acc 1, sample_rate 1, compile off), else off; "on": the
 # same, and an error where it cannot; "off": never. On an H200 it takes the r100 step from 73
 # to 50 ms (0.53x arcface_torch's); off by default until it has run through train.py's loop on
-# a GPU (README, "Measured on one H200").
+# a GPU (docs/benchmarks.md).
 config.cuda_graph = "off"
 config.batch_size = 128
 
@@ -112,7 +112,7 @@ config.sampler.k = 4
 config.otface = edict()
 # Weight of the OT term. 10: at 1 the OT term's gradient on the backbone was 0.4-2.6% of the
 # margin loss's over a demo run (ot_grad_share, logged on every line); 10 makes it about 15%
-# (README, "How large the OT term is"). Check ot_grad_share in your own log.
+# (docs/ot_term.md). Check ot_grad_share in your own log.
 config.otface.lambda_ot = 10.0
 config.otface.warmup_steps = 0  # linear warm-up of lambda_ot from 0
 config.otface.mode = "spatial"  # "spatial": per-sample H*W feature vectors; "group": pooled
@@ -122,7 +122,7 @@ config.otface.mining_margin = 0.0  # anchor is hard iff S(a,n) + mining_margin >
 config.otface.max_triplets = 0  # 0: no cap; else keep the largest violations
 config.otface.epsilon = 0.05  # entropic regularisation of Sinkhorn (cost in [0, 2])
 # Iterations at most, per problem: each problem stops on its own at tol. On the demo's and
-# synthetic training batches the slowest problem needed 241 (README, "The Sinkhorn solver"); at
+# synthetic training batches the slowest problem needed 241 (docs/ot_term.md); at
 # the earlier defaults (50 iterations, tol 1e-3, plain updates) 8-20% stopped short of tol.
 config.otface.max_iter = 500
 # Stop when the L1 marginal error falls below this. 3e-4: the divergence's gradient is then
