@@ -753,3 +753,21 @@ def test_a_fresh_run_into_a_folder_holding_a_run_refuses_or_moves_it_aside(tmp_p
     assert len(aside) == 1
     assert os.path.isfile(os.path.join(os.path.dirname(out), aside[0], "model.pt"))
     assert os.path.isfile(os.path.join(out, "model.pt"))
+
+
+def test_each_run_has_a_log_header_and_its_own_tensorboard_folder(tmp_path, capsys):
+    path, out = _config(tmp_path, num_image=64, num_epoch=1)
+    assert run.main(path) == 0
+    screen = capsys.readouterr().out
+    assert "every config key: training.log" in screen
+    assert ": network " not in screen  # the full dump stays in the log
+    time.sleep(1.1)  # a new start time, a new TensorBoard folder
+    assert run.main(path, existing="overwrite") == 0
+    log = open(os.path.join(out, "training.log")).read()
+    assert log.count("==== run started") == 2 and ": network " in log
+    runs = sorted(os.listdir(os.path.join(out, "tensorboard")))
+    assert len(runs) == 2
+    for name in runs:
+        assert any(
+            f.startswith("events.out") for f in os.listdir(os.path.join(out, "tensorboard", name))
+        )

@@ -250,6 +250,14 @@ def ensure_demo(root: str | os.PathLike | None = None, *, seed: int = 0) -> Path
         for stale in base.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = base / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        started = time.monotonic()
+        # Stderr, not the log: it runs before training starts its log, and takes ~40 s.
+        print(
+            f"generating the demo data once (training faces, verification pairs, an IJB set; "
+            f"about a minute on one core) into {target} ...",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             generate_demo(tmp, seed=seed)
             (tmp / _DONE_MARKER).write_text(f"{FORMAT_VERSION}\n")
@@ -260,6 +268,11 @@ def ensure_demo(root: str | os.PathLike | None = None, *, seed: int = 0) -> Path
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        print(
+            f"demo data ready in {time.monotonic() - started:.0f} s: {target}",
+            file=sys.stderr,
+            flush=True,
+        )
     return target
 
 

@@ -120,6 +120,9 @@ def init_logging(rank: int, output: str) -> logging.Logger:
         formatter = logging.Formatter(_FORMAT)
         file_handler = _LogFileHandler(os.path.join(output, "training.log"))
         stream_handler = logging.StreamHandler(sys.stdout)
+        # Records logged with extra={"file_only": True} (the full config dump) stay off the
+        # screen.
+        stream_handler.addFilter(lambda record: not getattr(record, "file_only", False))
         for handler in (file_handler, stream_handler):
             handler.setFormatter(formatter)
             root.addHandler(handler)

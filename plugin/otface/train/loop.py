@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -305,6 +306,17 @@ class Trainer(ResumeMixin):
             )
 
 
+def _tensorboard_dir(cfg) -> str:
+    """``output/tensorboard/<start time>``: one sub-folder per run, so that TensorBoard shows
+    runs apart; a resumed run continues the newest one."""
+    root = os.path.join(cfg.output, "tensorboard")
+    if cfg.resume and os.path.isdir(root):
+        runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if runs:
+            return os.path.join(root, runs[-1])
+    return os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
+
+
 def _warn_earlier_checkpoint(cfg, env: DistEnv) -> None:
     """A fresh run (resume = False) in a folder that holds another run's checkpoint: say so
     before anything replaces it."""
@@ -331,9 +343,29 @@ def _refuse_nonfinite(tensors, what: str) -> None:
         )
 
 
-def _log_config(cfg) -> None:
+def _log_config(cfg, env: DistEnv, total_step: int) -> None:
+    """A header line for this run, a one-line summary on screen, and every key in the log."""
+    logging.info(
+        "==== run started %s: %s (resume = %s, %d rank%s) ====",
+        time.strftime("%Y-%m-%d %H:%M:%S"),
+        " ".join(sys.argv) or "(library call)",
+        cfg.resume,
+        env.world_size,
+        "" if env.world_size == 1 else "s",
+    )
+    loss = cfg.loss
+    if loss == "otface":
+        loss += f" (lambda_ot {cfg.otface.lambda_ot:g}, {cfg.otface.distance})"
+    logging.info(
+        "%s, %s, batch %d per rank, %d steps, output %s (every config key: training.log)",
+        cfg.network,
+        loss,
+        cfg.batch_size,
+        total_step,
+        cfg.output,
+    )
     for key, value in cfg.items():
-        logging.info(": %s %s", key.ljust(25), value)
+        logging.info(": %s %s", key.ljust(25), value, extra={"file_only": True})
 
 
 def fit(
@@ -372,8 +404,8 @@ def fit(
     writer = None
     verification = None
     if env.rank == 0:
-        writer = SafeSummaryWriter(os.path.join(cfg.output, "tensorboard"))
-        _log_config(cfg)
+        writer = SafeSummaryWriter(_tensorboard_dir(cfg))
+        _log_config(cfg, env, trainer.total_step)
         if os.path.isdir(cfg.rec) and cfg.val_targets:
             from otface.evaluation import VerificationCallback
 
