@@ -197,6 +197,7 @@ class StepLogger:
         self.meter = MetricMeter()
         self._t_start = time.time()
         self._tic: float | None = None
+        self._last_step = start_step
         self._warned_unconverged = False
 
     def __call__(
@@ -215,13 +216,16 @@ class StepLogger:
         the line and in TensorBoard as they are.
         """
         self.meter.update(metrics)
-        if global_step % self.frequent != 0:
+        # A line every `frequent` steps, and one after the first step of a start or a resume,
+        # so that a person sees progress within seconds. Each line's speed covers the steps
+        # since the previous line (the first one's includes start-up).
+        first = global_step == self.start_step + 1
+        if global_step % self.frequent != 0 and not first:
             return None
         now = time.time()
-        # The first window of a start or a resume is logged too; its speed includes start-up
-        # (from the logger's creation), the later ones are the steady pace.
         since = self._t_start if self._tic is None else self._tic
-        steps = global_step - self.start_step if self._tic is None else self.frequent
+        steps = global_step - (self.start_step if self._tic is None else self._last_step)
+        self._last_step = global_step
         speed = max(steps, 1) * self.samples_per_step / max(now - since, 1e-9)
         done = max(global_step - self.start_step, 1)
         eta_hours = (now - self._t_start) / done * (self.total_step - global_step) / 3600

@@ -133,6 +133,8 @@ class Trainer(ResumeMixin):
         self.start_batch = 0
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step: int | None = None
+        # The step this process started from (after a resume): its first step is logged too.
+        self.log_start_step = 0
         self._resumed_rng: dict | None = None
         self._synced_once = False
         self.step_graph = self._build_step_graph(cfg.get("cuda_graph", "off"))
@@ -223,7 +225,11 @@ class Trainer(ResumeMixin):
             embeddings = self.model(img)
             out = self.criterion(embeddings, labels, step=self.global_step)
             shares = {}
-            if out.terms is not None and self.global_step % self.cfg.frequent == 0:
+            logged = (
+                self.global_step % self.cfg.frequent == 0
+                or self.global_step == self.log_start_step + 1
+            )
+            if out.terms is not None and logged:
                 # On log steps only: the OT term's gradient beside the margin loss's.
                 shares = gradient_shares(
                     out.terms,
@@ -391,6 +397,7 @@ def fit(
         trainer.resume()
     else:
         _warn_earlier_checkpoint(cfg, env)
+    trainer.log_start_step = trainer.global_step
     leftover = trainer.total_step % cfg.gradient_acc
     if leftover:
         logging.warning(
