@@ -21,6 +21,7 @@ import numpy as np
 from otface.evaluation.ijb_meta import IJBMeta, read_ijb_meta
 from otface.evaluation.metrics import DEFAULT_FARS, l2_normalize, roc_curve, tar_at_far
 from otface.evaluation.models import Embedder
+from otface.progress import Progress
 
 __all__ = [
     "TemplateFeatures",
@@ -108,7 +109,8 @@ def extract_features(
     """
     n = len(meta.image_names)
     feats: Optional[np.ndarray] = None
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+    progress = Progress(n, "IJB features")
+    with progress, ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for start in range(0, n, batch_size):
             idx = range(start, min(start + batch_size, n))
             batch = np.stack(
@@ -127,6 +129,7 @@ def extract_features(
             if feats is None:
                 feats = np.empty((n, out.shape[1]), np.float32)
             feats[start : start + len(idx)] = out
+            progress.update(start + len(idx))
             if (start // batch_size) % 50 == 0:
                 logger.info("IJB features: %d / %d faces", start + len(idx), n)
     assert feats is not None  # n >= 1 is checked when the meta files are read

@@ -18,6 +18,7 @@ from torch import nn
 from otface.evaluation.bin_io import PairSet, load_image_file, read_bin
 from otface.evaluation.metrics import kfold_accuracy, mean_norm
 from otface.evaluation.models import Embedder, TorchEmbedder
+from otface.progress import Progress
 
 __all__ = [
     "VerificationResult",
@@ -108,11 +109,13 @@ def evaluate_pairs(
     """
     first, inverse = _distinct_rows(pairs.images)
     embeddings, flipped = [], []
-    for start in range(0, len(first), _CHUNK):
-        chunk = pairs.images[first[start : start + _CHUNK]]
-        embeddings.append(embedder(chunk))
-        if flip:  # mirror per chunk: no second copy of the whole set
-            flipped.append(embedder(np.ascontiguousarray(chunk[..., ::-1])))
+    with Progress(len(first), "verification images") as progress:
+        for start in range(0, len(first), _CHUNK):
+            chunk = pairs.images[first[start : start + _CHUNK]]
+            embeddings.append(embedder(chunk))
+            if flip:  # mirror per chunk: no second copy of the whole set
+                flipped.append(embedder(np.ascontiguousarray(chunk[..., ::-1])))
+            progress.update(start + len(chunk))
     return evaluate_embeddings(
         np.concatenate(embeddings)[inverse],
         pairs.issame,

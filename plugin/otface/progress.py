@@ -1,0 +1,68 @@
+"""A one-line progress display with an ETA, on a terminal only (logs and pipes stay clean)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, TextIO
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """``Progress(total, "IJB features")`` then ``update(done)``; ``close()`` ends the line.
+
+    It writes to ``stream`` (stderr by default) only when that stream is a terminal, redrawing
+    one line at most every ``min_interval_s``: ``IJB features 1,280/11,520 (11%), 0:42 left``.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        *,
+        stream: Optional[TextIO] = None,
+        min_interval_s: float = 0.5,
+    ) -> None:
+        self.total = max(int(total), 1)
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.min_interval_s = min_interval_s
+        self._start = time.monotonic()
+        self._last_draw = float("-inf")
+        self._drawn = False
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last_draw < self.min_interval_s and done < self.total:
+            return
+        self._last_draw = now
+        frac = min(max(done, 0) / self.total, 1.0)
+        elapsed = now - self._start
+        left = elapsed / frac - elapsed if frac > 0 else float("nan")
+        eta = _clock(left) + " left" if left == left else "estimating"
+        line = f"{self.label} {done:,}/{self.total:,} ({100 * frac:.0f}%), {eta}"
+        self.stream.write("\r" + line.ljust(70))
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self.enabled and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
