@@ -11,6 +11,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.otface-installed
 TEST_STAMP := $(VENV)/.otface-test-extras
 
+# OpenMP threads that do not spin for long at barriers: a busy machine otherwise slows CPU
+# training tenfold (plugin/otface/openmp.py has the measurements).
+export GOMP_SPINCOUNT ?= 10000
+
 .PHONY: demo test venv
 
 demo: $(STAMP)

@@ -8,6 +8,10 @@ import sys
 # Run from a checkout without `pip install -e .`: the package lives under plugin/.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin"))
 
+from otface.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # before torch loads OpenMP: CPU runs that survive a busy machine
+
 from otface.train import main  # noqa: E402
 
 if __name__ == "__main__":

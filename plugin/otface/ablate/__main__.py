@@ -164,4 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from otface.openmp import configure_openmp
+
+    configure_openmp()  # this process and the trainings it starts
     sys.exit(main())
