@@ -12,7 +12,7 @@ import torch
 from _spawn import join_gloo, spawn_ranks
 from test_train_reliability import _config, _env
 
-from otface import checkpoint as full_state
+from otface import full_state
 from otface.config import load_config
 from otface.data.sampler import PKBatchSampler, UniformBatchSampler
 from otface.partial_fc import shard_range

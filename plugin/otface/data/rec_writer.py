@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from otface.data.recordio import decode_record, encode_record, pack_payload, unpack_payload
+from otface.data.record_format import decode_record, encode_record, pack_payload, unpack_payload
 
 __all__ = ["WrittenRec", "write_rec"]
 
