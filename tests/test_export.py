@@ -199,3 +199,18 @@ def test_onnx_embedder_handles_fixed_batch_models(tmp_path):
     embedder = OnnxEmbedder(path, batch_size=64)
     assert embedder.batch_size == 1
     np.testing.assert_allclose(embedder(faces), TorchEmbedder(net)(faces), rtol=1e-4, atol=1e-5)
+
+
+def test_an_onnx_model_from_an_earlier_model_pt_is_refused(tmp_path):
+    from otface.evaluation.models import open_embedder
+
+    work = _save(tmp_path, "r18_lite")
+    result = export_model(work, network="r18_lite", package=False)
+    record = json.loads((work / "model.onnx.source.json").read_text())
+    assert record["model"] == "model.pt"
+    assert record["sha256"] == hashlib.sha256((work / "model.pt").read_bytes()).hexdigest()
+    open_embedder(result.onnx_path)  # matches: opens
+    torch.manual_seed(1)  # training went on: a new model.pt beside the old export
+    torch.save(get_model("r18_lite").state_dict(), work / "model.pt")
+    with pytest.raises(ValueError, match="exported from an earlier .*export again"):
+        open_embedder(result.onnx_path)

@@ -289,6 +289,7 @@ def export_model(
         staged.unlink(missing_ok=True)
         raise
     onnx_path = staged.replace(out_dir / "model.onnx")
+    write_source_record(onnx_path, model_file)
     logger.info(
         "%s: parity with PyTorch: min cosine %.7f, max |diff| %.2e", onnx_path, cosine, abs_diff
     )
@@ -301,6 +302,20 @@ def export_model(
             embedding_size=embedding_size,
         )
     return ExportResult(onnx_path, written_package, cosine, abs_diff)
+
+
+SOURCE_SUFFIX = ".source.json"
+
+
+def write_source_record(onnx_path: Path, model_file: Path) -> Path:
+    """``model.onnx.source.json``: which ``model.pt`` (name and SHA-256) the ONNX model was made
+    from, so that evaluation can refuse it once that file has changed."""
+    record = Path(str(onnx_path) + SOURCE_SUFFIX)
+    info = {"model": model_file.name, "sha256": _sha256(model_file)}
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(record)
+    return record
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

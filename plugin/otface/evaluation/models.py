@@ -8,6 +8,8 @@ the same embeddings for the same pixels.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -304,6 +306,31 @@ def resolve_device(device: Optional[str]) -> str:
     return device
 
 
+def check_onnx_source(onnx_path: Path) -> None:
+    """Refuse an ONNX model whose ``.source.json`` (written by ``otface.export``) names a
+    ``model.pt`` beside it that has changed since: the ONNX file is then stale."""
+    record = Path(str(onnx_path) + ".source.json")
+    if not record.is_file():
+        return
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+        source = onnx_path.parent / str(info["model"])
+        expected = str(info["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an unreadable record vouches for nothing, and condemns nothing
+    if not source.is_file():
+        return
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ValueError(
+            f"{onnx_path} was exported from an earlier {source} (its SHA-256 has changed since, "
+            f"per {record.name}): export again with python -m otface.export {onnx_path.parent}"
+        )
+
+
 def open_embedder(
     path: PathLike,
     *,
@@ -321,6 +348,7 @@ def open_embedder(
     """
     path = resolve_model_path(path)
     if path.suffix.lower() == ".onnx":
+        check_onnx_source(path)
         return OnnxEmbedder(path, batch_size=batch_size)
     if network is None:
         from otface.backbones import list_models

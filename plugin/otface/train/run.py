@@ -137,7 +137,7 @@ def _dead_rank_message(dead: list[tuple[int, int]], output: str, env) -> str:
 
 
 _RUN_FILES = ("model.pt", "training.log")
-_STALE = ("model.onnx", "package")  # made from a model.pt by otface.export
+_STALE = ("model.onnx", "model.onnx.source.json", "package")  # made by otface.export
 
 
 def _claim_output(cfg, env, existing: str) -> None:
