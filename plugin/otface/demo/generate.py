@@ -45,9 +45,13 @@ _DONE_MARKER = ".complete"
 
 
 def _train_samples(seed: int, idns: list[FaceIdentity], per_id: int) -> Iterator:
-    for label, idn in enumerate(idns):
-        for j in range(per_id):
-            yield label, encode_jpeg(photo(seed, Stream.TRAIN, idn, label, j))
+    from otface.progress import Progress
+
+    with Progress(len(idns) * per_id, "demo training images") as progress:
+        for label, idn in enumerate(idns):
+            for j in range(per_id):
+                yield label, encode_jpeg(photo(seed, Stream.TRAIN, idn, label, j))
+            progress.update((label + 1) * per_id)
 
 
 _README = """\
