@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from otface.console_log import cli_logging
 from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, DEMO_IJB_TARGET, is_demo, resolve_data_dir
 from otface.evaluation.ijb import evaluate_ijb, feature_cache_key, format_table, save_roc_plot
@@ -64,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", default=None, help="result folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli_logging(logging.INFO)
     flip = not args.no_flip
     target = args.target or (DEMO_IJB_TARGET if is_demo(args.data) else "IJBC")
     try:

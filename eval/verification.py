@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from otface.console_log import cli_logging
 from otface.evaluation.bin_io import list_bin_sets, read_bin
 from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, is_demo, resolve_data_dir
@@ -75,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli_logging(logging.INFO)
     if (args.data is None) == (args.pairs is None):
         parser.error("pass exactly one of --data (with --targets) and --pairs")
     try:

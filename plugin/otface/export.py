@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from otface.console_log import cli_logging
 from otface.evaluation.models import load_backbone, preprocess, resolve_model_path
 
 __all__ = [
@@ -338,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--package-dir", default=None, help="package folder (default OUT/package)")
     parser.add_argument("--no-package", action="store_true", help="skip the model package")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli_logging(logging.INFO)
     from otface.evaluation.models import resolve_network
 
     network = resolve_network(args.model, args.network)

@@ -115,10 +115,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from otface.ablate.report import build_report, format_table, write_outputs
     from otface.ablate.runner import AblationError, run_all, train_subprocess
     from otface.config import ConfigError, load_config
+    from otface.console_log import cli_logging
     from otface.data.loader import prepare_rec
 
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    cli_logging(logging.WARNING)
     # insightface's alignment calls a scikit-image API that warns on every call.
     warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")
     output = Path(args.output)

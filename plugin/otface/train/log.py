@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from otface.console_log import ConsoleHandler
+
 __all__ = [
     "OutputWriteError",
     "SafeSummaryWriter",
@@ -119,7 +121,7 @@ def init_logging(rank: int, output: str) -> logging.Logger:
         root.setLevel(logging.INFO)
         formatter = logging.Formatter(_FORMAT)
         file_handler = _LogFileHandler(os.path.join(output, "training.log"))
-        stream_handler = logging.StreamHandler(sys.stdout)
+        stream_handler = ConsoleHandler("stdout")
         # Records logged with extra={"file_only": True} (the full config dump) stay off the
         # screen.
         stream_handler.addFilter(lambda record: not getattr(record, "file_only", False))
@@ -128,7 +130,7 @@ def init_logging(rank: int, output: str) -> logging.Logger:
             root.addHandler(handler)
     else:
         root.setLevel(logging.WARNING)
-        root.addHandler(logging.StreamHandler(sys.stderr))
+        root.addHandler(ConsoleHandler("stderr"))
         # Library deprecation notices are the same on every rank: rank 0 logs them once.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
