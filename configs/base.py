@@ -66,6 +66,8 @@ config.frequent = 10  # log line every N steps
 
 # Data
 config.rec = "synthetic"  # folder with train.rec/train.idx, image folder, "synthetic" or "demo"
+# Sizes of the training set; "auto" reads them from the data (a .rec's header 0 or property
+# file, or the image folder).
 config.num_classes = 93431
 config.num_image = 5179510
 config.num_epoch = 20
@@ -73,6 +75,24 @@ config.warmup_epoch = 0
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]
 config.dali = False  # NVIDIA DALI is not supported here; keep False
 config.dali_aug = False
+
+# ours: fine-tuning and your own data (docs/custom_data.md).
+# Start the backbone from a file: our model.pt, arcface_torch's model.pt or a model-zoo
+# backbone.pth (a bare state_dict), a checkpoint_gpu_*.pt or a merged full_state.pt. Unlike
+# resume, the step, the schedule, the optimiser state and the RNG start fresh. None: random.
+config.init_backbone = None
+# Partial FC's class centres from a full_state.pt (python -m otface.full_state merge) of a run
+# with the same classes, resharded to this run's ranks. None: random centres.
+config.init_centres = None
+# Keep the backbone, or its first stages, fixed for the first N steps, then train it; 0: never.
+config.freeze_steps = 0
+# What freeze_steps holds fixed: "all" (the backbone) or k (an IResNet's stem and its first k
+# residual stages; 0: the stem only).
+config.freeze_stages = "all"
+# While frozen, the frozen part's BatchNorm runs in eval mode (its running statistics stay).
+config.freeze_bn = True
+# The backbone's learning rate is lr * backbone_lr_mult; Partial FC's class centres keep lr.
+config.backbone_lr_mult = 1.0
 
 config.gradient_acc = 1
 config.seed = 2048

@@ -102,8 +102,23 @@ _SCHEMA: dict[str, _Spec] = {
     "verbose": _POS_INT,
     "frequent": _POS_INT,
     "rec": _STR,
-    "num_classes": _int("an integer >= 2", lambda v: v >= 2),
-    "num_image": _POS_INT,
+    "num_classes": _Spec(
+        (int, str), check=lambda v: v == "auto" or (isinstance(v, int) and v >= 2),
+        need="an integer >= 2 or 'auto' (read from the data)",
+    ),
+    "num_image": _Spec(
+        (int, str), check=lambda v: v == "auto" or (isinstance(v, int) and v >= 1),
+        need="an integer >= 1 or 'auto' (read from the data)",
+    ),
+    "init_backbone": _Spec((str,), nullable=True),
+    "init_centres": _Spec((str,), nullable=True),
+    "freeze_steps": _NONNEG_INT,
+    "freeze_stages": _Spec(
+        (str, int), check=lambda v: v == "all" or (isinstance(v, int) and v >= 0),
+        need="'all' or an integer >= 0 (the stem and the first k residual stages)",
+    ),
+    "freeze_bn": _BOOL,
+    "backbone_lr_mult": _NONNEG,
     "num_epoch": _POS_INT,
     "warmup_epoch": _num(">= 0", lambda v: v >= 0),
     "val_targets": _Spec(
@@ -265,6 +280,18 @@ def validate_config(cfg: dict, *, source: str = "config") -> None:
         why = cuda_graph_config_conflict(cfg)
         if why:
             raise ConfigError(f"{source}: key 'cuda_graph' = 'on' cannot be used: {why}")
+    if cfg["rec"] == "synthetic":
+        for key in ("num_classes", "num_image"):
+            if cfg[key] == "auto":
+                raise ConfigError(
+                    f"{source}: key '{key}' = 'auto' reads the size from the data, but rec = "
+                    "'synthetic' has none: give the number"
+                )
+    if cfg["init_centres"] is not None and cfg["resume"]:
+        raise ConfigError(
+            f"{source}: keys 'init_centres' and 'resume' = True exclude each other: a resumed "
+            "run takes its class centres from its own checkpoints"
+        )
     if cfg["sampler"]["type"] == "pk" and cfg["batch_size"] % cfg["sampler"]["k"] != 0:
         raise ConfigError(
             f"{source}: key 'batch_size' = {cfg['batch_size']} is not a multiple of key "
@@ -284,6 +311,11 @@ def cuda_graph_config_conflict(cfg) -> str:
         return (
             f"key 'gradient_acc' = {cfg['gradient_acc']} (the recorded step is one batch's "
             "forward and backward; accumulation is not recorded)"
+        )
+    if cfg["freeze_steps"] > 0:
+        return (
+            f"key 'freeze_steps' = {cfg['freeze_steps']} (the recorded step would keep "
+            "updating the frozen parameters' gradients; freezing is applied eagerly)"
         )
     if cfg["sample_rate"] < 1:
         return (
