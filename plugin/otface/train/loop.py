@@ -31,6 +31,7 @@ from otface.train.checkpoint import (
 )
 from otface.train.data import build_loader, prepare_data
 from otface.train.distributed import DistEnv
+from otface.train.finetune import Freezer, load_init_backbone, load_init_centres
 from otface.train.grad_share import gradient_shares
 from otface.train.graph import StepGraph, forward_backward
 from otface.train.guard import (
@@ -88,6 +89,16 @@ class Trainer(ResumeMixin):
         self.env = env
         self.device = env.device
         self.backbone = (backbone_factory or build_backbone)(cfg, self.device)
+        # Fine-tuning (otface.train.finetune): lines for the log, written after its header.
+        self.init_notes: list[str] = []
+        if cfg.get("init_backbone"):
+            if cfg.resume:
+                self.init_notes.append(
+                    f"init_backbone = {cfg.init_backbone!r} not loaded: resume = True takes the "
+                    "backbone from this run's checkpoint"
+                )
+            else:
+                self.init_notes.append(load_init_backbone(cfg, self.backbone))
         # NHWC convolutions on CUDA (config.channels_last); the state_dict is unchanged.
         self.channels_last = resolve_channels_last(cfg.get("channels_last", "auto"), self.device)
         if self.channels_last:
@@ -103,6 +114,20 @@ class Trainer(ResumeMixin):
         self.criterion = builder(
             cfg, backbone=self.backbone, rank=env.rank, world_size=env.world_size
         ).to(self.device)
+        if cfg.get("init_centres"):
+            self.init_notes.append(
+                load_init_centres(
+                    cfg, self.criterion.partial_fc, rank=env.rank, world_size=env.world_size
+                )
+            )
+        self.freezer = Freezer(cfg, self.backbone)
+        if self.freezer.active:
+            self.init_notes.append(self.freezer.describe())
+        if float(cfg.get("backbone_lr_mult", 1.0)) != 1.0:
+            self.init_notes.append(
+                f"backbone_lr_mult: the backbone learns at {cfg.backbone_lr_mult:g} x lr; the "
+                "logged lr is the class centres'"
+            )
         self.model: nn.Module = self.backbone
         if env.distributed:
             self.model = wrap_ddp(self.backbone, self.device)
@@ -192,11 +217,14 @@ class Trainer(ResumeMixin):
         # The loader hands uint8 batches to CUDA runs (pinned, 4x fewer bytes to copy); the
         # prefetcher has usually moved and normalised them already, and then this is a no-op.
         img, labels = to_training_layout(img, labels, self.device, channels_last=self.channels_last)
+        self.freezer.before_forward(self.global_step, self.backbone.training)
         if self.step_graph is not None:  # one process, gradient_acc 1: every batch updates
             self.criterion.prepare_step(self.global_step)
             out = self.step_graph(img, labels)
         else:
             out = self._eager_forward_backward(img, labels, update=update, acc=acc)
+        if update:
+            self.freezer.drop_gradients(self.global_step)
         skipped = update and not optimizer_step(
             self.optimizer,
             self.backbone,
@@ -246,7 +274,9 @@ class Trainer(ResumeMixin):
 
     @property
     def lr(self) -> float:
-        return self.lr_scheduler.get_last_lr()[0]
+        # The last parameter group's: Partial FC's centres, at the config's lr (the backbone's
+        # differs by backbone_lr_mult).
+        return self.lr_scheduler.get_last_lr()[-1]
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, *, epoch: int, epoch_step: int) -> dict:
@@ -413,6 +443,8 @@ def fit(
     if env.rank == 0:
         writer = SafeSummaryWriter(_tensorboard_dir(cfg))
         _log_config(cfg, env, trainer.total_step)
+        for note in trainer.init_notes:
+            logging.info("%s", note)
         if os.path.isdir(cfg.rec) and cfg.val_targets:
             from otface.evaluation import VerificationCallback
 

@@ -22,6 +22,9 @@ def build_optimizer(cfg, backbone: nn.Module, criterion: nn.Module) -> torch.opt
     criterion's trainable ones."""
     # Partial FC's class centres form the last parameter group, as in arcface_torch.
     groups = [{"params": list(backbone.parameters())}]
+    mult = float(cfg.get("backbone_lr_mult", 1.0))
+    if mult != 1.0:  # config backbone_lr_mult (fine-tuning): the centres keep cfg.lr
+        groups[0]["lr"] = cfg.lr * mult
     fc_params = [p for p in criterion.parameters() if p.requires_grad]
     if fc_params:
         groups.append({"params": fc_params})
