@@ -36,6 +36,8 @@ __all__ = [
     "check_dataset_config",
     "dataset_info",
     "prepare_rec",
+    "resolve_auto_sizes",
+    "sizes_from_data",
     "worker_start_method",
 ]
 
@@ -108,6 +110,65 @@ def dataset_info(rec_path: str | os.PathLike) -> DatasetInfo | None:
     else:
         labels = scan_image_folder(path)[1]
     return DatasetInfo(int(labels.max()) + 1, int(labels.size))
+
+
+def _property_classes(path: Path) -> int:
+    """The number of classes in a ``property`` file (``"num_classes,112,112"``)."""
+    try:
+        first = path.read_text(encoding="ascii", errors="replace").strip().splitlines()[0]
+        return int(first.split(",")[0])
+    except (OSError, IndexError, ValueError):
+        raise ValueError(
+            f"{path}: not a property file (expected a first line 'num_classes,112,112')"
+        ) from None
+
+
+def sizes_from_data(dataset: Dataset) -> tuple[DatasetInfo, str]:
+    """``(num_classes, num_image)`` of a built training set, and where the number of classes
+    was read: a ``.rec``'s header-0 ranges (identities without images count), else its
+    ``property`` file, else ``max(label) + 1``; an image folder's identity sub-folders.
+
+    Raises:
+        ValueError: a ``property`` file that is unreadable or lists fewer classes than the
+            labels need (names the file and both values).
+    """
+    labels = np.asarray(dataset.labels)
+    images = int(labels.size)
+    top = int(labels.max()) + 1 if images else 0
+    if isinstance(dataset, RecDataset):
+        rec = dataset.root / "train.rec"
+        if dataset.header0:
+            return DatasetInfo(int(dataset.header0), images), f"header 0 of {rec}"
+        prop = dataset.root / "property"
+        if prop.is_file():
+            classes = _property_classes(prop)
+            if classes < top:
+                raise ValueError(
+                    f"{prop} says {classes} classes, but {rec} has labels up to {top - 1} "
+                    f"({top} classes); correct the property file or remove it"
+                )
+            return DatasetInfo(classes, images), str(prop)
+        return DatasetInfo(top, images), f"the labels of {rec} (max label + 1)"
+    if isinstance(dataset, ImageFolderDataset):
+        classes = max(len(dataset.classes), top)
+        return DatasetInfo(classes, images), f"the identity sub-folders of {dataset.root}"
+    return DatasetInfo(top, images), f"the labels of {type(dataset).__name__}"
+
+
+def resolve_auto_sizes(cfg: Any, dataset: Dataset) -> list[str]:
+    """Replace ``"auto"`` in ``cfg.num_classes`` / ``cfg.num_image`` by the data's sizes
+    (:func:`sizes_from_data`); returns a line per replaced key, for the log."""
+    auto = [key for key in ("num_classes", "num_image") if cfg[key] == "auto"]
+    if not auto:
+        return []
+    info, source = sizes_from_data(dataset)
+    notes = []
+    for key in auto:
+        value = getattr(info, key)
+        cfg[key] = value
+        where = source if key == "num_classes" else f"the image records of {cfg.rec}"
+        notes.append(f"{key} = 'auto': {value}, from {where}")
+    return notes
 
 
 def check_dataset_config(cfg: Any, info: DatasetInfo | None) -> None:

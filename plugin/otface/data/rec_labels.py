@@ -23,11 +23,13 @@ __all__ = ["RecLabels", "read_rec_labels"]
 
 
 class RecLabels(NamedTuple):
-    """Image records of a ``.rec`` file: their keys and labels (int64, same length)."""
+    """Image records of a ``.rec`` file: their keys and labels (int64, same length), and the
+    number of identities record 0's header-0 ranges list (``end - first``; identities without
+    images count), 0 for a file without header 0."""
 
     keys: np.ndarray
     labels: np.ndarray
-    header0: bool
+    header0: int
 
 
 def read_rec_labels(reader: IndexedRecordReader) -> RecLabels:
@@ -181,7 +183,7 @@ def _header0_labels(reader: IndexedRecordReader, scan: RecordScan, pos0: int) ->
             f"{int(labels[i])} of the header-0 ranges ({wrong.size} of {labels.size} images "
             "disagree)"
         )
-    return RecLabels(np.arange(1, first, dtype=np.int64), labels, True)
+    return RecLabels(np.arange(1, first, dtype=np.int64), labels, end - first)
 
 
 def _record_labels(reader: IndexedRecordReader, heads: RecordHeaders) -> RecLabels:
@@ -193,4 +195,4 @@ def _record_labels(reader: IndexedRecordReader, heads: RecordHeaders) -> RecLabe
             f"{reader.rec_path}, record key {int(reader.keys[i])}: label {value[i]:g} is not a "
             "label >= 0"
         )
-    return RecLabels(reader.keys.copy(), value.astype(np.int64), False)
+    return RecLabels(reader.keys.copy(), value.astype(np.int64), 0)

@@ -16,11 +16,14 @@ def prepare_data(cfg):
     written. Returns the dataset for :func:`otface.train.loop.fit` (opened once: a ``.rec``
     index check reads every record's header)."""
     from otface.data import DatasetInfo, build_dataset, check_dataset_config, prepare_rec
+    from otface.data.loader import resolve_auto_sizes
     from otface.data.sampler import num_batches_per_epoch
 
     try:
         cfg.rec = prepare_rec(cfg.rec)
         dataset = build_dataset(cfg, normalize=False, report_bad=True)
+        # "auto" sizes, and a line each for the log (written once logging is set up: fit).
+        dataset.size_notes = resolve_auto_sizes(cfg, dataset)
         if cfg.rec != "synthetic":
             labels = dataset.labels
             check_dataset_config(cfg, DatasetInfo(int(labels.max()) + 1, int(labels.size)))

@@ -443,7 +443,7 @@ def fit(
     if env.rank == 0:
         writer = SafeSummaryWriter(_tensorboard_dir(cfg))
         _log_config(cfg, env, trainer.total_step)
-        for note in trainer.init_notes:
+        for note in [*getattr(dataset, "size_notes", []), *trainer.init_notes]:
             logging.info("%s", note)
         if os.path.isdir(cfg.rec) and cfg.val_targets:
             from otface.evaluation import VerificationCallback
