@@ -296,9 +296,13 @@ def test_packer_decodes_every_image_and_writes_nothing_when_it_refuses(tmp_path,
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
-    for name in ("garbage.jpg", "cut.jpg", "empty.jpg"):  # every bad file, in one summary
-        assert name in lines[0], lines[0]
     assert "3 of 9 files" in lines[0] and "--skip-bad" in lines[0]
+    named = sorted(line for line in err.splitlines() if line.startswith("bad image: "))
+    assert named == [  # every bad file, one line each
+        "bad image: alice/garbage.jpg: cannot be decoded (truncated or damaged)",
+        "bad image: bob/cut.jpg: cannot be decoded (truncated or damaged)",
+        "bad image: dave/empty.jpg: empty file",
+    ]
     assert "checked 9/9 images (3 not decodable)" in err  # the progress line
     assert not out.exists()  # not even an empty folder
 
@@ -308,7 +312,14 @@ def test_packer_skip_bad_packs_the_rest_and_lists_what_it_left_out(tmp_path, cap
     good = _faces_with_bad_files(root)
     out = tmp_path / "packed"
     assert pack_main([str(root), str(out), "--skip-bad", "--workers", "2"]) == 0
-    assert "left out 3 files" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "left out 3 files" in captured.out
+    named = sorted(line for line in captured.err.splitlines() if line.startswith("left out: "))
+    assert [line.split(":")[1].strip() for line in named] == [
+        "alice/garbage.jpg",
+        "bob/cut.jpg",
+        "dave/empty.jpg",
+    ]
     reader = IndexedRecordReader(out / "train.rec", out / "train.idx")
     keys, labels, _ = read_rec_labels(reader)
     assert len(keys) == good and sorted(set(labels.tolist())) == [0, 1, 2]
