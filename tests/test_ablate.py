@@ -241,3 +241,15 @@ def test_cli_end_to_end_on_tiny_data(tmp_path, capsys, tiny_demo):
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
     assert main(argv + ["--set", "nosuch=1"]) == 2
     assert "unknown key 'nosuch'" in capsys.readouterr().err
+
+
+def test_fine_tuning_both_ways_from_one_model(tmp_path):
+    """--set init_backbone=... gives every arm the same starting model."""
+    start = str(tmp_path / "start" / "model.pt")
+    override = parse_override(f"init_backbone={start}")
+    arms = make_arms(CONFIGS, [override])
+    runs = plan_runs(arms, [1], tmp_path / "out", shared=[override], epochs=2)
+    assert [r.cfg.init_backbone for r in runs] == [start, start]
+    assert [r.cfg.loss for r in runs] == ["arcface", "otface"]
+    again = load_config(write_frozen_config(runs[1], resume=False), base=None)
+    assert again.init_backbone == start
