@@ -21,6 +21,7 @@ from otface.data import (
     check_dataset_config,
     dataset_info,
     prepare_rec,
+    write_rec,
 )
 from otface.data.datasets import normalize_images
 from otface.data.pack import pack_image_folder
@@ -198,12 +199,12 @@ def test_prepare_rec_and_config_checks(tmp_path):
 
 def test_rec_dataset_resizes_other_sizes(tmp_path, monkeypatch):
     monkeypatch.setattr("otface.data.datasets._warned_resize", False)
-    d = tmp_path / "faces" / "a"
-    d.mkdir(parents=True)
     img = np.zeros((56, 56, 3), np.uint8)
     img[:, :28] = 255
-    cv2.imwrite(str(d / "0.png"), img)
-    pack_image_folder(tmp_path / "faces", tmp_path / "rec")
+    # Written as it is (the packer would resize it): a .rec made by other tools may hold any size.
+    ok, png = cv2.imencode(".png", img)
+    assert ok
+    write_rec(tmp_path / "rec", [(0, png.tobytes())])
     with pytest.warns(UserWarning, match="resizing to 112x112"):
         x, y = RecDataset(tmp_path / "rec", flip=False)[0]
     assert x.shape == (3, 112, 112) and y.item() == 0

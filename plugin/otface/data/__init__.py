@@ -19,6 +19,8 @@ from otface.data.loader import (
     check_dataset_config,
     dataset_info,
     prepare_rec,
+    resolve_auto_sizes,
+    sizes_from_data,
 )
 from otface.data.rec_writer import WrittenRec, write_rec
 from otface.data.recordio import IndexedRecordReader, IRHeader, RecordIOError
@@ -41,5 +43,7 @@ __all__ = [
     "check_dataset_config",
     "dataset_info",
     "prepare_rec",
+    "resolve_auto_sizes",
+    "sizes_from_data",
     "write_rec",
 ]

@@ -73,14 +73,22 @@ class PackReport(NamedTuple):
     names: list[str]
     resized: list[tuple[Path, tuple[int, int]]]
 
+    def short_of(self, k: int) -> list[str]:
+        """The identities (folder names, in label order) with fewer than ``k`` images."""
+        return [self.names[i] for i in np.flatnonzero(self.per_identity < k)]
+
     def lines(self, k: int) -> list[str]:
         """The report, one line per fact, for ``k`` images per identity in a P x K batch."""
+        if k < 1:
+            raise ValueError(f"k (images per identity in a batch) must be >= 1, got {k}")
         counts = self.per_identity
+        median = float(np.median(counts))
+        median_text = f"{int(median)}" if median.is_integer() else f"{median:.1f}"
         out = [
-            f"images per identity: min {int(counts.min())}, median {float(np.median(counts)):g}, "
+            f"images per identity: min {int(counts.min())}, median {median_text}, "
             f"max {int(counts.max())}"
         ]
-        few = [self.names[i] for i in np.flatnonzero(counts < k)]
+        few = self.short_of(k)
         if few:
             shown = ", ".join(few[:5]) + (f" and {len(few) - 5} more" if len(few) > 5 else "")
             out.append(
@@ -98,7 +106,8 @@ class PackReport(NamedTuple):
             if skewed:
                 line += (
                     f"; {skewed} of them not square, so stretched: aligned face crops are square "
-                    f"{IMAGE_SIZE}x{IMAGE_SIZE} (docs/custom_data.md: unaligned photos)"
+                    f"{IMAGE_SIZE}x{IMAGE_SIZE}; see docs/custom_data.md (Unaligned photos) for "
+                    "aligning photos"
                 )
             out.append(line)
         return out
@@ -279,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "with fewer are reported",
     )
     args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error(f"--k must be >= 1, got {args.k}")
 
     def progress(done: int, total: int, bad: int) -> None:
         print(f"checked {done}/{total} images ({bad} not decodable)", file=sys.stderr)
