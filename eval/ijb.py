@@ -1,9 +1,14 @@
-"""IJB-B / IJB-C 1:1 verification (TAR at FAR 1e-6 … 1e-1) of a finished model.
+"""IJB-B / IJB-C 1:1 verification (TAR at FAR) and 1:N identification of a finished model.
 
     python eval/ijb.py --model work_dirs/NAME/model.pt --network r100 \
         --data /data/IJBC --target IJBC
     python eval/ijb.py --model work_dirs/NAME/model.onnx --data /data/IJBB --target IJBB
-    python eval/ijb.py --model work_dirs/demo_otface/model.pt --data demo
+    python eval/ijb.py --model work_dirs/demo_otface/model.pt --data demo --protocol all
+
+``--protocol`` is ``11`` (1:1 verification, TAR at FAR 1e-6 … 1e-1; the default), ``1n``
+(1:N identification: rank-1/5/10 and TPIR at FPIR 1e-2 and 1e-1, galleries G1 + G2 or S1 + S2
+joined against the mixed probes, as InsightFace's ``ijb_1n.py``) or ``all`` (both, from one
+feature extraction).
 
 ``--data`` is InsightFace's release layout (``meta/`` + ``loose_crop/``), or ``demo`` for the
 embedded demo data's ``ijb/`` part (target ``demo``). Without ``--network``, a ``model.pt`` in a
@@ -11,7 +16,8 @@ training output folder is loaded as the ``network`` its ``training.log`` names. 
 ``--output`` (default: ``<model folder>/ijb_<target>``) the table, the scores (``.npy``), the ROC
 plot (PNG and PDF, with matplotlib) and a feature cache, so a second run with the same model
 file, network and flip setting scores without re-extracting (the model is still opened first, so
-a wrong ``--network`` is an error either way).
+a wrong ``--network`` is an error either way). 1:N writes ``<target>_1n.txt``, the
+probe-against-gallery scores ``<target>_1n_scores.npz`` and the CMC plot ``<target>_cmc``.
 """
 
 from __future__ import annotations
@@ -27,8 +33,20 @@ import numpy as np
 from otface.console_log import cli_logging
 from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, DEMO_IJB_TARGET, is_demo, resolve_data_dir
-from otface.evaluation.ijb import evaluate_ijb, feature_cache_key, format_table, save_roc_plot
-from otface.evaluation.ijb_meta import ijb_layout
+from otface.evaluation.ijb import (
+    feature_cache_key,
+    format_table,
+    save_roc_plot,
+    template_features,
+    verify_templates,
+)
+from otface.evaluation.ijb_1n import (
+    FPIR_METHODS,
+    evaluate_identification,
+    format_1n_table,
+    save_cmc_plot,
+)
+from otface.evaluation.ijb_meta import ijb_1n_files, ijb_layout, read_ijb_1n_meta
 from otface.evaluation.metrics import TAR_METHODS
 from otface.evaluation.models import open_embedder, resolve_model_path, resolve_network
 
@@ -62,6 +80,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="how TAR@FAR is read from the ROC: as arcface_torch's eval_ijbc.py does (default; "
         "its published tables are read this way), or by interpolation on the full ROC",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("11", "1n", "all"),
+        default="11",
+        help="11: 1:1 verification (default); 1n: 1:N identification; all: both",
+    )
+    parser.add_argument(
+        "--fpir-method",
+        choices=FPIR_METHODS,
+        default=FPIR_METHODS[0],
+        help="how 1:N TPIR at FPIR is read: as InsightFace's ijb_1n.py (default; one pool of all "
+        "non-mated scores) or NIST-style (each probe's highest non-mated score; mate at rank 1)",
+    )
     parser.add_argument("--output", default=None, help="result folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)
@@ -81,32 +112,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if out_dir.exists() and not out_dir.is_dir():
             raise FileExistsError(f"--output {out_dir} is a file, not a folder")
         out_dir.mkdir(parents=True, exist_ok=True)
+        if args.protocol != "11":
+            ijb_1n_files(data_dir, target)  # a missing 1:N list fails before extraction
         key = feature_cache_key(model_file, layout.name_5pts_score, flip=flip, network=network)
-        result = evaluate_ijb(
+        meta, pooled = template_features(
             embedder,
             data_dir,
             target,
             flip=flip,
             faceness=args.faceness,
-            tar_method=args.tar_method,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             cache_file=out_dir / f"{target.lower()}_features_{key}.npy",
         )
         name = model_file.parent.name if model_file.stem == "model" else model_file.stem
         stem = out_dir / target.lower()
-        np.save(f"{stem}_scores.npy", result.scores)
-        table = format_table({name: result})
-        Path(f"{stem}_tar_at_far.txt").write_text(table + "\n", encoding="utf-8")
-        plots = save_roc_plot({name: result}, stem)
+        lines = []
+        if args.protocol in ("11", "all"):
+            result = verify_templates(meta, pooled, target, tar_method=args.tar_method)
+            np.save(f"{stem}_scores.npy", result.scores)
+            table = format_table({name: result})
+            Path(f"{stem}_tar_at_far.txt").write_text(table + "\n", encoding="utf-8")
+            plots = save_roc_plot({name: result}, stem)
+            lines += [
+                "1:1 verification",
+                table,
+                f"{result.num_faces} faces, {result.num_templates} templates, "
+                f"{len(result.scores)} pairs" + (f" (ROC: {plots[0].name})" if plots else ""),
+            ]
+        if args.protocol in ("1n", "all"):
+            meta_1n = read_ijb_1n_meta(data_dir, target, pooled.templates)
+            ident = evaluate_identification(pooled, meta_1n, target, fpir_method=args.fpir_method)
+            table_1n = format_1n_table({name: ident})
+            Path(f"{stem}_1n.txt").write_text(table_1n + "\n", encoding="utf-8")
+            np.savez(
+                f"{stem}_1n_scores.npz",
+                similarity=ident.similarity,
+                mates=ident.mates,
+                probe_templates=ident.probe_templates,
+                gallery_templates=ident.gallery_templates,
+                cmc=ident.cmc,
+            )
+            cmc_plots = save_cmc_plot({name: ident}, f"{stem}_cmc")
+            lines += [
+                "1:N identification",
+                table_1n,
+                f"CMC: {cmc_plots[0].name}" if cmc_plots else "no CMC plot (no matplotlib)",
+            ]
     # OSError: files (missing, unreadable, --output naming a file); ValueError includes
     # IJBLayoutError; ImportError: an optional package (onnxruntime, insightface) with its hint.
     except (OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(table)
-    print(f"{result.num_faces} faces, {result.num_templates} templates, {len(result.scores)} pairs")
-    print(f"results in {out_dir}" + (f" (ROC: {plots[0].name})" if plots else ""))
+    print("\n".join(lines))
+    print(f"results in {out_dir}")
     return 0
 
 

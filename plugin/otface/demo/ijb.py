@@ -1,9 +1,11 @@
-"""The demo's IJB-format 1:1 benchmark (InsightFace's release layout, target name ``demo``).
+"""The demo's IJB-format benchmark (InsightFace's release layout, target name ``demo``).
 
 Each identity's loose crops are split into templates of 1–4 images from 1–2 medias (photos of
-one sitting share a scene). Every genuine template pair is listed; impostor pairs are a random
-subset of all cross-identity template pairs, enough that TAR at FAR 1e-4 rests on ≥ 10
-impostors by default.
+one sitting share a scene). 1:1: every genuine template pair is listed; impostor pairs are a
+random subset of all cross-identity template pairs, enough that TAR at FAR 1e-4 rests on ≥ 10
+impostors by default. 1:N (:func:`split_1n`): two disjoint galleries of one template per
+enrolled identity, and mixed probes made of the other templates of enrolled identities and of
+every template of the identities left out (non-mated probes).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from otface.demo.identity import FaceIdentity, Shot, sample_scene, sample_shot
 from otface.demo.photos import Stream, encode_jpeg, rng_for
 from otface.demo.render import render_face
 
-__all__ = ["LOOSE_SIZE", "template_sizes", "write_ijb_set"]
+__all__ = ["LOOSE_SIZE", "split_1n", "template_sizes", "write_ijb_set"]
 
 #: Side of the unaligned loose crops (pixels).
 LOOSE_SIZE = 176
@@ -51,6 +53,36 @@ def _impostor_pairs(owner: np.ndarray, n_impostor: int, rng: np.random.Generator
     return pairs
 
 
+def split_1n(owner: list[int], rng: np.random.Generator) -> tuple[list[int], list[int], list[int]]:
+    """Splits 1-based templates into gallery 1, gallery 2 and probes for 1:N.
+
+    Identities are shuffled: a fifth of them (at least one once there are three) are not
+    enrolled; the rest are split evenly between the galleries, each enrolled with one of its
+    templates drawn at random. All other templates are probes.
+    """
+    by_id: dict[int, list[int]] = {}
+    for t, i in enumerate(owner, start=1):
+        by_id.setdefault(i, []).append(t)
+    ids = [int(i) for i in rng.permutation(sorted(by_id))]
+    n_out = max(1, len(ids) // 5) if len(ids) >= 3 else 0
+    enrolled = ids[: len(ids) - n_out]
+    half = (len(enrolled) + 1) // 2
+    galleries: tuple[list[int], list[int]] = ([], [])
+    for k, i in enumerate(enrolled):
+        galleries[k >= half].append(int(rng.choice(by_id[i])))
+    chosen = set(galleries[0]) | set(galleries[1])
+    probes = [t for t in range(1, len(owner) + 1) if t not in chosen]
+    return sorted(galleries[0]), sorted(galleries[1]), probes
+
+
+def _write_1n_lists(meta: Path, owner: list[int], images: dict[int, list[str]], seed: int) -> None:
+    g1, g2, probes = split_1n(owner, rng_for(seed, Stream.IJB_1N))
+    for name, templates in (("gallery_G1", g1), ("gallery_G2", g2), ("probe_mixed", probes)):
+        rows = ["TEMPLATE_ID,SUBJECT_ID,FILENAME\n"]
+        rows += [f"{t},{owner[t - 1] + 1},{img}\n" for t in templates for img in images[t]]
+        (meta / f"demo_1N_{name}.csv").write_text("".join(rows))
+
+
 def write_ijb_set(
     root: Path,
     seed: int,
@@ -59,13 +91,15 @@ def write_ijb_set(
     per_id: int,
     n_impostor: int,
 ) -> int:
-    """Writes ``root/meta/demo_*.txt`` and ``root/loose_crop/*.jpg``; returns the number of
+    """Writes ``root/meta/demo_*.txt``, the 1:N lists ``root/meta/demo_1N_*.csv`` and
+    ``root/loose_crop/*.jpg``; returns the number of
     impostor pairs listed (``n_impostor``, or all cross-identity pairs when fewer exist)."""
     meta, crops = root / "meta", root / "loose_crop"
     meta.mkdir(parents=True)
     crops.mkdir()
     layout = rng_for(seed, Stream.IJB_LAYOUT)
     tid_mid, lmk_lines, owner = [], [], []
+    images: dict[int, list[str]] = {}
     image_no, template, media = 0, 0, 0
     for i, idn in enumerate(idns):
         for size in template_sizes(layout, per_id):
@@ -83,6 +117,7 @@ def write_ijb_set(
                 name = f"{image_no}.jpg"
                 (crops / name).write_bytes(encode_jpeg(face))
                 tid_mid.append(f"{name} {template} {media}\n")
+                images.setdefault(template, []).append(name)
                 coords = " ".join(f"{v:.3f}" for v in face.landmarks.reshape(-1))
                 lmk_lines.append(f"{name} {coords} {_faceness(shot, rng):.3f}\n")
     owner_arr = np.asarray(owner)
@@ -98,4 +133,5 @@ def write_ijb_set(
     (meta / "demo_template_pair_label.txt").write_text(
         "".join(f"{a} {b} {y}\n" for a, b, y in pairs)
     )
+    _write_1n_lists(meta, owner, images, seed)
     return len(impostor)

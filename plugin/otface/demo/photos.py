@@ -49,6 +49,7 @@ class Stream:
     IJB_IMAGE = 6
     HARD = 7
     HARD_PAIRS = 8
+    IJB_1N = 9
 
 
 def rng_for(*key: int) -> np.random.Generator:

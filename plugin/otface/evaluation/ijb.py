@@ -4,7 +4,8 @@ Pipeline: five-point similarity alignment of each loose crop to 112×112 (insigh
 ``face_align.norm_crop``, the standard ArcFace template); embedding, plus that of the mirror
 image (flip test); faceness weighting (default on); mean over the faces of a media (photo or video),
 sum over the medias of a template, L2 normalisation; cosine score for every template pair,
-in chunks; TAR at FAR 1e-6 ... 1e-1 and the ROC.
+in chunks; TAR at FAR 1e-6 ... 1e-1 and the ROC. 1:N identification over the same pooled
+features is in :mod:`otface.evaluation.ijb_1n`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -31,8 +32,12 @@ __all__ = [
     "pool_templates",
     "score_pairs",
     "feature_cache_key",
+    "template_features",
+    "verify_templates",
     "evaluate_ijb",
     "format_table",
+    "text_table",
+    "save_curves",
     "save_roc_plot",
 ]
 
@@ -223,6 +228,68 @@ def _read_cache(cache_file: Path, n_faces: int) -> Optional[np.ndarray]:
     return feats
 
 
+def template_features(
+    embedder: Optional[Embedder],
+    data_dir: PathLike,
+    target: str,
+    *,
+    flip: bool = True,
+    faceness: bool = True,
+    batch_size: int = 128,
+    num_workers: int = 4,
+    cache_file: Optional[PathLike] = None,
+) -> Tuple[IJBMeta, TemplateFeatures]:
+    """Reads a target's meta files and returns them with the pooled template features.
+
+    The per-face features are read from ``cache_file`` when it holds them, else extracted with
+    ``embedder`` and written there; both protocols (1:1 and 1:N) pool the same features, so one
+    extraction serves both. Arguments as in :func:`evaluate_ijb`.
+    """
+    meta = read_ijb_meta(data_dir, target)
+    n = len(meta.image_names)
+    feats = None
+    if cache_file is not None and Path(cache_file).is_file():
+        feats = _read_cache(Path(cache_file), n)
+    if feats is None:
+        if embedder is None:
+            raise ValueError("no embedder given and no feature cache to read")
+        feats = extract_features(
+            embedder, meta, flip=flip, batch_size=batch_size, num_workers=num_workers
+        )
+        if cache_file is not None:
+            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(cache_file).with_suffix(".tmp.npy")
+            np.save(tmp, feats)
+            tmp.replace(cache_file)
+    if faceness:
+        feats = feats * meta.faceness[:, None]
+    return meta, pool_templates(feats, meta.templates, meta.medias)
+
+
+def verify_templates(
+    meta: IJBMeta,
+    pooled: TemplateFeatures,
+    target: str,
+    *,
+    fars: Sequence[float] = DEFAULT_FARS,
+    tar_method: str = "arcface_torch",
+    chunk_size: int = 16384,
+) -> IJBResult:
+    """The 1:1 protocol on pooled template features (see :func:`evaluate_ijb`)."""
+    scores = score_pairs(pooled, meta.pair_templates, chunk_size=chunk_size)
+    roc = roc_curve(scores, meta.pair_labels)
+    return IJBResult(
+        target=target,
+        fars=np.asarray(fars, np.float64),
+        tars=tar_at_far(scores, meta.pair_labels, fars=fars, method=tar_method),
+        auc=float(np.sum(np.diff(roc.far) * (roc.tar[1:] + roc.tar[:-1]) / 2)),
+        scores=scores,
+        labels=meta.pair_labels,
+        num_faces=len(meta.image_names),
+        num_templates=len(pooled.templates),
+    )
+
+
 def evaluate_ijb(
     embedder: Optional[Embedder],
     data_dir: PathLike,
@@ -252,41 +319,34 @@ def evaluate_ijb(
             or ``"interp"`` (linear between the points of the full ROC).
         cache_file: ``.npy`` of the raw image features; read when present, written otherwise.
     """
-    meta = read_ijb_meta(data_dir, target)
-    n = len(meta.image_names)
-    feats = None
-    if cache_file is not None and Path(cache_file).is_file():
-        feats = _read_cache(Path(cache_file), n)
-    if feats is None:
-        if embedder is None:
-            raise ValueError("no embedder given and no feature cache to read")
-        feats = extract_features(
-            embedder, meta, flip=flip, batch_size=batch_size, num_workers=num_workers
-        )
-        if cache_file is not None:
-            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(cache_file).with_suffix(".tmp.npy")
-            np.save(tmp, feats)
-            tmp.replace(cache_file)
-    if faceness:
-        feats = feats * meta.faceness[:, None]
-    pooled = pool_templates(feats, meta.templates, meta.medias)
-    scores = score_pairs(pooled, meta.pair_templates, chunk_size=chunk_size)
-    roc = roc_curve(scores, meta.pair_labels)
-    return IJBResult(
-        target=target,
-        fars=np.asarray(fars, np.float64),
-        tars=tar_at_far(scores, meta.pair_labels, fars=fars, method=tar_method),
-        auc=float(np.sum(np.diff(roc.far) * (roc.tar[1:] + roc.tar[:-1]) / 2)),
-        scores=scores,
-        labels=meta.pair_labels,
-        num_faces=n,
-        num_templates=len(pooled.templates),
+    meta, pooled = template_features(
+        embedder,
+        data_dir,
+        target,
+        flip=flip,
+        faceness=faceness,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        cache_file=cache_file,
+    )
+    return verify_templates(
+        meta, pooled, target, fars=fars, tar_method=tar_method, chunk_size=chunk_size
     )
 
 
 FEW_IMPOSTORS = 10
 """A TAR read at a FAR that fewer impostor pairs than this exceed is marked in the table."""
+
+
+def text_table(rows: List[List[str]]) -> List[str]:
+    """Lines of a ruled text table; ``rows[0]`` is the header, cells are right-aligned."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def line(row: List[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |"
+
+    return [rule, line(rows[0]), rule, *map(line, rows[1:]), rule]
 
 
 def format_table(results: Dict[str, IJBResult]) -> str:
@@ -314,13 +374,7 @@ def format_table(results: Dict[str, IJBResult]) -> str:
             else:
                 cells.append(f"{100 * tar:.2f}")
         rows.append([f"{name}-{res.target}"] + cells)
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-
-    def line(row: List[str]) -> str:
-        return "| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |"
-
-    table = [rule, line(rows[0]), rule, *map(line, rows[1:]), rule]
+    table = text_table(rows)
     if marked:
         table.append(
             f"* rests on fewer than {FEW_IMPOSTORS} impostor pairs (FAR x impostor pairs); "
@@ -329,23 +383,24 @@ def format_table(results: Dict[str, IJBResult]) -> str:
     return "\n".join(table)
 
 
-def save_roc_plot(results: Dict[str, IJBResult], path_stem: PathLike) -> List[Path]:
-    """Writes ``<stem>.png`` and ``<stem>.pdf`` (log-FAR ROC); returns [] without matplotlib."""
+def save_curves(
+    curves: List[tuple], path_stem: PathLike, *, title: str, what: str, **axes
+) -> List[Path]:
+    """Plots ``(x, y, label)`` curves and writes ``<stem>.png`` and ``<stem>.pdf``; without
+    matplotlib, warns once that there is no ``what`` plot and returns []."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed: no ROC plot (pip install matplotlib)")
+        logger.warning("matplotlib is not installed: no %s plot (pip install matplotlib)", what)
         return []
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, res in results.items():
-        roc = roc_curve(res.scores, res.labels)
-        ax.plot(roc.far, roc.tar, lw=1, label=f"{name} (AUC {100 * res.auc:.2f}%)")
-    target = next(iter(results.values())).target
-    ax.set(xscale="log", xlim=(1e-6, 1), ylim=(0, 1), xlabel="FAR", ylabel="TAR")
-    ax.set_title(f"ROC on {target}")
+    for x, y, label in curves:
+        ax.plot(x, y, lw=1, label=label)
+    ax.set(**axes)
+    ax.set_title(title)
     ax.grid(linestyle="--", linewidth=0.5)
     ax.legend(loc="lower right")
     paths = [Path(f"{path_stem}.png"), Path(f"{path_stem}.pdf")]
@@ -353,3 +408,23 @@ def save_roc_plot(results: Dict[str, IJBResult], path_stem: PathLike) -> List[Pa
         fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return paths
+
+
+def save_roc_plot(results: Dict[str, IJBResult], path_stem: PathLike) -> List[Path]:
+    """Writes ``<stem>.png`` and ``<stem>.pdf`` (log-FAR ROC); returns [] without matplotlib."""
+    curves = []
+    for name, res in results.items():
+        roc = roc_curve(res.scores, res.labels)
+        curves.append((roc.far, roc.tar, f"{name} (AUC {100 * res.auc:.2f}%)"))
+    target = next(iter(results.values())).target
+    return save_curves(
+        curves,
+        path_stem,
+        title=f"ROC on {target}",
+        what="ROC",
+        xscale="log",
+        xlim=(1e-6, 1),
+        ylim=(0, 1),
+        xlabel="FAR",
+        ylabel="TAR",
+    )

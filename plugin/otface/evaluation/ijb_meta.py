@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C 1:1 meta files in InsightFace's release layout, checked line by line.
+"""IJB-B / IJB-C meta files in InsightFace's release layout, checked line by line.
 
 Layout under the data folder (``T`` is the target in lower case: ``ijbb``, ``ijbc``, ...)::
 
@@ -7,7 +7,12 @@ Layout under the data folder (``T`` is the target in lower case: ``ijbb``, ``ijb
     meta/T_name_5pts_score.txt     IMAGE X1 Y1 ... X5 Y5 FACENESS        one line per face
     loose_crop/IMAGE                                                     the face images
 
-Line ``i`` of the two per-face files describes the same face.
+Line ``i`` of the two per-face files describes the same face. 1:N identification adds three
+comma-separated lists with a header line, ``TEMPLATE_ID,SUBJECT_ID,...`` per row (one row per
+image in the real releases)::
+
+    meta/T_1N_gallery_G1.csv, meta/T_1N_gallery_G2.csv   the two galleries (IJB-B: _S1, _S2)
+    meta/T_1N_probe_mixed.csv                            the probe templates
 """
 
 from __future__ import annotations
@@ -18,7 +23,16 @@ from typing import List, NamedTuple, Union
 
 import numpy as np
 
-__all__ = ["IJBLayoutError", "IJBLayout", "IJBMeta", "ijb_layout", "read_ijb_meta"]
+__all__ = [
+    "IJBLayoutError",
+    "IJBLayout",
+    "IJBMeta",
+    "IJB1NMeta",
+    "ijb_layout",
+    "ijb_1n_files",
+    "read_ijb_meta",
+    "read_ijb_1n_meta",
+]
 
 PathLike = Union[str, Path]
 
@@ -212,4 +226,132 @@ def read_ijb_meta(root: PathLike, target: str) -> IJBMeta:
         pair_templates=pairs[:, :2].copy(),
         pair_labels=pairs[:, 2].copy(),
         image_dir=layout.image_dir,
+    )
+
+
+class IJB1NMeta(NamedTuple):
+    """1:N identification lists of one target (templates are unique, sorted within each list).
+
+    Attributes:
+        galleries: the two gallery lists, e.g. ``("G1", "G2")``; each item is
+            ``(name, templates (T,) int64, subjects (T,) int64)``.
+        probe_templates: ``(P,)`` int64 probe template ids (sorted).
+        probe_subjects: ``(P,)`` int64 subject of each probe template.
+        files: the three CSV files read, gallery 1, gallery 2, probes.
+    """
+
+    galleries: List[tuple]
+    probe_templates: np.ndarray
+    probe_subjects: np.ndarray
+    files: List[Path]
+
+
+#: Gallery list suffixes InsightFace's ``ijb_1n.py`` reads: IJB-C's G1/G2, IJB-B's S1/S2.
+GALLERY_NAMES = (("G1", "G2"), ("S1", "S2"))
+
+
+def ijb_1n_files(root: PathLike, target: str) -> List[Path]:
+    """The gallery 1, gallery 2 and mixed-probe CSVs of ``target`` under ``root/meta``.
+
+    IJB-C names its galleries ``G1``/``G2`` and IJB-B ``S1``/``S2``; whichever pair exists is
+    used (IJBB prefers S1/S2, any other target G1/G2). A missing file raises
+    :class:`IJBLayoutError` naming it.
+    """
+    meta = Path(root) / "meta"
+    prefix = target.lower()
+    order = GALLERY_NAMES[::-1] if prefix == "ijbb" else GALLERY_NAMES
+    probe = meta / f"{prefix}_1N_probe_mixed.csv"
+    for names in order:
+        galleries = [meta / f"{prefix}_1N_gallery_{n}.csv" for n in names]
+        if all(p.is_file() for p in galleries):
+            break
+    else:
+        names = order[0]
+        galleries = [meta / f"{prefix}_1N_gallery_{n}.csv" for n in names]
+        missing = next(p for p in galleries if not p.is_file())
+        raise IJBLayoutError(
+            f"missing {missing}: 1:N identification needs {galleries[0].name}, "
+            f"{galleries[1].name} and {probe.name} in {meta}"
+        )
+    if not probe.is_file():
+        raise IJBLayoutError(f"missing {probe}: 1:N identification needs the mixed probe list")
+    return [*galleries, probe]
+
+
+def _read_template_subjects(path: Path) -> tuple:
+    """Unique ``(templates, subjects)`` of a ``TEMPLATE_ID,SUBJECT_ID,...`` CSV with a header.
+
+    Real lists have one row per image, so a template repeats; all its rows must name the same
+    subject.
+    """
+    subject_of: dict = {}
+    with open(path, encoding="utf-8") as f:
+        header = f.readline()
+        if not header.strip():
+            raise IJBLayoutError(f"{path} is empty (expected a header line, then rows)")
+        for lineno, line in enumerate(f, start=2):
+            if not line.strip():
+                continue
+            fields = line.split(",")
+            if len(fields) < 2:
+                raise _bad_line(path, lineno, line, "expected TEMPLATE_ID,SUBJECT_ID,...")
+            try:
+                template, subject = int(fields[0]), int(fields[1])
+            except ValueError:
+                raise _bad_line(
+                    path, lineno, line, "non-integer TEMPLATE_ID or SUBJECT_ID"
+                ) from None
+            known = subject_of.setdefault(template, subject)
+            if known != subject:
+                raise _bad_line(
+                    path, lineno, line, f"template {template} was listed with subject {known}"
+                )
+    if not subject_of:
+        raise IJBLayoutError(f"{path} lists no templates")
+    templates = np.asarray(sorted(subject_of), np.int64)
+    return templates, np.asarray([subject_of[t] for t in templates.tolist()], np.int64)
+
+
+def read_ijb_1n_meta(root: PathLike, target: str, known_templates: np.ndarray) -> IJB1NMeta:
+    """Read and cross-check a target's 1:N lists (see :func:`ijb_1n_files`).
+
+    Args:
+        known_templates: template ids that have faces (from ``*_face_tid_mid.txt``); a listed
+            template outside it is an error naming the file.
+
+    Raises:
+        IJBLayoutError: a missing or malformed file, a template without faces, a template in
+            both galleries, or a subject with more than one gallery template (every subject is
+            enrolled once, as InsightFace's evaluation requires).
+    """
+    files = ijb_1n_files(root, target)
+    lists = [_read_template_subjects(p) for p in files]
+    known = np.asarray(known_templates)
+    for path, (templates, _) in zip(files, lists):
+        unknown = templates[~np.isin(templates, known)]
+        if len(unknown):
+            raise IJBLayoutError(
+                f"{path}: template {int(unknown[0])} has no face in the face list "
+                f"({len(unknown)} such templates)"
+            )
+    (t1, s1), (t2, s2) = lists[0], lists[1]
+    both = np.intersect1d(t1, t2)
+    if len(both):
+        raise IJBLayoutError(
+            f"template {int(both[0])} is in both {files[0].name} and {files[1].name}"
+        )
+    subjects = np.concatenate([s1, s2])
+    uniq, counts = np.unique(subjects, return_counts=True)
+    if (counts > 1).any():
+        subject = int(uniq[counts > 1][0])
+        raise IJBLayoutError(
+            f"subject {subject} has {int(counts[uniq == subject][0])} gallery templates in "
+            f"{files[0].name} + {files[1].name}; 1:N scoring needs exactly one per subject"
+        )
+    names = [p.stem.rsplit("_", 1)[-1] for p in files[:2]]
+    return IJB1NMeta(
+        galleries=[(names[0], t1, s1), (names[1], t2, s2)],
+        probe_templates=lists[2][0],
+        probe_subjects=lists[2][1],
+        files=files,
     )
