@@ -65,7 +65,11 @@ def test_fingerprint_format_on_a_hand_written_case():
 
 
 def test_list_models():
-    assert set(list_models()) == {"r18", "r34", "r50", "r100", "r200", "mbf", "r18_lite"}
+    assert list_models() == [
+        *("r18", "r34", "r50", "r100", "r200", "r2060", "mbf", "mbf_large"),
+        *("vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b"),
+        *("vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h", "r18_lite"),
+    ]
 
 
 def test_unknown_name_lists_valid_names():

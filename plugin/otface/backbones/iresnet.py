@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
 from otface.backbones._common import cuda_autocast
 from otface.backbones.fused_bn_prelu import bn_prelu
@@ -90,6 +91,13 @@ class IResNet(nn.Module):
         stem_stride: stride of the stem convolution (1 in the reference networks).
         stage_strides: stride of each stage (2 in the reference networks). The product of
             all strides must be 16 so that a 112×112 input gives a 7×7 ``bn2`` map.
+        checkpoint_segments: activation checkpointing per stage, in training mode only: a
+            positive entry runs that stage as so many checkpointed segments
+            (:func:`torch.utils.checkpoint.checkpoint_sequential`, non-reentrant), trading
+            recomputation for memory; 0 runs it plainly. arcface_torch's r2060 uses
+            ``(0, 20, 100, 0)``. Outputs and gradients are those of the plain run; as there,
+            the recomputation updates the BatchNorm running statistics of a checkpointed
+            stage a second time each step.
 
     Shapes:
         input ``(N, 3, 112, 112)`` → ``bn2`` output ``(N, widths[-1], 7, 7)`` → embedding
@@ -115,6 +123,7 @@ class IResNet(nn.Module):
         widths: Sequence[int] = (64, 128, 256, 512),
         stem_stride: int = 1,
         stage_strides: Sequence[int] = (2, 2, 2, 2),
+        checkpoint_segments: Sequence[int] = (0, 0, 0, 0),
     ) -> None:
         super().__init__()
         if len(layers) != 4 or len(widths) != 4 or len(stage_strides) != 4:
@@ -132,7 +141,15 @@ class IResNet(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        if len(checkpoint_segments) != 4 or not all(
+            0 <= s <= n for s, n in zip(checkpoint_segments, layers)
+        ):
+            raise ValueError(
+                f"checkpoint_segments must give each of the four stages 0 to its block count "
+                f"{tuple(layers)} segments; got {tuple(checkpoint_segments)}"
+            )
         self.fp16 = fp16
+        self.checkpoint_segments = tuple(checkpoint_segments)
         self.conv1 = nn.Conv2d(
             3, widths[0], kernel_size=3, stride=stem_stride, padding=1, bias=False
         )
@@ -199,7 +216,13 @@ class IResNet(nn.Module):
         """``(N, 3, 112, 112)`` images → ``(N, num_features)`` embeddings (not normalised)."""
         with cuda_autocast(x, fp16=self.fp16):
             x = self._stem(x)
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            for stage, segments in zip(
+                (self.layer1, self.layer2, self.layer3, self.layer4), self.checkpoint_segments
+            ):
+                if segments and self.training:
+                    x = checkpoint_sequential(stage, segments, x, use_reentrant=False)
+                else:
+                    x = stage(x)
             x = self.bn2(x)
             x = self.dropout(torch.flatten(x, 1))
         x = self.fc(x.float() if self.fp16 else x)
