@@ -5,13 +5,17 @@ imports triton, and only without a GPU so that a GPU run tests the compiled kern
 
 The Triton kernel stops each problem on its own, so with ``tol > 0`` each of its problems is
 compared with the torch kernel solving that problem alone; with ``tol = 0`` (a fixed number
-of iterations) with the torch kernel's batched solve.
+of iterations) with the torch kernel's batched solve. Problems above ``SMALL_MAX_SIZE`` (64)
+go to the tiled kernel: checked at a ViT's 144 x 144 (and ragged, and with zero-weight
+points, against POT too), and on small shapes by lowering ``SMALL_MAX_SIZE``.
 """
 
 import os
 import subprocess
 import sys
 
+import numpy as np
+import ot
 import pytest
 import torch
 from _spawn import run_without_triton_interpreter
@@ -65,26 +69,43 @@ def test_importing_otface_does_not_import_triton():
 
 
 _COMPILE_FOR_SM90 = """
+import re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
-from otface.ot._triton_sinkhorn_kernel import sinkhorn_kernel
-from otface.ot.triton_sinkhorn import _num_warps
+from otface.ot._triton_sinkhorn_kernel import sinkhorn_kernel, sinkhorn_tiled_kernel
+from otface.ot.triton_sinkhorn import _TILE, _TILED_WARPS, _num_warps
 
-ints = ("n", "m", "max_iter", "check_every", "n_stages")
-sig = {
-    name: "*i8" if name == "sym_ptr" else "*i32" if name == "iters_ptr" else
-    "*fp32" if name.endswith("_ptr") else "i32" if name in ints else
-    "fp32" if name in ("neg_inv_eps", "tol", "eps_start", "scaling", "eps", "relaxation")
-    else "constexpr"
-    for name in sinkhorn_kernel.arg_names
-}
+def compile_sm90(kernel, const, num_warps):
+    ints = ("n", "m", "max_iter", "check_every", "n_stages")
+    sig = {
+        name: "*i8" if name == "sym_ptr" else "*i32" if name == "iters_ptr" else
+        "*fp32" if name.endswith("_ptr") else "i32" if name in ints else
+        "fp32" if name in ("neg_inv_eps", "tol", "eps_start", "scaling", "eps", "relaxation")
+        else "constexpr"
+        for name in kernel.arg_names
+    }
+    src = ASTSource(kernel, sig, constexprs=const)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert out.asm["cubin"]
+    return out
+
 for block in (16, 64):
     const = {"BLOCK_N": block, "BLOCK_M": block, "HAS_SYM": True}
-    src = ASTSource(sinkhorn_kernel, sig, constexprs=const)
-    opts = {"num_warps": _num_warps(block, block)}
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    assert kernel.asm["cubin"]
+    compile_sm90(sinkhorn_kernel, const, _num_warps(block, block))
+for sym in (True, False):
+    const = {"TILE_N": _TILE, "TILE_M": _TILE, "HAS_SYM": sym}
+    ptx = compile_sm90(sinkhorn_tiled_kernel, const, _TILED_WARPS).asm["ptx"]
+    # The tiled kernel must not spill: ptxas run on its PTX as Triton runs it.
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        cmd = [get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", f.name,
+               "-o", f.name + ".o"]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    spills = [int(k) for k in re.findall(r"(\\d+) bytes spill", log)]
+    assert spills and not any(spills), log
 """
 
 
@@ -221,6 +242,8 @@ def test_auto_uses_the_kernel_only_where_it_fits(monkeypatch):
         assert triton_sinkhorn.auto_fits(c)
         assert not triton_sinkhorn.auto_fits(c.double())
         assert not triton_sinkhorn.auto_fits(torch.zeros(1, 65, 3, device=DEVICE))
+        # ViT-size problems take the tiled kernel only when asked for (it is unmeasured).
+        assert not triton_sinkhorn.auto_fits(torch.zeros(1, 144, 144, device=DEVICE))
     # Where it fits (as on CUDA), the divergence's cross and self problems go to one launch.
     launches = []
     real = triton_sinkhorn.sinkhorn_triton
@@ -247,8 +270,8 @@ def test_what_it_does_not_take_is_named(monkeypatch):
     kw = dict(eps=0.1, max_iter=5, tol=0.0, kernel="triton")
     with pytest.raises(ValueError, match="float32"):
         sinkhorn(c.double(), **kw)
-    with pytest.raises(ValueError, match="n, m <= 128"):
-        sinkhorn(torch.zeros(1, 129, 3, device=DEVICE), **kw)
+    with pytest.raises(ValueError, match="n, m <= 256"):
+        sinkhorn(torch.zeros(1, 257, 3, device=DEVICE), **kw)
     with pytest.raises(ValueError, match="'auto', 'torch', 'matmul', 'triton'"):
         sinkhorn(c, eps=0.1, max_iter=5, tol=0.0, kernel="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -309,3 +332,133 @@ def test_over_relaxation_matches_the_torch_kernel_problem_by_problem():
             alone = sinkhorn(c[i : i + 1], kernel="torch", symmetric=sym[i : i + 1], **kw)
             torch.testing.assert_close(fast.plan[i], alone.plan[0], atol=5e-5, rtol=0)
             assert abs(fast.problem_iters[i].item() - alone.n_iter) <= 3
+
+
+# The tiled kernel (n or m above SMALL_MAX_SIZE). The interpreter runs ~0.3 s an iteration at
+# 144 x 144 for two problems: few iterations, two problems a batch.
+
+
+def _weights(batch, size, *, zeros, seed):
+    """Random positive weights summing to one, the first ``zeros[k]`` of problem k set to 0
+    (tokens masked out), then shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(batch, size, generator=g) + 0.1
+    for k, z in enumerate(zeros):
+        w[k, :z] = 0.0
+        w[k] = w[k, torch.randperm(size, generator=g)]
+    return (w / w.sum(-1, keepdim=True)).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", [(2, 144, 144), (2, 144, 100), (1, 256, 256)])
+def test_tiled_kernel_at_vit_size_equals_the_torch_solve(shape):
+    # 12 x 12 patch tokens against themselves and against a ragged set, and the largest size
+    # taken; relaxed updates and eps-scaling in fixed iterations, then values and envelope
+    # gradients.
+    assert max(shape) > triton_sinkhorn.SMALL_MAX_SIZE
+    c = _costs(*shape, seed=11)
+    kw = dict(eps=0.05, max_iter=8, tol=0.0, relaxation=1.6, eps_scaling=0.5, cost_range=2.0)
+    cf, cr = c.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    fast = sinkhorn(cf, kernel="triton", **kw)
+    ref = sinkhorn(cr, kernel="torch", **kw)
+    _assert_same_solve(fast, ref)
+    assert fast.problem_iters.tolist() == [8] * shape[0]
+    torch.testing.assert_close(fast.problem_errors, ref.problem_errors, atol=1e-6, rtol=1e-4)
+    values = [
+        entropic_objective(r.plan, x, eps=0.05, potentials=r.potentials)
+        for r, x in ((fast, cf), (ref, cr))
+    ]
+    torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=0)
+    (grad,) = torch.autograd.grad(fast.cost.sum() + values[0].sum(), cf)
+    (grad_ref,) = torch.autograd.grad(ref.cost.sum() + values[1].sum(), cr)
+    torch.testing.assert_close(grad, 2 * fast.plan)
+    torch.testing.assert_close(grad, grad_ref, atol=2 * PLAN_ATOL, rtol=0)
+
+
+# A zero weight's update computes (-inf) - (-inf) and then discards it (as the torch path does);
+# the interpreter's numpy warns about it.
+_ZERO_WEIGHT_NAN = "ignore:invalid value encountered in subtract:RuntimeWarning"
+
+
+@pytest.mark.filterwarnings(_ZERO_WEIGHT_NAN)
+def test_tiled_kernel_zero_weight_points_as_torch_and_pot():
+    # Masked tokens get zero mass: their plan rows and columns are exactly 0, their potentials
+    # -inf, each problem stops on its own as the torch kernel alone, and the rest of the plan
+    # is POT's log-domain solution of the problem without those points.
+    c = _costs(2, 144, 100, seed=12)
+    a = _weights(2, 144, zeros=(30, 0), seed=13)
+    b = _weights(2, 100, zeros=(0, 17), seed=14)
+    kw = dict(a=a, b=b, eps=0.1, max_iter=60, tol=1e-6, check_every=1)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    for i in range(2):
+        one = dict(kw, a=a[i : i + 1], b=b[i : i + 1])
+        alone = sinkhorn(c[i : i + 1], kernel="torch", **one)
+        _assert_same_solve(fast, alone, i, 0)
+        assert fast.problem_iters[i].item() == alone.n_iter < 60
+        rows, cols = a[i] > 0, b[i] > 0
+        assert (fast.plan[i][~rows] == 0).all() and (fast.plan[i][:, ~cols] == 0).all()
+        assert torch.isneginf(fast.potentials[0][i][~rows]).all()
+        assert torch.isneginf(fast.potentials[1][i][~cols]).all()
+        # (renormalised in float64: float32 weights summing to 1 +- 1e-7 would leave POT an
+        # unbalanced problem that it cannot solve to 1e-12)
+        ai, bi = (w.double().cpu().numpy() for w in (a[i][rows], b[i][cols]))
+        ai, bi = ai / ai.sum(), bi / bi.sum()
+        ci = c[i][rows][:, cols].double().cpu().numpy()
+        pot = ot.sinkhorn(ai, bi, ci, 0.1, method="sinkhorn_log", numItermax=10000, stopThr=1e-12)
+        kept = fast.plan[i][rows][:, cols].double().cpu().numpy()
+        np.testing.assert_allclose(kept, pot, atol=1e-7, rtol=0)
+    assert fast.marginal_error.item() < 1.001e-6
+
+
+@pytest.mark.filterwarnings(_ZERO_WEIGHT_NAN)
+def test_tiled_kernel_symmetric_masked_self_problem_beside_a_relaxed_cross_problem():
+    # The divergence's self-problem of a masked token set (a = b with zeros, averaged updates)
+    # beside a relaxed cross problem, with eps-scaling, each stopping on its own.
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 72, 16, generator=g)
+    c = torch.cat([cosine_cost(x[:1], x[:1]), cosine_cost(x[:1], x[1:])]).to(DEVICE)
+    w = _weights(1, 72, zeros=(20,), seed=16).expand(2, -1)
+    sym = torch.tensor([True, False], device=DEVICE)
+    kw = dict(a=w, b=w, eps=0.05, max_iter=200, tol=1e-4, check_every=2)
+    kw.update(relaxation=1.6, eps_scaling=0.7, cost_range=2.0)
+    fast = sinkhorn(c, kernel="triton", symmetric=sym, **kw)
+    for i in range(2):
+        one = dict(kw, a=w[i : i + 1], b=w[i : i + 1], symmetric=sym[i : i + 1])
+        alone = sinkhorn(c[i : i + 1], kernel="torch", **one)
+        _assert_same_solve(fast, alone, i, 0)
+        assert fast.problem_iters[i].item() == alone.n_iter < 200
+    assert (fast.plan[:, w[0] == 0] == 0).all() and (fast.plan[:, :, w[0] == 0] == 0).all()
+
+
+# (a NaN problem's potentials turn NaN, and with them whole slices of its tiles)
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_tiled_kernel_nan_and_infinite_costs():
+    # An infinite entry carries no mass; a NaN problem stops at its first check and does not
+    # hold up the others.
+    c = _costs(3, 70, 66, seed=17)
+    c[0, 3, 4] = float("inf")
+    c[1, 5, 6] = float("nan")
+    kw = dict(eps=0.1, max_iter=60, tol=1e-4, check_every=2)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    assert fast.plan[0, 3, 4].item() == 0.0 and torch.isfinite(fast.cost[[0, 2]]).all()
+    assert torch.isnan(fast.plan[1]).all() and fast.problem_iters[1].item() == 2
+    for i in (0, 2):
+        alone = sinkhorn(c[i : i + 1], kernel="torch", **kw)
+        _assert_same_solve(fast, alone, i, 0)
+        assert fast.problem_iters[i].item() == alone.n_iter
+    assert 0 < fast.marginal_error.item() < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5), (3, 7, 13), (2, 33, 31)])
+def test_tiled_kernel_on_small_shapes(monkeypatch, shape):
+    # The tiled kernel made to take small problems too: a single point, one partial tile, and
+    # one point past a tile. Fixed iterations and relaxed, then each problem stopping alone.
+    monkeypatch.setattr(triton_sinkhorn, "SMALL_MAX_SIZE", 0)
+    c = _costs(*shape, seed=18)
+    kw = dict(eps=0.05, max_iter=12, tol=0.0, relaxation=1.6, eps_scaling=0.5, cost_range=2.0)
+    _assert_same_solve(sinkhorn(c, kernel="triton", **kw), sinkhorn(c, kernel="torch", **kw))
+    kw = dict(eps=0.1, max_iter=40, tol=1e-4, check_every=3)
+    fast = sinkhorn(c, kernel="triton", **kw)
+    for i in range(shape[0]):
+        alone = sinkhorn(c[i : i + 1], kernel="torch", **kw)
+        _assert_same_solve(fast, alone, i, 0)
+        assert fast.problem_iters[i].item() == alone.n_iter
