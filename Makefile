@@ -33,7 +33,8 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $@
 
 # Triton runs the fused Sinkhorn kernel's tests on the CPU (TRITON_INTERPRET=1); without it
-# those tests are skipped.
+# those tests are skipped. wandb runs the W&B logging tests (offline mode).
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q triton || echo "triton not installable here: its tests will be skipped"
+	$(PY) -m pip install -q wandb
 	@touch $@

@@ -167,8 +167,11 @@ config.otface.distance = "divergence"  # W: "divergence", "entropic" or "transpo
 # only the hard ones (fewer problems, one device sync per step).
 config.otface.fixed_shapes = "auto"
 
-# Weights & Biases (arcface_torch keys, accepted so upstream configs load; logging to W&B is
-# not implemented here and using_wandb=True is refused).
+# Weights & Biases (arcface_torch's keys): using_wandb = True logs rank 0's metrics under
+# upstream's names (pip install -e .[wandb]); wandb_key, unless it is this placeholder, is passed
+# to wandb and never written to the log. wandb_log_all is accepted; only rank 0 opens a run.
+# save_artifacts uploads model.pt each epoch and at the end; wandb_resume (with resume = True)
+# continues the run whose id is in <output>/wandb_run.json. notes is optional.
 config.using_wandb = False
 config.wandb_key = "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"
 config.suffix_run_name = None

@@ -9,10 +9,13 @@ misspelt key, a wrong type or an out-of-range value raises :class:`ConfigError` 
 from __future__ import annotations
 
 import difflib
+import importlib.machinery
 import importlib.util
 import math
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -157,7 +160,7 @@ _SCHEMA: dict[str, _Spec] = {
     "otface.kernel": _Spec((str,), choices=("auto", "torch", "matmul", "triton")),
     "otface.distance": _Spec((str,), choices=("divergence", "entropic", "transport")),
     "otface.fixed_shapes": _Spec((str, bool), choices=("auto", True, False)),
-    "using_wandb": _Spec((bool,), choices=(False,)),
+    "using_wandb": _BOOL,
     "wandb_key": _STR,
     "suffix_run_name": _Spec((str,), nullable=True),
     "wandb_entity": _STR,
@@ -170,7 +173,6 @@ _SCHEMA: dict[str, _Spec] = {
 
 _REFUSED = {
     "dali": "NVIDIA DALI is not supported; the built-in DataLoader reads .rec files",
-    "using_wandb": "Weights & Biases logging is not implemented; TensorBoard logs are in output",
 }
 
 
@@ -190,11 +192,59 @@ def _resolve_path(path: str) -> str:
     )
 
 
+@contextmanager
+def _own_config_package(file: str) -> Iterator[None]:
+    """Let the job config import its neighbours as arcface_torch names them.
+
+    Inside, ``configs.NAME`` (the job's folder name, then a file of that folder) is a fresh
+    import from the job's own folder, whichever ``configs`` package the process imported before
+    (an OTFace twin imports its ArcFace config this way), and no bytecode is written beside the
+    configs. Afterwards ``sys.modules`` holds what it held before.
+    """
+    folder = os.path.dirname(os.path.abspath(file))
+    package = os.path.basename(folder)
+    if not package.isidentifier():
+        yield
+        return
+
+    def owned(name: str) -> bool:
+        return name == package or name.startswith(package + ".")
+
+    saved = {name: module for name, module in sys.modules.items() if owned(name)}
+    write_bytecode = sys.dont_write_bytecode
+    try:
+        for name in saved:
+            del sys.modules[name]
+        finder = sys.path_importer_cache.get(folder)
+        if finder is not None:  # a file written since it last listed the folder
+            finder.invalidate_caches()
+        sys.dont_write_bytecode = True
+        init = os.path.join(folder, "__init__.py")
+        if os.path.isfile(init):
+            spec = importlib.util.spec_from_file_location(
+                package, init, submodule_search_locations=[folder]
+            )
+        else:
+            spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
+            spec.submodule_search_locations = [folder]
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        if spec.loader is not None:
+            spec.loader.exec_module(module)
+        yield
+    finally:
+        sys.dont_write_bytecode = write_bytecode
+        for name in [name for name in sys.modules if owned(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
 def _exec_config(file: str) -> edict:
     spec = importlib.util.spec_from_file_location(f"_otface_config_{config_name(file)}", file)
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        with _own_config_package(file):
+            spec.loader.exec_module(module)
     except Exception as err:  # a user's file: report it as a config error, with its cause
         raise ConfigError(f"{file}: cannot be executed: {type(err).__name__}: {err}") from err
     cfg = getattr(module, "config", None)
@@ -294,6 +344,11 @@ def validate_config(cfg: dict, *, source: str = "config") -> None:
         raise ConfigError(
             f"{source}: keys 'init_centres' and 'resume' = True exclude each other: a resumed "
             "run takes its class centres from its own checkpoints"
+        )
+    if cfg["using_wandb"] and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"{source}: key 'using_wandb' = True needs the wandb package, which is not "
+            "installed: pip install -e .[wandb] (or pip install wandb), or set it False"
         )
     if cfg["sampler"]["type"] == "pk" and cfg["batch_size"] % cfg["sampler"]["k"] != 0:
         raise ConfigError(

@@ -166,7 +166,8 @@ class VerificationCallback:
     The sets ``<rec_dir>/<name>.bin`` that exist are decoded once, at construction (the trainer
     builds this on rank 0 only); missing ones are skipped with one log line. Each call embeds
     them with the backbone in eval mode on the backbone's device, logs
-    ``[name][step]XNorm / Accuracy-Flip / Accuracy-Highest`` and a TensorBoard scalar per set,
+    ``[name][step]XNorm / Accuracy-Flip / Accuracy-Highest`` and a TensorBoard scalar per set
+    (and, with ``wandb_logger``, upstream's ``Acc/val-Acc1 <set>`` / ``Acc/val-Acc2 <set>``),
     then puts the backbone back in the mode it was in.
     """
 
@@ -178,10 +179,12 @@ class VerificationCallback:
         summary_writer: Optional[object] = None,
         image_size: Tuple[int, int] = (112, 112),
         batch_size: int = 64,
+        wandb_logger: Optional[object] = None,
     ) -> None:
         if isinstance(val_targets, str):
             raise TypeError(f"val_targets must be a list of names, got the string {val_targets!r}")
         self.summary_writer = summary_writer
+        self.wandb_logger = wandb_logger
         self.batch_size = batch_size
         self.sets: Dict[str, PairSet] = {}
         self.highest: Dict[str, float] = {}
@@ -223,6 +226,12 @@ class VerificationCallback:
                 )
                 if self.summary_writer is not None:
                     self.summary_writer.add_scalar(name, res.accuracy_flip, global_step)
+                if self.wandb_logger is not None:
+                    values = {
+                        f"Acc/val-Acc1 {name}": res.accuracy,
+                        f"Acc/val-Acc2 {name}": res.accuracy_flip,
+                    }
+                    self.wandb_logger.log(values, global_step)
                 results[name] = res.accuracy_flip
             return results
         finally:

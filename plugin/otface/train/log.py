@@ -175,7 +175,8 @@ UNCONVERGED_WARN_FRACTION = 0.001
 
 
 class StepLogger:
-    """One log line and TensorBoard scalars every ``frequent`` steps (rank 0 only).
+    """One log line and TensorBoard scalars every ``frequent`` steps (rank 0 only), and the same
+    values to W&B when ``wandb`` (a :class:`otface.train.wandb_log.WandbLogger`) is given.
 
     The line keeps arcface_torch's fields (speed, loss, learning rate, epoch, step, ETA), followed
     by the criterion's other metrics.
@@ -190,8 +191,10 @@ class StepLogger:
         world_size: int,
         start_step: int = 0,
         writer: object | None = None,
+        wandb: object | None = None,
     ) -> None:
         self.frequent = frequent
+        self.wandb = wandb
         self.total_step = total_step
         self.samples_per_step = batch_size * world_size
         self.start_step = start_step
@@ -233,6 +236,7 @@ class StepLogger:
         eta_hours = (now - self._t_start) / done * (self.total_step - global_step) / 3600
         avg = self.meter.averages()
         loss = avg.pop("loss", float("nan"))
+        step_loss = float(metrics["loss"]) if "loss" in metrics else loss
         msg = (
             f"Speed {speed:.2f} samples/sec   Loss {loss:.4f}   LearningRate {lr:.6f}   "
             f"Epoch: {epoch}   Global Step: {global_step}   "
@@ -255,6 +259,17 @@ class StepLogger:
                 self.writer.add_scalar(name, value, global_step)
             for name, count in (counters or {}).items():
                 self.writer.add_scalar(name, count, global_step)
+        if self.wandb is not None:
+            self.wandb.log_step(
+                global_step,
+                epoch=epoch,
+                step_loss=step_loss,
+                window_loss=loss,
+                lr=lr,
+                metrics=avg,
+                counters=counters,
+                grad_scale=grad_scale,
+            )
         self.meter.reset()
         self._tic = now
         return msg

@@ -58,6 +58,7 @@ from otface.train.prefetch import DevicePrefetcher, to_training_layout
 from otface.train.resume import ResumeMixin
 from otface.train.rng import capture_rng_state, seed_everything
 from otface.train.signals import RUN, signals_deferred
+from otface.train.wandb_log import WandbLogger, redact
 
 __all__ = [
     "Trainer",
@@ -401,7 +402,8 @@ def _log_config(cfg, env: DistEnv, total_step: int) -> None:
         cfg.output,
     )
     for key, value in cfg.items():
-        logging.info(": %s %s", key.ljust(25), value, extra={"file_only": True})
+        shown = redact(key, value)
+        logging.info(": %s %s", key.ljust(25), shown, extra={"file_only": True})
 
 
 def fit(
@@ -440,16 +442,18 @@ def fit(
 
     writer = None
     verification = None
+    wandb_run = None
     if env.rank == 0:
         writer = SafeSummaryWriter(_tensorboard_dir(cfg))
         _log_config(cfg, env, trainer.total_step)
         for note in [*getattr(dataset, "size_notes", []), *trainer.init_notes]:
             logging.info("%s", note)
+        wandb_run = WandbLogger.start(cfg, rank=env.rank)
         if os.path.isdir(cfg.rec) and cfg.val_targets:
             from otface.evaluation import VerificationCallback
 
             verification = VerificationCallback(
-                list(cfg.val_targets), cfg.rec, summary_writer=writer
+                list(cfg.val_targets), cfg.rec, summary_writer=writer, wandb_logger=wandb_run
             )
     step_logger = StepLogger(
         frequent=cfg.frequent,
@@ -458,6 +462,7 @@ def fit(
         world_size=env.world_size,
         start_step=trainer.global_step,
         writer=writer,
+        wandb=wandb_run,
     )
     files = getattr(loader, "max_bad_images", None) is not None
 
@@ -469,6 +474,7 @@ def fit(
                 verification(trainer.global_step, trainer.backbone)
 
     compiled_once = False
+    finished = False
     trainer.backbone.train()
     trainer.restore_rng()  # last, so that nothing between the resume and step 1 draws from it
     try:
@@ -523,20 +529,27 @@ def fit(
             if cfg.save_all_states or cfg.save_every_steps:
                 trainer.save_state(epoch=epoch + 1, epoch_step=0)
             if env.rank == 0:
-                trainer.save_model()
+                saved = trainer.save_model()
+                if wandb_run is not None and cfg.save_artifacts:
+                    wandb_run.log_artifact(saved, f"{wandb_run.name}_E{epoch}")
         if env.rank == 0:
             if trainer.global_step % cfg.verbose != 0:
                 verify()
-            trainer.save_model()
+            saved = trainer.save_model()
+            if wandb_run is not None and cfg.save_artifacts:
+                wandb_run.log_artifact(saved, f"{wandb_run.name}_Final")
             logging.info(
                 "finished: %d steps (%d optimiser steps skipped), model saved to %s",
                 trainer.global_step,
                 trainer.skipped_steps,
                 model_path(cfg.output),
             )
+        finished = True
     finally:
         if writer is not None:
             writer.close()
+        if wandb_run is not None:
+            wandb_run.finish(0 if finished else 1)
         RUN.last_checkpoint = trainer.last_checkpoint
         RUN.last_checkpoint_step = trainer.last_checkpoint_step
         RUN.global_step = trainer.global_step
