@@ -88,17 +88,27 @@ def load_backbone_state(path: PathLike) -> Dict[str, torch.Tensor]:
             "Pass model.pt from the same output folder: it holds the backbone weights only "
             "and is written by rank 0 at the end of every epoch."
         )
+    return clean_backbone_state(state, str(path))
+
+
+def clean_backbone_state(state: dict, source: str) -> Dict[str, torch.Tensor]:
+    """A backbone ``state_dict`` checked and without a DDP ``module.`` prefix on its keys.
+
+    Raises:
+        ValueError: an entry that is not a tensor, or a tensor holding NaN or Inf; the message
+            starts with ``source`` (a path, or a config key and its value).
+    """
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path} is not a state_dict: entry {bad[0]!r} is not a tensor")
+        raise ValueError(f"{source} is not a state_dict: entry {bad[0]!r} is not a tensor")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ValueError(
-            f"{path} holds NaN or Inf in {broken[0]!r}"
+            f"{source} holds NaN or Inf in {broken[0]!r}"
             + (f" and {len(broken) - 1} more tensors" if len(broken) > 1 else "")
-            + ": its embeddings would be meaningless (the run that wrote it diverged)"
+            + ": its weights are meaningless (the run that wrote it diverged)"
         )
     return state
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from otface.config import ConfigError
+from otface.evaluation.models import clean_backbone_state
 
 __all__ = [
     "Freezer",
@@ -85,20 +86,10 @@ def read_backbone_file(path: str, key: str = "init_backbone") -> tuple[dict, str
         state, kind = obj, "state_dict"
     if not isinstance(state, dict) or not state:
         raise ConfigError(f"key '{key}' = {path!r}: holds no backbone weights")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConfigError(
-            f"key '{key}' = {path!r}: entry {bad[0]!r} is not a tensor; this is not a backbone "
-            "state_dict (expected model.pt, backbone.pth, checkpoint_gpu_*.pt or full_state.pt)"
-        )
-    if all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:
-        raise ConfigError(
-            f"key '{key}' = {path!r}: {broken[0]!r} holds NaN or Inf (the run that wrote it "
-            "diverged)"
-        )
+    try:
+        state = clean_backbone_state(state, f"key '{key}' = {path!r}")
+    except ValueError as exc:  # an entry that is not a tensor, or NaN / Inf
+        raise ConfigError(str(exc)) from None
     return state, kind
 
 
