@@ -9,6 +9,7 @@ import importlib.util
 import json
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,6 +23,7 @@ from otface.evaluation.models import TorchEmbedder, load_backbone
 from otface.export import ExportParityError, check_onnx_parity, export_model
 
 HAS_INSIGHTFACE = importlib.util.find_spec("insightface") is not None
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cos(a, b):
@@ -214,3 +216,27 @@ def test_an_onnx_model_from_an_earlier_model_pt_is_refused(tmp_path):
     torch.save(get_model("r18_lite").state_dict(), work / "model.pt")
     with pytest.raises(ValueError, match="exported from an earlier .*export again"):
         open_embedder(result.onnx_path)
+
+
+def test_export_vit_t(tmp_path):
+    """The ViT exports with a dynamic batch, matches PyTorch, and insightface loads it."""
+    result, backbone = _check_export(_save(tmp_path, "vit_t"), "vit_t", batches=(1, 3))
+    if HAS_INSIGHTFACE:
+        _check_insightface(result, backbone, n_faces=3)
+
+
+def test_eval_commands_take_vit_t(tmp_path, tiny_demo, capsys):
+    work = _save(tmp_path, "vit_t")
+    scripts = {}
+    for name in ("verification", "ijb"):
+        spec = importlib.util.spec_from_file_location(f"_eval_{name}", ROOT / "eval" / f"{name}.py")
+        scripts[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(scripts[name])
+    common = ["--model", str(work / "model.pt"), "--network", "vit_t", "--device", "cpu"]
+    targets = ["--data", str(tiny_demo), "--targets", "demo_lfw"]
+    assert scripts["verification"].main(common + targets) == 0
+    assert "[demo_lfw]Accuracy-Flip" in capsys.readouterr().out
+    ijb = ["--data", str(tiny_demo / "ijb"), "--target", "demo", "--protocol", "all"]
+    assert scripts["ijb"].main(common + ijb + ["--output", str(tmp_path / "ijb")]) == 0
+    out = capsys.readouterr().out
+    assert "1:1 verification" in out and "1:N identification" in out
