@@ -1,8 +1,8 @@
 """Use OTFace inside an existing arcface_torch checkout, without changing any of its files.
 
 ``apply`` adds an overlay of this project's own files to the checkout (``train_otface.py`` and
-``configs/*_otface.py``; the script is shipped in the source checkout's
-``patches/arcface_torch/``, the configs are this project's own) and
+``configs/*_otface.py`` with the ``*_arcface.py`` configs they build on; the script is shipped
+in the source checkout's ``patches/arcface_torch/``, the configs are this project's own) and
 records each written file's SHA-256 in ``.otface_patch.json`` there; ``check`` reports whether
 that overlay is present and unmodified and whether the checkout is a supported arcface_torch;
 ``revert`` removes exactly the files ``apply`` wrote (and restores any file a forced ``apply``
@@ -96,7 +96,16 @@ def overlay_dir() -> Path:
 
 
 # Job configs shared with this project's own train.py: the same files go into the checkout.
-OVERLAY_CONFIGS = ("glint360k_r100_otface.py", "ms1mv3_r100_otface.py", "ms1mv3_r50_otface.py")
+# Each *_otface.py twin imports its *_arcface.py (``from configs.NAME import config``), which
+# goes with it.
+OVERLAY_CONFIGS = (
+    "glint360k_r100_arcface.py",
+    "glint360k_r100_otface.py",
+    "ms1mv3_r100_arcface.py",
+    "ms1mv3_r100_otface.py",
+    "ms1mv3_r50_arcface.py",
+    "ms1mv3_r50_otface.py",
+)
 
 
 def overlay_files() -> dict[str, bytes]:

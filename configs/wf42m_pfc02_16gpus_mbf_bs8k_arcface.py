@@ -1,0 +1,13 @@
+"""ArcFace baseline, MobileFaceNet on WebFace42M, 16 GPUs."""
+
+import copy
+
+from configs.wf42m_pfc02_8gpus_r50_bs4k_arcface import config as _parent
+
+# arcface_torch's configs/wf42m_pfc02_16gpus_mbf_bs8k.py: the values of
+# wf42m_pfc02_8gpus_r50_bs4k_arcface.py, with these changes.
+# A deep copy: the imported config object is left as it is.
+config = copy.deepcopy(_parent)
+config.network = "mbf"
+config.weight_decay = 1e-4
+config.val_targets = []
