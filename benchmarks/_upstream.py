@@ -11,6 +11,12 @@ folder is not put on ``sys.path``.
 ``GradScaler`` with ``growth_interval=100``, unscale, ``clip_grad_norm_(backbone, 5)``, step,
 update, ``zero_grad`` and the ``loss.item()`` that feeds its running average. Left out, as for
 our contenders: the DDP wrapper, the LR schedule, logging and data loading.
+
+arcface_torch's ``backbones/vit.py`` imports ``DropPath``, ``to_2tuple`` and ``trunc_normal_``
+from timm, which needs torchvision. Where timm is not installed, :func:`_timm_stand_in` puts a
+small stand-in in ``sys.modules`` while upstream's ``get_model`` imports its ViT, and takes it
+out again: the same three helpers, written after timm's (``DropPath`` does timm's per-sample
+stochastic depth, so the timed step is upstream's), nothing else of timm.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ArcfaceTorch", "UpstreamStep", "load_arcface_torch", "single_process_group"]
+
+_TIMM_MODULES = ("timm", "timm.models", "timm.models.layers")
 
 _FILES = ("backbones/__init__.py", "losses.py", "partial_fc_v2.py")
 _GRAD_CLIP_NORM = 5.0  # train_v2.py's clip_grad_norm_ bound
@@ -122,6 +130,49 @@ def single_process_group(device: torch.device) -> Iterator[None]:
             dist.destroy_process_group()
 
 
+class _DropPath(torch.nn.Module):
+    """timm's ``DropPath``: in training, each sample's branch is zeroed with probability
+    ``drop_prob`` and the kept ones scaled by ``1 / (1 - drop_prob)``."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        if keep_prob > 0.0 and self.scale_by_keep:
+            keep.div_(keep_prob)
+        return x * keep
+
+
+def _to_2tuple(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+@contextlib.contextmanager
+def _timm_stand_in() -> Iterator[bool]:
+    """While open, ``import timm.models.layers`` finds the stand-in when timm is not installed
+    (yields whether it is in use); nothing is left in ``sys.modules`` afterwards."""
+    if importlib.util.find_spec("timm") is not None:
+        yield False
+        return
+    layers = ModuleType("timm.models.layers")
+    layers.DropPath = _DropPath
+    layers.to_2tuple = _to_2tuple
+    layers.trunc_normal_ = torch.nn.init.trunc_normal_
+    stand_in = dict(zip(_TIMM_MODULES, (ModuleType("timm"), ModuleType("timm.models"), layers)))
+    sys.modules.update(stand_in)
+    try:
+        yield True
+    finally:
+        for name in _TIMM_MODULES:
+            sys.modules.pop(name, None)
+
+
 @contextlib.contextmanager
 def _tensor_cuda_is_identity() -> Iterator[None]:
     # PartialFC_V2 moves its buffers with `.cuda()`: on a CPU-only run they stay where they are.
@@ -159,9 +210,10 @@ class UpstreamStep:
     ):
         self.device = device
         self.fp16 = bool(cfg.fp16) and device.type == "cuda"
-        self.backbone = mods.backbones.get_model(
-            cfg.network, dropout=0.0, fp16=self.fp16, num_features=cfg.embedding_size
-        )
+        with _timm_stand_in() as stand_in:
+            self.backbone = mods.backbones.get_model(
+                cfg.network, dropout=0.0, fp16=self.fp16, num_features=cfg.embedding_size
+            )
         try:
             self.backbone.load_state_dict(state)
             self.note = f"upstream {cfg.network} starts from our initial weights"
@@ -170,6 +222,11 @@ class UpstreamStep:
             self.note = (
                 f"upstream {cfg.network} keeps its own initialisation (our state_dict does "
                 f"not load: {first[0].strip()})"
+            )
+        if stand_in and cfg.network.startswith("vit"):
+            self.note += (
+                " (timm is not installed: its DropPath, to_2tuple and trunc_normal_ come from "
+                "the benchmark's stand-in)"
             )
         self.backbone.to(device).train()
         margin = mods.losses.CombinedMarginLoss(
@@ -194,6 +251,8 @@ class UpstreamStep:
         # Its modules call torch.cuda.amp.autocast, deprecated in favour of torch.amp.autocast;
         # filtered once here rather than around every timed step.
         warnings.filterwarnings("ignore", r"`torch\.cuda\.amp\.autocast", FutureWarning)
+        if self._cpu:  # its ViT's CUDA autocast regions, which are off on a CPU
+            warnings.filterwarnings("ignore", "CUDA is not available", UserWarning)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, step: int) -> None:
         with _tensor_cuda_is_identity() if self._cpu else contextlib.nullcontext():

@@ -45,6 +45,14 @@ round, and the table shows the median and spread of those paired ratios.
 
     python benchmarks/bench_step.py --arcface-torch ../insightface/recognition/arcface_torch \
         --network r100 --batch-size 128 --fp16 --num-classes 93431 --warmup 5 --blocks 20
+
+The Vision Transformers (``--network vit_t``, ``vit_s``, ``vit_b``, ...) compare the same way,
+from the same weights (the layouts are interchangeable), both in training mode with their
+stochastic depth and token masking; our ``otface`` row hooks the final patch tokens and gives
+the masked ones no mass. arcface_torch's ViT imports three helpers from timm: without timm,
+``_upstream.py`` supplies a stand-in for them. On CUDA, upstream's ViT runs its linear layers
+under float16 autocast whatever the config says and ours only with ``--fp16``: give ``--fp16``
+to compare like with like (a note says so otherwise).
 """
 
 from __future__ import annotations
@@ -419,6 +427,11 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
         centres = ours["arcface"].criterion.partial_fc.weight.detach()
         upstream = UpstreamStep(mods, bench_config(args), device, state, centres)
         print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
+        if args.network.startswith("vit") and device.type == "cuda" and not args.fp16:
+            print(
+                "note: upstream's ViT runs under float16 autocast on CUDA whatever --fp16 says, "
+                "ours in float32 without --fp16: the rows are not like for like"
+            )
         runs = {"upstream": upstream, **ours}
         layouts = {name: run.channels_last for name, run in runs.items()}
         nchw = make_batches(args, device, count, channels_last=False)

@@ -11,6 +11,10 @@
 #  5. a 200-step fp16 training run through train.py on synthetic data, checked for n_hard > 0;
 #  6. the fused BatchNorm + PReLU against eager cuDNN, per layer shape and per network step;
 #  7. the Triton kernels' tests (Sinkhorn, BatchNorm + PReLU), compiled for this GPU;
+#  8. the ViTs (vit_t, vit_b): our step against upstream arcface_torch's, interleaved as in 2.,
+#     when a checkout is given (about 2 more minutes, not yet timed on a GPU; VIT=0 leaves it
+#     out; VIT_KERNELS=auto,triton adds an otface row with the tiled Triton Sinkhorn on the
+#     144 x 144 token problems, which "auto" does not pick yet);
 # and last, the targets met or missed, as a table (summary.md, by benchmarks/gpu_summary.py).
 # EXTRA=1 adds: the CUDA twins of the CPU tests, a torch.compile trial through train.py's loop
 # (first step and steady state) and the OT solver against POT and GeomLoss.
@@ -125,6 +129,17 @@ PY
 run bn_prelu 120 python benchmarks/bench_bn_prelu.py
 # (pyproject's addopts already has -q; a second -q would drop the counts the summary reads)
 run tests_triton 180 python -m pytest tests/test_ot_triton.py tests/test_fused_bn_prelu.py
+if [ "${VIT:-1}" != "0" ]; then
+  if [ -n "$upstream" ]; then
+    for net in vit_t vit_b; do
+      run "vs_upstream_$net" 150 python benchmarks/bench_step.py "${common[@]}" \
+        --network "$net" --arcface-torch "$upstream" --warmup 5 --blocks 10 --block-steps 5 \
+        --ot-kernels "${VIT_KERNELS:-auto}"
+    done
+  else
+    echo "== vs_upstream_vit: skipped (give an arcface_torch checkout as the first argument)"
+  fi
+fi
 if [ -n "${EXTRA:-}" ] || [ -n "${ONLY:-}" ]; then  # ONLY picks among all parts
   run tests 240 python -m pytest -m gpu tests/test_gpu.py tests/test_prefetch.py
   run compile_r50 240 python benchmarks/bench_loop.py --device cuda --network r50 \

@@ -68,7 +68,7 @@ def test_list_models():
     assert list_models() == [
         *("r18", "r34", "r50", "r100", "r200", "r2060", "mbf", "mbf_large"),
         *("vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b"),
-        *("vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h", "r18_lite"),
+        *("vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h", "r18_lite", "vit_t_lite"),
     ]
 
 

@@ -85,9 +85,37 @@ def test_bad_checkout_names_the_path_and_the_missing_files(tmp_path):
         load_arcface_torch(str(tmp_path / "absent"))
 
 
+def test_timm_stand_in_drops_paths_as_timm_and_leaves_nothing_behind():
+    import importlib.util
+
+    import torch
+    from _upstream import _timm_stand_in
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed: the stand-in is not used")
+    with _timm_stand_in() as used:
+        assert used
+        from timm.models.layers import DropPath, to_2tuple, trunc_normal_
+
+        assert to_2tuple(9) == (9, 9) and trunc_normal_ is torch.nn.init.trunc_normal_
+    assert not any(name == "timm" or name.startswith("timm.") for name in sys.modules)
+    # timm's stochastic depth: per sample, all or nothing, kept ones scaled by 1 / keep.
+    layer = DropPath(0.25).train()
+    torch.manual_seed(0)
+    out = layer(torch.ones(4000, 3, 2))
+    per_sample = out.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    x = torch.randn(5, 3)
+    assert torch.equal(layer.eval()(x), x)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CHECKOUT, reason="set ARCFACE_TORCH to an arcface_torch checkout")
-def test_side_by_side_with_upstream_on_cpu():
+@pytest.mark.parametrize("network", ["mbf", "vit_t"])
+def test_side_by_side_with_upstream_on_cpu(network):
+    # mbf: upstream's smallest network, a few seconds on one CPU thread; vit_t: its ViT, with
+    # timm's helpers from the stand-in where timm is missing.
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "bench_step.py"),
@@ -96,7 +124,7 @@ def test_side_by_side_with_upstream_on_cpu():
         "--device",
         "cpu",
         "--network",
-        "mbf",  # upstream's smallest network: a few seconds on one CPU thread
+        network,
         "--batch-size",
         "4",
         "--k",

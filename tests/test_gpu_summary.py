@@ -79,6 +79,28 @@ def test_step_ratios_are_judged_per_network_and_only_for_the_arcface_rows(tmp_pa
     assert r.verdict == "met" and "first step" not in r.measured
 
 
+def test_vit_step_rows_are_listed_without_a_target(tmp_path):
+    # vit_t: arcface 0.080 and otface 0.120 over upstream 0.100 -> 0.80 and 1.20, no target;
+    # vit_b's part failed before its table: "not measured", never met.
+    (tmp_path / "vs_upstream_vit_t.txt").write_text(
+        _step_table(
+            {"upstream": [0.100] * 3, "arcface": [0.080] * 3, "otface": [0.120] * 3},
+            first_s={"upstream": 1.0, "arcface": 1.0, "otface": 1.1},
+            channels_last=False,
+        )
+    )
+    (tmp_path / "vs_upstream_vit_b.txt").write_text("Traceback ...\n")
+    (tmp_path / "vs_upstream_vit_b.rc").write_text("1\n")
+    _, rows = _rows(tmp_path)
+    r = rows["our `arcface` / upstream step, vit_t"]
+    assert (r.target, r.verdict) == ("-", "-") and r.measured.startswith("0.800 [IQR")
+    assert rows["our `otface` / upstream step, vit_t"].measured.startswith("1.200")
+    r = rows["our `arcface` / upstream step, vit_b"]
+    assert r.verdict == "not measured (part failed, exit 1)"
+    # The targeted networks still show, as not run.
+    assert rows["our `arcface` / upstream step, r50"].verdict == "not measured (part not run)"
+
+
 def test_other_targets_from_their_lines(tmp_path):
     (tmp_path / "sync_debug.txt").write_text(
         "device: NVIDIA H200\nhost syncs in one otface step: 2\n"

@@ -9,6 +9,11 @@ The captured map keeps the backbone's memory layout: under ``channels_last`` it 
 ``(N, C, H, W)`` tensor with NHWC strides, the same values as in NCHW. Readers must use
 layout-independent ops (``flatten``, ``reshape``, ``permute``), never ``.view`` on the
 channel-first order, which fails (or would need a copy) on NHWC strides.
+
+A Vision Transformer's feature layer (``"patch_tokens"``) gives ``(N, T, D)`` tokens instead.
+In training with token masking some of them are the learned mask token, not a patch; the
+backbone says which in ``last_token_mask`` (``(N, T)`` bool, True = real patch), and
+:meth:`FeatureCapture.point_mask` hands it on so that the OT term gives those points no mass.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from torch import nn
 
 from otface.registry import HOOKS
 
-__all__ = ["FeatureCapture", "resolve_feature_layer"]
+__all__ = ["POINT_MASK_ATTR", "FeatureCapture", "resolve_feature_layer"]
+
+POINT_MASK_ATTR = "last_token_mask"
+"""Backbone attribute that, after a forward, marks which captured points are real (True) and
+which are fillers to leave out (a ViT's mask tokens), or is None when all are real."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -85,7 +94,8 @@ class FeatureCapture:
 
     def __init__(self, backbone: nn.Module, layer: str = "auto") -> None:
         self.layer = resolve_feature_layer(backbone, layer)
-        module = dict(_unwrap(backbone).named_modules())[self.layer]
+        self._model = _unwrap(backbone)
+        module = dict(self._model.named_modules())[self.layer]
         self.features: Optional[torch.Tensor] = None
         self._handle = module.register_forward_hook(self._hook)
 
@@ -98,6 +108,23 @@ class FeatureCapture:
         """The latest captured map, forgetting it (so it does not outlive the step)."""
         features, self.features = self.features, None
         return features
+
+    def point_mask(self, features: torch.Tensor) -> Optional[torch.Tensor]:
+        """Which of ``features``' points are real, from the backbone's latest forward.
+
+        Args:
+            features: the map :meth:`pop` returned for that forward.
+
+        Returns:
+            The backbone's :data:`POINT_MASK_ATTR` (``(B, T)`` bool, True = real point) when it
+            marks these features, i.e. when they are ``(B, T, D)`` tokens of the same ``B`` and
+            ``T`` (a ViT's ``patch_tokens``); None otherwise: every point is real (conv maps,
+            eval mode, no masking, or a hooked block whose output holds only the kept tokens).
+        """
+        mask = getattr(self._model, POINT_MASK_ATTR, None)
+        if mask is None or features.dim() != 3 or tuple(mask.shape) != tuple(features.shape[:2]):
+            return None
+        return mask
 
     def remove(self) -> None:
         """Remove the hook (idempotent) and drop the captured map."""

@@ -8,10 +8,15 @@ feature distribution and its hardest positive's and hardest negative's:
 * ``variant="pull"``: ``mean W(a, p)``.
 
 Distributions (``mode``): ``"spatial"`` — each sample is the uniform distribution over its
-``H*W`` L2-normalised feature vectors (all ``(a, p)`` and ``(a, n)`` problems go to one batched
-solve); ``"group"`` — the hard anchors, their positives and their negatives each form one
-uniform distribution over pooled, L2-normalised descriptors (two problems of ``h x h``, five
-with the divergence's self-terms).
+``H*W`` L2-normalised feature vectors, or over its ``T`` tokens for a ViT (all ``(a, p)`` and
+``(a, n)`` problems go to one batched solve); ``"group"`` — the hard anchors, their positives
+and their negatives each form one uniform distribution over pooled, L2-normalised descriptors
+(two problems of ``h x h``, five with the divergence's self-terms).
+
+Masked tokens (``point_mask``, a ViT's ``last_token_mask`` in training) are not support points:
+in spatial mode a sample is the uniform distribution over its kept tokens only (the others get
+weight 0, so the mask token never enters a distance or receives a gradient from it); in group
+mode a sample's descriptor pools its kept tokens only.
 
 The distance (``distance``, :mod:`otface.ot.distance`): ``"divergence"`` (default), the Sinkhorn
 divergence ``S_eps = OT_eps(a, b) - OT_eps(a, a) / 2 - OT_eps(b, b) / 2`` (zero for identical
@@ -27,7 +32,7 @@ which every rank makes on every step.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +78,37 @@ def lambda_at(step: int, *, lambda_ot: float, warmup_steps: int) -> float:
     return float(lambda_ot) * min(1.0, max(0, step) / warmup_steps)
 
 
+def _point_weights(
+    point_mask: torch.Tensor, points: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform weights over each sample's real points, and which samples have any.
+
+    Args:
+        point_mask: ``(B, n)`` bool (or ``(B, H, W)`` for a map), True = a real point.
+        points: ``(B, n, C)`` points (for the shape, dtype and device).
+
+    Returns:
+        ``(B, n)`` weights ``mask / mask.sum()`` in the points' dtype (at least float32); a
+        sample with no real point gets uniform weights (it is left out of mining and of the
+        loss, but the slot path still solves its self-problem, which needs mass), and
+        ``(B,)`` bool, the samples with one real point at least.
+    """
+    batch, n = points.shape[:2]
+    mask = point_mask.reshape(point_mask.shape[0], -1) if point_mask.dim() == 3 else point_mask
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, n):
+        raise ValueError(
+            f"point_mask must be (B, n) = ({batch}, {n}) for these features (or (B, H, W) for a "
+            f"map), got shape {tuple(point_mask.shape)}"
+        )
+    mask = mask.to(device=points.device, dtype=torch.bool)
+    count = mask.sum(dim=1, keepdim=True)
+    has_points = count.squeeze(1) > 0
+    dtype = torch.promote_types(points.dtype, torch.float32)
+    w = mask.to(dtype) / count.clamp(min=1).to(dtype)
+    weights = torch.where(has_points.unsqueeze(1), w, 1.0 / n)
+    return weights, has_points
+
+
 def _points(features: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` map → ``(B, H*W, C)``; ``(B, N, C)`` tokens as they are."""
     if features.dim() == 4:
@@ -106,11 +142,13 @@ def hard_triplet_ot_loss(
     fixed_shapes: bool = False,
     eps_scaling: float = 0.0,
     relaxation: float = 1.0,
+    point_mask: Optional[torch.Tensor] = None,
 ) -> OTLossOutput:
     """OT loss between the feature distributions of hard triplets (design spec §2, steps 1-4).
 
-    Rows whose embedding or feature map holds a NaN/Inf are left out of mining and of the loss
-    and counted in ``ot_nonfinite``; they never reach the result.
+    Rows whose embedding or feature map holds a NaN/Inf, or that ``point_mask`` leaves without
+    a point, are left out of mining and of the loss and counted in ``ot_nonfinite``; they never
+    reach the result.
 
     Args:
         features: ``(B, C, H, W)`` high-level feature map (or ``(B, N, C)`` tokens), with grad.
@@ -137,6 +175,9 @@ def hard_triplet_ot_loss(
         eps_scaling: the solver's ε-scaling factor (:func:`otface.ot.sinkhorn.sinkhorn`; 0:
             off).
         relaxation: the solver's over-relaxation (1: off).
+        point_mask: optional ``(B, N)`` bool (``(B, H, W)`` for a map), True where a point is
+            real: the others (a ViT's mask tokens) get weight 0 in spatial mode and are left
+            out of the pooling in group mode. None: every point is real.
 
     Returns:
         :class:`OTLossOutput`.
@@ -159,6 +200,10 @@ def hard_triplet_ot_loss(
         while finite.dim() > 1:
             finite = finite.all(dim=-1)
         finite &= torch.isfinite(embeddings.detach()).all(dim=1)
+        weights = None
+        if point_mask is not None:
+            weights, has_points = _point_weights(point_mask, _points(features.detach()))
+            finite &= has_points
     mine = dict(mining_margin=mining_margin, max_triplets=max_triplets, valid=finite)
     # The cosine cost lies in [0, 2]: the solver picks its kernel without a host sync.
     solve = dict(
@@ -182,7 +227,7 @@ def hard_triplet_ot_loss(
             finite,
             variant=variant,
             ot_margin=ot_margin,
-            ot_kwargs=solve,
+            ot_kwargs=dict(solve, weights=weights),
         )
     triplets = mine_hard_triplets(embeddings.detach(), labels, **mine)
     safe, zero = _zero_nonfinite(features, finite)
@@ -204,16 +249,23 @@ def hard_triplet_ot_loss(
     a, p, n = triplets
     # A bank of distributions and the (a, p), (a, n) pairs as indices into it: spatial mode,
     # one distribution per sample; group mode, three (anchors, positives, negatives).
+    bank_weights = None
     if mode == "spatial":
         bank = _points(safe)
+        bank_weights = weights
         source, target = torch.cat([a, a]), torch.cat([p, n])
     else:
-        pooled = F.normalize(_points(safe).float().mean(dim=1), dim=-1)
+        points = _points(safe).float()
+        if weights is None:
+            pooled = points.mean(dim=1)
+        else:
+            pooled = (points * weights.to(points.dtype).unsqueeze(-1)).sum(dim=1)
+        pooled = F.normalize(pooled, dim=-1)
         # index_select: a deterministic backward with repeated indices (see ot_distances).
         bank = torch.stack([pooled.index_select(0, i) for i in (a, p, n)])
         source = torch.zeros(2, dtype=torch.long, device=device)
         target = torch.arange(1, 3, device=device)
-    res = ot_distances(bank, source, target, **solve)
+    res = ot_distances(bank, source, target, weights=bank_weights, **solve)
     w = res.value
     half = w.shape[0] // 2
     w_ap, w_an = w[:half], w[half:]
@@ -370,6 +422,8 @@ class OTFaceCriterion(MarginCriterion):
                 stacklevel=2,
             )
         o = self.ot_cfg
+        # A ViT's mask tokens (training with token masking) are no support points.
+        point_mask = self.capture.point_mask(features)
         ot = hard_triplet_ot_loss(
             features,
             embeddings,
@@ -388,6 +442,7 @@ class OTFaceCriterion(MarginCriterion):
             fixed_shapes=_fixed_shapes(o.get("fixed_shapes", "auto"), features.device),
             eps_scaling=o.get("eps_scaling", 0.0),
             relaxation=o.get("relaxation", 1.0),
+            point_mask=point_mask,
         )
         lam = self._lambda.to(margin.loss.dtype)
         weighted = lam * ot.loss.to(margin.loss.dtype)

@@ -141,6 +141,26 @@ def _r18_lite(*, dropout: float = 0.0, fp16: bool = False, num_features: int = 5
     )
 
 
+def _vit_t_lite(
+    *, dropout: float = 0.0, fp16: bool = False, num_features: int = 512
+) -> VisionTransformer:
+    # A CPU demo network, not compatible with any upstream one: vit_t's 112 px input, 9 px
+    # patches (144 tokens), drop-path 0.1 and token masking 0.1, but 64-wide tokens, 2 blocks and
+    # 4 heads, so a demo batch trains on a couple of cores; patch_tokens gives (N, 144, 64).
+    _no_dropout("vit_t_lite", dropout)
+    return VisionTransformer(
+        num_features=num_features,
+        fp16=fp16,
+        img_size=112,
+        patch_size=9,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        drop_path_rate=0.1,
+        mask_ratio=0.1,
+    )
+
+
 _BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     **{name: _iresnet(layers) for name, layers in _IRESNET_LAYERS.items()},
     "r2060": _iresnet(_R2060_LAYERS, _R2060_CHECKPOINT_SEGMENTS),
@@ -148,6 +168,7 @@ _BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     "mbf_large": _mobilefacenet("mbf_large", (2, 8, 12, 4), 4),
     **{name: _vit(name, size) for name, size in _VIT_SIZES.items()},
     "r18_lite": _r18_lite,
+    "vit_t_lite": _vit_t_lite,
 }
 
 
@@ -169,7 +190,9 @@ def get_model(
             name gives the width and depth — t: 256×12, s: 512×12, b: 512×24, l: 768×24,
             h: 1024×48 — and the suffix the drop-path rate and training-time token-mask
             ratio, 0.1 and 0.1 without one, except vit_h: 0.1 and 0; b, l and h checkpoint
-            activations in training), ``r18_lite`` (a small CPU demo IResNet).
+            activations in training), ``r18_lite`` and ``vit_t_lite`` (small CPU demo networks,
+            an IResNet and a ViT of 64-wide tokens and 2 blocks; neither matches an upstream
+            network).
         dropout: dropout probability before the FC layer (IResNet only; must be 0 for the
             MobileFaceNets and ViTs).
         fp16: run the trunk (conv stages, or patch embedding and transformer blocks) under

@@ -1,6 +1,7 @@
 """OT distances between point clouds: Sinkhorn divergence, entropic OT, transport cost.
 
-For uniform distributions ``alpha``, ``beta`` over point clouds and the ground cost ``C``
+For distributions ``alpha``, ``beta`` over point clouds (uniform, or with given per-point
+weights, zeros allowed: a masked ViT token is a point of weight 0) and the ground cost ``C``
 (cosine by default), with ``OT_eps`` the entropic objective of eq. (1) in
 :mod:`otface.ot.sinkhorn` (``<T*, C> + eps * KL(T* | a b^T)``):
 
@@ -25,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from otface.ot.cost import cosine_cost
-from otface.ot.sinkhorn import entropic_objective
+from otface.ot.sinkhorn import entropic_objective, marginals, problem_marginal_errors
 from otface.ot.solve import solve_ot
 
 __all__ = ["DISTANCES", "OTDistances", "ot_distances"]
@@ -69,13 +70,15 @@ def ot_distances(
     cost_range: Optional[float] = None,
     kernel: str = "auto",
     self_terms: str = "used",
+    weights: Optional[torch.Tensor] = None,
     eps_scaling: float = 0.0,
     relaxation: float = 1.0,
     warn: bool = True,
 ) -> OTDistances:
     """OT distance between ``points[source[k]]`` and ``points[target[k]]`` for every pair ``k``.
 
-    Every point cloud is a uniform distribution. All problems go to ONE batched solve: the
+    Every point cloud is a uniform distribution, or carries its row of ``weights``. All
+    problems go to ONE batched solve: the
     ``P`` cross problems and, for ``"divergence"``, the self-problems: with
     ``self_terms="used"``, one per distinct cloud index in ``source`` and ``target`` (a cloud
     that appears in several pairs, e.g. as an anchor in one and a negative in another, is
@@ -99,6 +102,10 @@ def ot_distances(
             cost), for the solver's kernel choice; None: measured.
         kernel: our solver's kernel (:func:`otface.ot.solve_ot`).
         self_terms: ``"used"`` or ``"all"``: the divergence's self-problems (above).
+        weights: optional ``(N, n)`` weights of each cloud's points (non-negative, each row
+            summing to one with one positive weight at least); a zero weight leaves its point
+            out of every problem of its cloud (no mass, no value, zero gradient). None:
+            uniform. Every solver takes them (see :func:`otface.ot.sinkhorn.sinkhorn`).
         eps_scaling: ε-scaling factor of our solver (:func:`otface.ot.sinkhorn.sinkhorn`;
             0: off); POT's solver ignores it.
         relaxation: over-relaxation of our solver (1: off); POT's solver ignores it.
@@ -108,8 +115,8 @@ def ot_distances(
         :class:`OTDistances`.
 
     Raises:
-        ValueError: an unknown ``distance`` or ``self_terms``, or indices that are not two
-            1-D tensors of the same length.
+        ValueError: an unknown ``distance`` or ``self_terms``, indices that are not two 1-D
+            tensors of the same length, or ``weights`` not of shape ``(N, n)``.
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown OT distance {distance!r}; choices: {', '.join(DISTANCES)}")
@@ -122,6 +129,11 @@ def ot_distances(
         )
     if self_terms not in SELF_TERMS:
         raise ValueError(f"unknown self_terms {self_terms!r}; choices: {', '.join(SELF_TERMS)}")
+    if weights is not None and tuple(weights.shape) != tuple(points.shape[:2]):
+        raise ValueError(
+            f"ot_distances: weights must be (N, n) = {tuple(points.shape[:2])} like the points' "
+            f"first two dimensions, got {tuple(weights.shape)}"
+        )
     n_pairs = source.numel()
     symmetric = None
     if distance == "divergence":
@@ -137,8 +149,14 @@ def ot_distances(
     # index_select, not points[idx]: the backward of advanced indexing with repeated indices
     # accumulates in a thread-dependent order on CPU, so runs would not repeat bit for bit.
     cost = cost_fn(points.index_select(0, x_idx), points.index_select(0, y_idx))
+    a = b = None
+    if weights is not None:
+        w = weights.detach()
+        a, b = w.index_select(0, x_idx), w.index_select(0, y_idx)
     res = solve_ot(
         cost,
+        a=a,
+        b=b,
         eps=eps,
         max_iter=max_iter,
         tol=tol,
@@ -153,7 +171,7 @@ def ot_distances(
     if distance == "transport":
         value = res.cost
     else:
-        value = entropic_objective(res.plan, cost, eps=eps, potentials=res.potentials)
+        value = entropic_objective(res.plan, cost, eps=eps, potentials=res.potentials, a=a, b=b)
     if distance == "divergence":
         cross, self_ot = value[:n_pairs], value[n_pairs:]
         self_x = self_ot.index_select(0, inverse[:n_pairs])
@@ -161,9 +179,11 @@ def ot_distances(
         value = cross - 0.5 * self_x - 0.5 * self_y
     errors = res.problem_errors
     if errors is None:
-        n, m = res.plan.shape[-2:]
-        errors = torch.maximum(
-            (res.plan.sum(-1) - 1.0 / n).abs().sum(-1), (res.plan.sum(-2) - 1.0 / m).abs().sum(-1)
+        batch, n, m = res.plan.shape
+        errors = problem_marginal_errors(
+            res.plan,
+            marginals(a, n, batch, res.plan, "a"),
+            marginals(b, m, batch, res.plan, "b"),
         )
     # Not converged: stopped by max_iter with the error still at or above tol (a NaN error
     # counts). A problem that stopped earlier passed its check; its plan's error, recomputed,

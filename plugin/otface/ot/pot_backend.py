@@ -10,23 +10,36 @@ ours.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from otface.ot.sinkhorn import SinkhornResult, marginal_error, transport_cost
+from otface.ot.sinkhorn import SinkhornResult, marginal_error, marginals, transport_cost
 
 __all__ = ["pot_sinkhorn"]
 
 
-def pot_sinkhorn(cost: torch.Tensor, *, eps: float, max_iter: int, tol: float) -> SinkhornResult:
+def pot_sinkhorn(
+    cost: torch.Tensor,
+    *,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
+    eps: float,
+    max_iter: int,
+    tol: float,
+) -> SinkhornResult:
     """Solve ``(B, n, m)`` entropic OT problems with POT's ``ot.solve_batch`` (log Sinkhorn).
 
-    Uniform marginals; the plan is computed without autograd and ``result.cost`` is
-    ``<plan, C>`` differentiable w.r.t. ``C`` (envelope rule), as in
+    Uniform marginals unless ``a``, ``b`` are given (zero weights allowed: POT gives their
+    points potential ``-inf`` and no mass, as ours does); the plan is computed without autograd
+    and ``result.cost`` is ``<plan, C>`` differentiable w.r.t. ``C`` (envelope rule), as in
     :func:`otface.ot.sinkhorn.sinkhorn`. An empty batch gives an empty result connected to the
     graph of ``cost`` without calling POT (whose solver fails on it).
 
     Args:
         cost: ``(B, n, m)`` cost matrices (any float dtype; solved in float32 or float64).
+        a: ``(B, n)`` or ``(n,)`` source weights; uniform if None.
+        b: ``(B, m)`` or ``(m,)`` target weights; uniform if None.
         eps: entropic regularisation (POT's ``reg``).
         max_iter: maximum number of iterations.
         tol: POT's tolerance.
@@ -61,13 +74,20 @@ def pot_sinkhorn(cost: torch.Tensor, *, eps: float, max_iter: int, tol: float) -
         )
     with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
         c = cost.detach().to(dtype)
+        a_ = marginals(a, n, batch, c, "a")
+        b_ = marginals(b, m, batch, c, "b")
+        weights = {} if a is None and b is None else dict(a=a_, b=b_)
         res = ot.solve_batch(
-            c, reg=eps, max_iter=max_iter, tol=tol, method="log_sinkhorn", grad="detach"
+            c,
+            reg=eps,
+            max_iter=max_iter,
+            tol=tol,
+            method="log_sinkhorn",
+            grad="detach",
+            **weights,
         )
         plan = res.plan
-        a = torch.full((batch, n), 1.0 / n, dtype=dtype, device=c.device)
-        b = torch.full((batch, m), 1.0 / m, dtype=dtype, device=c.device)
-        err = marginal_error(plan, a, b)
+        err = marginal_error(plan, a_, b_)
         potentials = tuple(p.detach() for p in res.potentials)
     # POT's loop counter starts at 0 and stops right after a check, so it ran n_iters + 1.
     n_iter = int(res.log["n_iter"]) + 1

@@ -41,6 +41,7 @@ __all__ = [
     "entropic_objective",
     "eps_stages",
     "marginal_error",
+    "marginals",
     "problem_marginal_errors",
     "transport_cost",
 ]
@@ -79,9 +80,12 @@ class SinkhornResult(NamedTuple):
     problem_errors: Optional[torch.Tensor] = None
 
 
-def _marginals(
+def marginals(
     a: Optional[torch.Tensor], size: int, batch: int, like: torch.Tensor, name: str
 ) -> torch.Tensor:
+    """``(batch, size)`` weights in ``like``'s dtype and device: ``a`` (``(batch, size)`` or
+    ``(size,)``, detached) checked for shape, or uniform ``1 / size`` when None. ``name`` is
+    ``"a"`` or ``"b"``, for the error messages."""
     if size == 0:
         # A distribution with no points has no probability weights: OT is undefined.
         raise ValueError(
@@ -160,8 +164,8 @@ def entropic_objective(
     linear = transport_cost(t, cost)
     batch, n, m = t.shape
     with torch.no_grad(), torch.autocast(device_type=t.device.type, enabled=False):
-        a_ = _marginals(a, n, batch, t, "a")
-        b_ = _marginals(b, m, batch, t, "b")
+        a_ = marginals(a, n, batch, t, "a")
+        b_ = marginals(b, m, batch, t, "b")
         mass = t.sum(dim=(-2, -1))
         neg_ent_ab = (torch.xlogy(a_, a_).sum(-1) + torch.xlogy(b_, b_).sum(-1)).neg()
         if potentials is not None:
@@ -259,8 +263,11 @@ def sinkhorn(
 
     Args:
         cost: ``(B, n, m)`` cost matrices.
-        a: ``(B, n)`` or ``(n,)`` source weights (positive, summing to one); uniform if None.
-        b: ``(B, m)`` or ``(m,)`` target weights; uniform if None.
+        a: ``(B, n)`` or ``(n,)`` source weights (non-negative, summing to one); uniform if
+            None. A zero weight takes its point out of the problem: its potential is
+            ``-inf``, its row of the plan exactly 0, and nothing of it reaches the value or the
+            gradient (masked ViT tokens); each problem needs one positive weight at least.
+        b: ``(B, m)`` or ``(m,)`` target weights; uniform if None (zeros as for ``a``).
         eps: entropic regularisation (in the units of the cost), > 0.
         max_iter: maximum number of iterations, >= 1.
         tol: stopping tolerance on the marginal error.
@@ -333,8 +340,8 @@ def sinkhorn(
     batch, n, m = cost.shape
     dtype = torch.promote_types(cost.dtype, torch.float32)
     like = cost.new_empty((), dtype=dtype)  # dtype and device of the solve
-    a_ = _marginals(a, n, batch, like, "a")
-    b_ = _marginals(b, m, batch, like, "b")
+    a_ = marginals(a, n, batch, like, "a")
+    b_ = marginals(b, m, batch, like, "b")
     if symmetric is not None:
         if tuple(symmetric.shape) != (batch,) or n != m:
             raise ValueError(

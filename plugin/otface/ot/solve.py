@@ -19,6 +19,8 @@ def solve_ot(
     eps: float,
     max_iter: int,
     tol: float,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
     solver: str = "auto",
     cost_range: Optional[float] = None,
     symmetric: Optional[torch.Tensor] = None,
@@ -27,10 +29,13 @@ def solve_ot(
     relaxation: float = 1.0,
     warn: bool = True,
 ) -> SinkhornResult:
-    """Solve ``(B, n, m)`` entropic OT problems with uniform marginals.
+    """Solve ``(B, n, m)`` entropic OT problems, with uniform marginals unless given.
 
     Args:
         cost: ``(B, n, m)`` cost matrices.
+        a: ``(B, n)`` or ``(n,)`` source weights (non-negative, summing to one; a zero weight
+            takes a point out of the distribution); uniform if None.
+        b: ``(B, m)`` or ``(m,)`` target weights; uniform if None.
         eps: entropic regularisation.
         max_iter: maximum number of Sinkhorn iterations.
         tol: stopping tolerance on the marginal error.
@@ -56,9 +61,11 @@ def solve_ot(
     if solver == "pot":
         from otface.ot.pot_backend import pot_sinkhorn
 
-        return pot_sinkhorn(cost, eps=eps, max_iter=max_iter, tol=tol)
+        return pot_sinkhorn(cost, a=a, b=b, eps=eps, max_iter=max_iter, tol=tol)
     return sinkhorn(
         cost,
+        a=a,
+        b=b,
         eps=eps,
         max_iter=max_iter,
         tol=tol,
