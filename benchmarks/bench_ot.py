@@ -5,7 +5,9 @@ warm-up, synchronised on CUDA), the ratio to ours, and the mean relative error o
 distance against POT's exact ``ot.emd2`` on a subset.
 
 Sizes: "spatial" — 256 problems of 49 x 49 points in 512 dimensions (one hard-triplet batch of
-7x7 feature maps); "group" — one problem of 1024 x 1024 points.
+7x7 feature maps); "tokens" — 64 problems of 144 x 144 points (a ViT's patch tokens at 112 px,
+patch 9; the size the Triton kernel's tiled path is for); "group" — one problem of 1024 x 1024
+points. ``--sizes`` picks some of them.
 
 Matching the solvers: cost ``C = 1 - <x, y>`` on L2-normalised points, ``eps = 0.05``,
 ``max_iter = 50``, ``tol = 1e-3``. POT gets ``C``, ``reg = eps`` and method "log_sinkhorn",
@@ -18,7 +20,7 @@ default 0.5 (about 6 iterations) and 0.95 (about 45, comparable to ours).
 
 Our kernels are shown side by side: "auto" (what training uses), the torch reference, the
 exponentiated "matmul" kernel and the fused Triton kernel (``kernel="triton"``: CUDA only here,
-n, m <= 128; Triton's CPU interpreter, ``TRITON_INTERPRET=1``, is for tests and far too slow
+n, m <= 256, tiled above 64; Triton's CPU interpreter, ``TRITON_INTERPRET=1``, is for tests and far too slow
 to time). The Triton kernel stops each problem on its own, so its "iters" is the largest
 per-problem count. The last line of each table gives the issue-10 target ratio: the time of
 the fastest of POT and GeomLoss (either scaling) over ours (auto), target >= 10x on the
@@ -216,7 +218,21 @@ def main() -> None:
         default=1,
         help="torch CPU threads (0: torch default; 1 is steadiest on a shared machine)",
     )
+    parser.add_argument(
+        "--sizes",
+        default="spatial,tokens,group",
+        help="comma-separated: spatial (256 x 49^2), tokens (64 x 144^2), group (1 x 1024^2)",
+    )
     args = parser.parse_args()
+    sizes = {
+        "spatial": (256, 49, 16),
+        "tokens": (64, 144, 4),
+        "group": (1, 1024, 1),
+    }
+    chosen = [name.strip() for name in args.sizes.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in sizes]
+    if unknown:
+        parser.error(f"unknown --sizes {', '.join(unknown)}; valid: {', '.join(sizes)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -229,8 +245,9 @@ def main() -> None:
         else:
             desc = torch.cuda.get_device_name()
         print(f"== device: {device} ({desc}); torch {torch.__version__}")
-        run_size("spatial", 256, 49, device=device, repeats=args.repeats, exact_count=16)
-        run_size("group", 1, 1024, device=device, repeats=args.repeats, exact_count=1)
+        for name in chosen:
+            batch, n, exact = sizes[name]
+            run_size(name, batch, n, device=device, repeats=args.repeats, exact_count=exact)
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def sinkhorn(
             each check is a device sync.
         kernel: ``"torch"`` (reference softmin), ``"matmul"`` (exponentiated kernel, see
             :mod:`otface.ot.softmin`), ``"triton"`` (the fused whole-solve kernel of
-            :mod:`otface.ot.triton_sinkhorn`: float32, ``n, m <= 128``, CUDA tensors or CPU
+            :mod:`otface.ot.triton_sinkhorn`: float32, ``n, m <= 256``, CUDA tensors or CPU
             tensors under ``TRITON_INTERPRET=1``) or ``"auto"``: ``"triton"`` for float32
             solves on CUDA with ``n, m <= 64`` when Triton is installed, else ``"matmul"``
             when it is exact for this cost and eps, else ``"torch"``. The Triton kernel stops
