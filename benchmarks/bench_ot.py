@@ -21,8 +21,8 @@ default 0.5 (about 6 iterations) and 0.95 (about 45, comparable to ours).
 Our kernels are shown side by side: "auto" (what training uses), the torch reference, the
 exponentiated "matmul" kernel and the fused Triton kernel (``kernel="triton"``: CUDA only here,
 n, m <= 256, tiled above 64; Triton's CPU interpreter, ``TRITON_INTERPRET=1``, is for tests and
-far too slow to time). The Triton kernel stops each problem on its own, so its "iters" is the largest
-per-problem count. The last line of each table gives the issue-10 target ratio: the time of
+far too slow to time). The Triton kernel stops each problem on its own, so its "iters" is the
+largest per-problem count. The last line of each table gives the issue-10 target ratio: the time of
 the fastest of POT and GeomLoss (either scaling) over ours (auto), target >= 10x on the
 spatial case on an H100/H200.
 
