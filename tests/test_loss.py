@@ -391,3 +391,28 @@ def test_backward_repeats_bit_for_bit_with_threads(mode):
         torch.set_num_threads(threads)
     assert grads[0].abs().sum() > 0
     assert all(torch.equal(g_, grads[0]) for g_ in grads[1:])
+
+
+def test_sample_rate_below_one_leaves_the_ot_term_to_the_batch():
+    """Partial FC's sampling of class centres (sample_rate < 1) changes the margin term only:
+    the OT term mines the batch's own embeddings and labels, so its triplets, value and
+    gradient are those of a run with every centre."""
+    x, labels = torch.randn(8, 3, 16, 16), torch.arange(8) // 2
+    outs, grads = {}, {}
+    for rate in (1.0, 0.3):
+        torch.manual_seed(0)
+        net = TinyBackbone()
+        cfg = _cfg(mining_margin=2.0, lambda_ot=1.0)
+        cfg.num_classes, cfg.sample_rate = 40, rate
+        crit = LOSSES.build("otface", cfg, backbone=net, rank=0, world_size=1)
+        out = crit(net(x), labels, step=1)
+        feats = out.terms["features"]
+        (grads[rate],) = torch.autograd.grad(out.terms["ot"], feats)
+        outs[rate] = out
+    full, sampled = outs[1.0], outs[0.3]
+    # the margin term did see fewer centres (4 positives + ceil(0.3 * 40) - 4 negatives)
+    assert not torch.allclose(full.metrics["loss_margin"], sampled.metrics["loss_margin"])
+    assert full.metrics["n_hard"] > 0
+    for name in ("n_hard", "loss_ot", "w_ap", "w_an"):
+        torch.testing.assert_close(full.metrics[name], sampled.metrics[name], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1.0], grads[0.3], rtol=0, atol=0)
