@@ -34,6 +34,8 @@ from otface.console_log import cli_logging
 from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, DEMO_IJB_TARGET, is_demo, resolve_data_dir
 from otface.evaluation.ijb import (
+    FeatureOptions,
+    VerifyOptions,
     feature_cache_key,
     format_table,
     save_roc_plot,
@@ -119,17 +121,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             embedder,
             data_dir,
             target,
-            flip=flip,
-            faceness=args.faceness,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
+            options=FeatureOptions(
+                flip=flip,
+                faceness=args.faceness,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+            ),
             cache_file=out_dir / f"{target.lower()}_features_{key}.npy",
         )
         name = model_file.parent.name if model_file.stem == "model" else model_file.stem
         stem = out_dir / target.lower()
         lines = []
         if args.protocol in ("11", "all"):
-            result = verify_templates(meta, pooled, target, tar_method=args.tar_method)
+            verify = VerifyOptions(tar_method=args.tar_method)
+            result = verify_templates(meta, pooled, target, options=verify)
             np.save(f"{stem}_scores.npy", result.scores)
             table = format_table({name: result})
             Path(f"{stem}_tar_at_far.txt").write_text(table + "\n", encoding="utf-8")

@@ -18,6 +18,8 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from otface.evaluation import ijb as ijb_mod
 from otface.evaluation.ijb import (
+    FeatureOptions,
+    VerifyOptions,
     align_face,
     evaluate_ijb,
     feature_cache_key,
@@ -178,7 +180,12 @@ def test_evaluate_ijb_on_known_features(tmp_path):
     labels = np.array([p[2] for p in pairs])
     for weighted in (False, True):
         res = evaluate_ijb(
-            None, root, "tiny", faceness=weighted, cache_file=cache, tar_method="interp"
+            None,
+            root,
+            "tiny",
+            features=FeatureOptions(faceness=weighted),
+            verify=VerifyOptions(tar_method="interp"),
+            cache_file=cache,
         )
         w = feats * faceness[:, None] if weighted else feats
         tfeat = {}

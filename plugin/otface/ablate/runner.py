@@ -152,7 +152,7 @@ def train_subprocess(run: Run, *, launcher: Sequence[str] = (), resume: bool = F
 def evaluate_model(run: Run, spec: EvalSpec) -> RunResult:
     """Evaluates ``FOLDER/model.pt`` on the spec's sets; the IJB scores are kept as ``.npy``."""
     from otface.evaluation.bin_io import read_bin
-    from otface.evaluation.ijb import evaluate_ijb
+    from otface.evaluation.ijb import FeatureOptions, VerifyOptions, evaluate_ijb
     from otface.evaluation.models import open_embedder
     from otface.evaluation.verification import evaluate_pairs
 
@@ -170,7 +170,11 @@ def evaluate_model(run: Run, spec: EvalSpec) -> RunResult:
     if spec.ijb is not None:
         folder, target = spec.ijb
         ijb = evaluate_ijb(
-            embedder, folder, target, fars=spec.fars, tar_method=spec.tar_method, num_workers=2
+            embedder,
+            folder,
+            target,
+            features=FeatureOptions(num_workers=2),
+            verify=VerifyOptions(fars=spec.fars, tar_method=spec.tar_method),
         )
         np.save(run.folder / IJB_SCORES_FILE, ijb.scores)
         np.save(run.folder / IJB_LABELS_FILE, ijb.labels.astype(np.int8))

@@ -13,18 +13,22 @@ from __future__ import annotations
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 
+from otface.evaluation.align import align_face
 from otface.evaluation.ijb_meta import IJBMeta, read_ijb_meta
 from otface.evaluation.metrics import DEFAULT_FARS, l2_normalize, roc_curve, tar_at_far
 from otface.evaluation.models import Embedder
 from otface.progress import Progress
 
 __all__ = [
+    "FeatureOptions",
+    "VerifyOptions",
     "TemplateFeatures",
     "IJBResult",
     "align_face",
@@ -43,6 +47,41 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """How the per-face features are made and pooled into template features.
+
+    Attributes:
+        flip: add the embedding of the mirrored face.
+        faceness: multiply each face's feature by its detector score before pooling (on by
+            default, as arcface_torch's IJB evaluation).
+        batch_size: faces per embedder call.
+        num_workers: image loading threads.
+    """
+
+    flip: bool = True
+    faceness: bool = True
+    batch_size: int = 128
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How the 1:1 scores are computed and the ROC is read.
+
+    Attributes:
+        fars: FARs of the table.
+        tar_method: how the ROC is read at each FAR (:func:`otface.evaluation.metrics.tar_at_far`):
+            ``"arcface_torch"`` (its ``eval_ijbc.py`` table, comparable with published numbers)
+            or ``"interp"`` (linear between the points of the full ROC).
+        chunk_size: template pairs scored at a time.
+    """
+
+    fars: Sequence[float] = DEFAULT_FARS
+    tar_method: str = "arcface_torch"
+    chunk_size: int = 16384
 
 
 class TemplateFeatures(NamedTuple):
@@ -71,24 +110,6 @@ class IJBResult(NamedTuple):
     labels: np.ndarray
     num_faces: int
     num_templates: int
-
-
-def align_face(image_bgr: np.ndarray, landmarks: np.ndarray, *, image_size: int = 112):
-    """Warps a face to ``image_size``² with the similarity transform that maps its five landmarks
-    ``(5, 2)`` onto the ArcFace template (insightface ``utils.face_align.norm_crop``).
-
-    Returns:
-        ``(image_size, image_size, 3)`` uint8, same channel order as the input.
-    """
-    try:
-        from insightface.utils import face_align
-    except ImportError as exc:
-        raise ImportError(
-            "IJB alignment uses the insightface package (pip install insightface)"
-        ) from exc
-    return face_align.norm_crop(
-        image_bgr, landmark=np.asarray(landmarks, np.float32), image_size=image_size
-    )
 
 
 def _load_aligned(path: Path, landmarks: np.ndarray) -> np.ndarray:
@@ -233,10 +254,7 @@ def template_features(
     data_dir: PathLike,
     target: str,
     *,
-    flip: bool = True,
-    faceness: bool = True,
-    batch_size: int = 128,
-    num_workers: int = 4,
+    options: FeatureOptions = FeatureOptions(),
     cache_file: Optional[PathLike] = None,
 ) -> Tuple[IJBMeta, TemplateFeatures]:
     """Reads a target's meta files and returns them with the pooled template features.
@@ -254,14 +272,18 @@ def template_features(
         if embedder is None:
             raise ValueError("no embedder given and no feature cache to read")
         feats = extract_features(
-            embedder, meta, flip=flip, batch_size=batch_size, num_workers=num_workers
+            embedder,
+            meta,
+            flip=options.flip,
+            batch_size=options.batch_size,
+            num_workers=options.num_workers,
         )
         if cache_file is not None:
             Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(cache_file).with_suffix(".tmp.npy")
             np.save(tmp, feats)
             tmp.replace(cache_file)
-    if faceness:
+    if options.faceness:
         feats = feats * meta.faceness[:, None]
     return meta, pool_templates(feats, meta.templates, meta.medias)
 
@@ -271,17 +293,16 @@ def verify_templates(
     pooled: TemplateFeatures,
     target: str,
     *,
-    fars: Sequence[float] = DEFAULT_FARS,
-    tar_method: str = "arcface_torch",
-    chunk_size: int = 16384,
+    options: VerifyOptions = VerifyOptions(),
 ) -> IJBResult:
     """The 1:1 protocol on pooled template features (see :func:`evaluate_ijb`)."""
-    scores = score_pairs(pooled, meta.pair_templates, chunk_size=chunk_size)
+    scores = score_pairs(pooled, meta.pair_templates, chunk_size=options.chunk_size)
     roc = roc_curve(scores, meta.pair_labels)
+    fars = options.fars
     return IJBResult(
         target=target,
         fars=np.asarray(fars, np.float64),
-        tars=tar_at_far(scores, meta.pair_labels, fars=fars, method=tar_method),
+        tars=tar_at_far(scores, meta.pair_labels, fars=fars, method=options.tar_method),
         auc=float(np.sum(np.diff(roc.far) * (roc.tar[1:] + roc.tar[:-1]) / 2)),
         scores=scores,
         labels=meta.pair_labels,
@@ -295,14 +316,9 @@ def evaluate_ijb(
     data_dir: PathLike,
     target: str,
     *,
-    flip: bool = True,
-    faceness: bool = True,
-    batch_size: int = 128,
-    num_workers: int = 4,
-    fars: Sequence[float] = DEFAULT_FARS,
-    tar_method: str = "arcface_torch",
+    features: FeatureOptions = FeatureOptions(),
+    verify: VerifyOptions = VerifyOptions(),
     cache_file: Optional[PathLike] = None,
-    chunk_size: int = 16384,
 ) -> IJBResult:
     """Runs the IJB 1:1 protocol on ``data_dir`` for ``target``.
 
@@ -311,27 +327,14 @@ def evaluate_ijb(
             ``cache_file`` already exists.
         data_dir: folder in InsightFace's IJB release layout.
         target: ``"IJBB"``, ``"IJBC"`` (or any name with matching meta files).
-        flip: add the embedding of the mirrored face.
-        faceness: multiply each face's feature by its detector score before pooling (on by
-            default, as arcface_torch's IJB evaluation).
-        tar_method: how the ROC is read at each FAR (:func:`otface.evaluation.metrics.tar_at_far`):
-            ``"arcface_torch"`` (its ``eval_ijbc.py`` table, comparable with published numbers)
-            or ``"interp"`` (linear between the points of the full ROC).
+        features: flip test, faceness weighting, batching (:class:`FeatureOptions`).
+        verify: FARs, how TAR is read, chunking (:class:`VerifyOptions`).
         cache_file: ``.npy`` of the raw image features; read when present, written otherwise.
     """
     meta, pooled = template_features(
-        embedder,
-        data_dir,
-        target,
-        flip=flip,
-        faceness=faceness,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        cache_file=cache_file,
+        embedder, data_dir, target, options=features, cache_file=cache_file
     )
-    return verify_templates(
-        meta, pooled, target, fars=fars, tar_method=tar_method, chunk_size=chunk_size
-    )
+    return verify_templates(meta, pooled, target, options=verify)
 
 
 FEW_IMPOSTORS = 10
