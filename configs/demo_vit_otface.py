@@ -9,17 +9,11 @@ benchmarks.
 """
 
 import copy
-import importlib.util
-import os
 
-# The demo config, loaded by path: job configs are executed as files, not imported as modules.
-_spec = importlib.util.spec_from_file_location(
-    "_otface_config_demo_otface", os.path.join(os.path.dirname(__file__), "demo_otface.py")
-)
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
+from configs.demo_otface import config as _demo
 
-config = copy.deepcopy(_demo.config)
+# A deep copy: the imported config object is left as it is.
+config = copy.deepcopy(_demo)
 config.network = "vit_t_lite"
 # AdamW as arcface_torch's ViT configs use (SGD at lr 0.1 does not suit a transformer).
 config.optimizer = "adamw"
