@@ -14,7 +14,14 @@ from torch import nn
 
 from otface.evaluation.bin_io import list_bin_sets
 from otface.evaluation.data_dirs import is_demo, resolve_data_dir
-from otface.evaluation.models import network_from_training_log, resolve_device, resolve_network
+from otface.evaluation.models import (
+    load_state_into,
+    network_from_training_log,
+    resolve_device,
+    resolve_network,
+    state_differences,
+    state_shapes,
+)
 
 
 def _dump(stamp: str, items: dict) -> str:
@@ -46,6 +53,27 @@ def test_resolve_network(tmp_path):
     assert resolve_network(tmp_path / "model.pt", "r100") == "r100"  # explicit wins
     assert resolve_network(tmp_path / "model.onnx", None) is None  # ONNX carries its graph
     assert resolve_network(tmp_path / "elsewhere" / "model.pt", None) is None
+
+
+def test_state_differences_and_load_state_into():
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    assert state_shapes(net)["0.weight"] == (3, 4)
+    assert state_differences(state_shapes(net), state_shapes(net.state_dict())) == []
+    state = dict(net.state_dict())
+    state["0.weight"] = torch.zeros(2, 4)
+    del state["1.bias"]
+    state["2.weight"] = torch.zeros(1)
+    # The network's key order, then the file's extra keys.
+    assert state_differences(state_shapes(net), state_shapes(state)) == [
+        "'0.weight' is (2, 4) in the file, (3, 4) in the network",
+        "'1.bias' is missing from the file",
+        "'2.weight' is in the file but not in the network",
+    ]
+    with pytest.raises(ValueError, match=r"^m\.pt does not match --network 'tiny': 3 differing"):
+        load_state_into(net, state, network="tiny", source="m.pt")
+    other = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    assert load_state_into(net, other.state_dict(), network="tiny") is net
+    assert torch.equal(net[0].weight, other[0].weight)
 
 
 def test_resolve_device():

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ __all__ = [
     "OnnxEmbedder",
     "resolve_model_path",
     "load_backbone_state",
+    "state_shapes",
+    "state_differences",
     "load_state_into",
     "load_backbone",
     "network_from_training_log",
@@ -37,6 +39,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
+Shape = Tuple[int, ...]
+#: A state_dict's key → tensor shape.
+Shapes = Dict[str, Shape]
 #: A function from ``uint8`` RGB faces ``(N, 3, H, W)`` to float32 embeddings ``(N, D)``.
 Embedder = Callable[[np.ndarray], np.ndarray]
 
@@ -113,35 +118,44 @@ def clean_backbone_state(state: dict, source: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def state_shapes(module_or_state: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Shapes:
+    """Key → shape of a module's ``state_dict()`` or of a state_dict."""
+    if isinstance(module_or_state, nn.Module):
+        module_or_state = module_or_state.state_dict()
+    return {k: tuple(v.shape) for k, v in module_or_state.items()}
+
+
+def state_differences(expected: Mapping[str, Shape], found: Mapping[str, Shape]) -> List[str]:
+    """How the key shapes of a file (``found``) differ from a network's (``expected``).
+
+    Returns:
+        One phrase per difference, in the network's key order, then the file's extra keys;
+        empty when the two have the same keys and shapes.
+    """
+    diffs = []
+    for key, shape in expected.items():
+        if key not in found:
+            diffs.append(f"{key!r} is missing from the file")
+        elif found[key] != shape:
+            diffs.append(f"{key!r} is {found[key]} in the file, {shape} in the network")
+    diffs += [f"{k!r} is in the file but not in the network" for k in found if k not in expected]
+    return diffs
+
+
 def load_state_into(
     backbone: nn.Module, state: Dict[str, torch.Tensor], *, network: str, source: str = "state_dict"
 ) -> nn.Module:
     """Load ``state`` into ``backbone`` strictly, explaining any key or shape mismatch.
 
     Raises:
-        ValueError: naming ``network``, the source, and a few missing / unexpected / mis-shaped
-            keys, when ``state`` was not written by this architecture.
+        ValueError: naming ``network``, the source, the number of differing keys and the first
+            few of them, when ``state`` was not written by this architecture.
     """
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [
-        f"{k}: file {tuple(state[k].shape)} vs network {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatches", misshaped),
-        ):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+    diffs = state_differences(state_shapes(backbone), state_shapes(state))
+    if diffs:
         raise ValueError(
-            f"{source} does not match --network {network!r}: {'; '.join(parts)}. "
-            "Was the model trained with another network?"
+            f"{source} does not match --network {network!r}: {len(diffs)} differing keys "
+            f"(e.g. {'; '.join(diffs[:3])}). Was the model trained with another network?"
         )
     backbone.load_state_dict(state, strict=True)
     return backbone

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from otface.config import ConfigError
-from otface.evaluation.models import clean_backbone_state
+from otface.evaluation.models import clean_backbone_state, state_differences, state_shapes
 
 __all__ = [
     "Freezer",
@@ -93,33 +93,12 @@ def read_backbone_file(path: str, key: str = "init_backbone") -> tuple[dict, str
     return state, kind
 
 
-def _signature(module_or_state) -> dict[str, tuple[int, ...]]:
-    items = (
-        module_or_state.state_dict().items()
-        if isinstance(module_or_state, nn.Module)
-        else module_or_state.items()
-    )
-    return {k: tuple(v.shape) for k, v in items}
-
-
-def _first_difference(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]
-) -> str:
-    for key, shape in expected.items():
-        if key not in found:
-            return f"{key!r} is missing from the file"
-        if found[key] != shape:
-            return f"{key!r} is {found[key]} in the file, {shape} in the network"
-    extra = next((k for k in found if k not in expected), None)
-    return f"{extra!r} is in the file but not in the network" if extra else ""
-
-
 def guess_network(state: dict[str, torch.Tensor]) -> str | None:
     """The name of this project's backbone whose state_dict has exactly the keys and shapes of
     ``state`` (any embedding size), else the closest one as ``"nearest: NAME"``, else None."""
     from otface.backbones import get_model, list_models
 
-    found = _signature(state)
+    found = state_shapes(state)
     features = found.get("features.weight")
     num_features = features[0] if features else 512
     best, best_score = None, 0.0
@@ -129,7 +108,7 @@ def guess_network(state: dict[str, torch.Tensor]) -> str | None:
                 net = get_model(name, dropout=0.0, fp16=False, num_features=num_features)
         except Exception:  # a network that cannot be built at this size is not the one
             continue
-        expected = _signature(net)
+        expected = state_shapes(net)
         if expected == found:
             return name
         same = sum(1 for k, s in expected.items() if found.get(k) == s)
@@ -148,8 +127,9 @@ def load_init_backbone(cfg, backbone: nn.Module) -> str:
     """
     path = str(cfg.init_backbone)
     state, kind = read_backbone_file(path)
-    expected, found = _signature(backbone), _signature(state)
-    if expected != found:
+    found = state_shapes(state)
+    diffs = state_differences(state_shapes(backbone), found)
+    if diffs:
         looks = guess_network(state)
         if looks is None:
             like = "it matches none of this project's networks"
@@ -162,7 +142,7 @@ def load_init_backbone(cfg, backbone: nn.Module) -> str:
         raise ConfigError(
             f"key 'init_backbone' = {path!r} does not fit network {cfg.network!r} "
             f"(embedding_size {cfg.embedding_size}): {like}; first difference: "
-            f"{_first_difference(expected, found)}"
+            f"{diffs[0]}"
         )
     with torch.no_grad():
         backbone.load_state_dict(state, strict=True)
