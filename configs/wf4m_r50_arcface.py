@@ -1,8 +1,8 @@
 """ArcFace baseline, IResNet-50 on WebFace4M, 8 GPUs, as arcface_torch's configs/wf4m_r50.py.
 
-The root of the WebFace recipes: every other `wf*_arcface.py` starts from this file or from one
-that does, and changes only what upstream's file changes; the `wf*_otface.py` twins add the OT
-term. Upstream trains on WebFace with the CosFace margin.
+Like every `*_arcface.py` recipe here, it states each of its keys, as upstream's file does, so
+one file shows the run; its twin `wf4m_r50_otface.py` imports it and adds the OT term. Upstream
+trains on WebFace with the CosFace margin.
 """
 
 from easydict import EasyDict as edict

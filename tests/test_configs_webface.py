@@ -1,11 +1,13 @@
 """The shipped job configs: the WebFace recipes of arcface_torch and the ``*_otface`` twins.
 
-Cheap checks, no training: every config loads and validates wherever it is run from; a twin is
-its ArcFace config plus the OT term and nothing else; loading or importing a twin leaves the
+Cheap checks, no training: every config loads and validates wherever it is run from; an ArcFace
+recipe states its own values and a config derives from at most one other; a twin is its ArcFace
+config plus the OT term and nothing else; loading or importing a twin leaves the
 ArcFace config object as it was; the values are upstream's (facts copied from arcface_torch's
 ``configs/*.py`` at commit ab27f4d6).
 """
 
+import ast
 import copy
 import importlib
 import os
@@ -79,6 +81,37 @@ def configs_package(monkeypatch):
     for key in [k for k in sys.modules if k == "configs" or k.startswith("configs.")]:
         del sys.modules[key]
     sys.modules.update(saved)
+
+
+def _imports(name: str) -> list[str]:
+    with open(os.path.join(CONFIGS, f"{name}.py")) as f:
+        tree = ast.parse(f.read())
+    modules = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            modules.append(node.module)
+    return modules
+
+
+def _parents(name: str) -> list[str]:
+    return [m[len("configs.") :] for m in _imports(name) if m.startswith("configs.")]
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_a_run_reads_in_at_most_two_files(name):
+    # One way to derive a config, arcface_torch's import of configs.NAME (no loading by path),
+    # and one level of it: an ArcFace recipe states its values, an upstream recipe's twin imports
+    # it (the demo configs stand alone: the quick start's file shows the whole run).
+    assert {m for m in _imports(name) if not m.startswith("configs.")} <= {"copy", "easydict"}
+    parents = _parents(name)
+    assert len(parents) <= 1 and not any(_parents(parent) for parent in parents)
+    if name.endswith("_arcface"):
+        assert parents == []
+    base = name[: -len("_otface")]
+    if base in TWINS and base.startswith(("wf", "ms1mv3", "glint360k")):
+        assert parents == [f"{base}_arcface"]
 
 
 @pytest.mark.parametrize("name", JOBS)
