@@ -103,15 +103,14 @@ def _parents(name: str) -> list[str]:
 def test_a_run_reads_in_at_most_two_files(name):
     # One way to derive a config, arcface_torch's import of configs.NAME (no loading by path),
     # and one level of it: an ArcFace recipe states its values, an upstream recipe's twin imports
-    # it (the demo configs stand alone: the quick start's file shows the whole run).
+    # it (demo_otface stands alone: the quick start's file shows the whole run).
     assert {m for m in _imports(name) if not m.startswith("configs.")} <= {"copy", "easydict"}
     parents = _parents(name)
     assert len(parents) <= 1 and not any(_parents(parent) for parent in parents)
     if name.endswith("_arcface"):
         assert parents == []
-    base = name[: -len("_otface")]
-    if base in TWINS and base.startswith(("wf", "ms1mv3", "glint360k")):
-        assert parents == [f"{base}_arcface"]
+    elif name.endswith("_otface") and name.startswith(("wf", "ms1mv3", "glint360k")):
+        assert parents == [f"{name[: -len('_otface')]}_arcface"]
 
 
 @pytest.mark.parametrize("name", JOBS)
