@@ -78,12 +78,14 @@ from otface.ot._triton_sinkhorn_kernel import sinkhorn_kernel, sinkhorn_tiled_ke
 from otface.ot.triton_sinkhorn import _TILE, _TILED_WARPS, _num_warps
 
 def compile_sm90(kernel, const, num_warps):
-    ints = ("n", "m", "max_iter", "check_every", "n_stages")
+    tuples = {
+        "anneal": ("fp32", "i32", "fp32", "fp32"),  # eps_start, n_stages, scaling, eps
+        "stop": ("fp32", "i32", "i32"),  # tol, max_iter, check_every
+    }
     sig = {
         name: "*i8" if name == "sym_ptr" else "*i32" if name == "iters_ptr" else
-        "*fp32" if name.endswith("_ptr") else "i32" if name in ints else
-        "fp32" if name in ("neg_inv_eps", "tol", "eps_start", "scaling", "eps", "relaxation")
-        else "constexpr"
+        "*fp32" if name.endswith("_ptr") else "i32" if name in ("n", "m") else
+        "fp32" if name in ("neg_inv_eps", "relaxation") else tuples.get(name, "constexpr")
         for name in kernel.arg_names
     }
     src = ASTSource(kernel, sig, constexprs=const)

@@ -61,6 +61,37 @@ def _update(logk, lse_row, u, v, log_a, log_b, rmask, cmask, omega, sym, HAS_SYM
 
 
 @triton.jit
+def _stage_eps(e, stage, anneal):
+    # eps-scaling: after annealing iteration ``stage`` (from 0) at eps ``e``, the next eps
+    # (``e * scaling``, and the target eps after the last stage) and the ratio ``e / e_next``
+    # by which the potentials are carried to it (the dual potentials kept in cost units).
+    eps_start, n_stages, scaling, eps = anneal
+    e_next = tl.maximum(e * scaling, eps)
+    e_next = tl.where(stage + 1 == n_stages, eps, e_next)
+    return e_next, e / e_next
+
+
+@triton.jit
+def _stop_test(err, col_err, sym, it, omega, best_err, stop, HAS_SYM: tl.constexpr):
+    # After iteration ``it``, the convergence test and the over-relaxation safeguard of both
+    # kernels, as in the torch path; returns (going on, omega, best error at a check so far).
+    # ``err`` is the L1 row error of the current plan (its columns are exact), and for a
+    # symmetric problem the larger of it and ``col_err``. A non-finite error (NaN cost) stops
+    # the problem, as the torch path leaves it out of its batch-wide test. The safeguard: an
+    # error at a check more than twice the best one so far, plain updates from now on.
+    tol, max_iter, check_every = stop
+    if HAS_SYM:
+        both = tl.maximum(err, col_err, propagate_nan=tl.PropagateNan.ALL)
+        err = tl.where(sym, both, err)
+    check = (tol > 0) & (((it % check_every) == 0) | (it == max_iter))
+    omega = tl.where(check & (err > 2 * best_err), 1.0, omega)
+    best_err = tl.where(check, tl.minimum(err, best_err), best_err)
+    unconverged = (err >= tol) & (tl.abs(err) < float("inf"))
+    going = (it < max_iter) & ((check == 0) | unconverged)
+    return going, omega, best_err
+
+
+@triton.jit
 def sinkhorn_kernel(
     cost_ptr,
     a_ptr,
@@ -74,13 +105,8 @@ def sinkhorn_kernel(
     n,
     m,
     neg_inv_eps,
-    tol,
-    max_iter,
-    check_every,
-    eps_start,
-    n_stages,
-    scaling,
-    eps,
+    anneal,
+    stop,
     relaxation,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -92,10 +118,12 @@ def sinkhorn_kernel(
     ``(B, n, m)``; ``a``, ``u`` ``(B, n)`` and ``b``, ``v`` ``(B, m)`` float32; ``sym``
     ``(B,)`` int8, read only when ``HAS_SYM`` (then ``n == m`` and ``BLOCK_N == BLOCK_M``);
     ``iters`` ``(B,)`` int32; ``err`` ``(B,)`` float32. ``BLOCK_N >= n`` and
-    ``BLOCK_M >= m`` are powers of two; the padding is masked. ``n_stages`` annealing
-    iterations (eps ``eps_start * scaling^k``, then ``eps``; ``neg_inv_eps = -1 / eps``) come
-    first and count as iterations, as in the torch path. ``relaxation``: the over-relaxation
-    of the later iterations (1: plain), safeguarded as in the torch path.
+    ``BLOCK_M >= m`` are powers of two; the padding is masked. ``neg_inv_eps = -1 / eps``.
+    ``anneal = (eps_start, n_stages, scaling, eps)``: ``n_stages`` annealing iterations (eps
+    ``eps_start * scaling^k``, then ``eps``) come first and count as iterations, as in the
+    torch path. ``stop = (tol, max_iter, check_every)``: the stop rule of :func:`_stop_test`.
+    ``relaxation``: the over-relaxation of the later iterations (1: plain), safeguarded as in
+    the torch path.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -120,7 +148,8 @@ def sinkhorn_kernel(
     u = tl.zeros([BLOCK_N], dtype=tl.float32)
     v = tl.zeros([BLOCK_M], dtype=tl.float32)
     # eps-scaling: one iteration at each larger eps, the potentials carried in cost units.
-    e = eps_start
+    e = anneal[0]  # eps_start
+    n_stages = anneal[1]
     stage = 0
     while stage < n_stages:
         stage_logk = tl.where(mask, c * (-1.0 / e), -float("inf"))
@@ -128,16 +157,14 @@ def sinkhorn_kernel(
         u, v, _ = _update(
             stage_logk, stage_row, u, v, log_a, log_b, rmask, cmask, 1.0, sym, HAS_SYM
         )
-        e_next = tl.maximum(e * scaling, eps)
+        e_next, ratio = _stage_eps(e, stage, anneal)
         stage += 1
-        e_next = tl.where(stage == n_stages, eps, e_next)
-        ratio = e / e_next
         u = tl.where(rmask & (a > 0), log_a + (u - log_a) * ratio, u)
         v = tl.where(cmask & (b > 0), log_b + (v - log_b) * ratio, v)
         e = e_next
     lse_row = _lse(logk + v[None, :], 1)
     it = n_stages
-    going = max_iter > n_stages
+    going = stop[1] > n_stages  # max_iter
     omega = relaxation
     best_err = float("inf")
     while going:
@@ -146,21 +173,12 @@ def sinkhorn_kernel(
         )
         lse_row = _lse(logk + v[None, :], 1)
         it += 1
-        # The same test as the torch path: L1 row error of the current plan (its columns are
-        # exact), both marginals for a symmetric problem; a non-finite error (NaN cost) stops
-        # the problem, as the torch path leaves it out of its batch-wide test.
         err = tl.sum(tl.where(rmask, tl.abs(tl.exp(u + lse_row) - a), 0.0), axis=0)
-        if HAS_SYM:
+        if HAS_SYM:  # (the column error is read only for symmetric problems)
             col_err = tl.sum(tl.where(cmask, tl.abs(tl.exp(v + lse_col) - b), 0.0), axis=0)
-            both = tl.maximum(err, col_err, propagate_nan=tl.PropagateNan.ALL)
-            err = tl.where(sym, both, err)
-        check = (tol > 0) & (((it % check_every) == 0) | (it == max_iter))
-        # The safeguard of the over-relaxation, as the torch path: an error more than twice
-        # the best one so far, plain updates from now on.
-        omega = tl.where(check & (err > 2 * best_err), 1.0, omega)
-        best_err = tl.where(check, tl.minimum(err, best_err), best_err)
-        unconverged = (err >= tol) & (tl.abs(err) < float("inf"))
-        going = (it < max_iter) & ((check == 0) | unconverged)
+        else:
+            col_err = err
+        going, omega, best_err = _stop_test(err, col_err, sym, it, omega, best_err, stop, HAS_SYM)
 
     plan = tl.exp(logk + u[:, None] + v[None, :])
     tl.store(plan_ptr + offs, plan, mask=mask)
@@ -313,13 +331,8 @@ def sinkhorn_tiled_kernel(
     n,
     m,
     neg_inv_eps,
-    tol,
-    max_iter,
-    check_every,
-    eps_start,
-    n_stages,
-    scaling,
-    eps,
+    anneal,
+    stop,
     relaxation,
     TILE_N: tl.constexpr,
     TILE_M: tl.constexpr,
@@ -352,7 +365,8 @@ def sinkhorn_tiled_kernel(
     tl.debug_barrier()
 
     # eps-scaling: one iteration at each larger eps, the potentials carried in cost units.
-    e = eps_start
+    e = anneal[0]  # eps_start
+    n_stages = anneal[1]
     stage = 0
     while stage < n_stages:
         scale = -1.0 / e
@@ -362,10 +376,8 @@ def sinkhorn_tiled_kernel(
         tl.debug_barrier()
         _col_pass(cost_ptr, b_ptr, u_ptr, v_ptr, n, m, scale, 1.0, sym, HAS_SYM, TILE_N, TILE_M)
         tl.debug_barrier()
-        e_next = tl.maximum(e * scaling, eps)
+        e_next, ratio = _stage_eps(e, stage, anneal)
         stage += 1
-        e_next = tl.where(stage == n_stages, eps, e_next)
-        ratio = e / e_next
         _rescale_pass(a_ptr, u_ptr, n, ratio, TILE_N)
         _rescale_pass(b_ptr, v_ptr, m, ratio, TILE_M)
         tl.debug_barrier()
@@ -373,7 +385,7 @@ def sinkhorn_tiled_kernel(
     _row_pass(cost_ptr, a_ptr, u_ptr, v_ptr, lse_ptr, n, m, neg_inv_eps, TILE_N, TILE_M)
     tl.debug_barrier()
     it = n_stages
-    going = max_iter > n_stages
+    going = stop[1] > n_stages  # max_iter
     omega = relaxation
     best_err = float("inf")
     while going:
@@ -386,15 +398,7 @@ def sinkhorn_tiled_kernel(
         err = _row_pass(cost_ptr, a_ptr, u_ptr, v_ptr, lse_ptr, n, m, neg_inv_eps, TILE_N, TILE_M)
         tl.debug_barrier()
         it += 1
-        # The test, safeguard and stop of sinkhorn_kernel.
-        if HAS_SYM:
-            both = tl.maximum(err, col_err, propagate_nan=tl.PropagateNan.ALL)
-            err = tl.where(sym, both, err)
-        check = (tol > 0) & (((it % check_every) == 0) | (it == max_iter))
-        omega = tl.where(check & (err > 2 * best_err), 1.0, omega)
-        best_err = tl.where(check, tl.minimum(err, best_err), best_err)
-        unconverged = (err >= tol) & (tl.abs(err) < float("inf"))
-        going = (it < max_iter) & ((check == 0) | unconverged)
+        going, omega, best_err = _stop_test(err, col_err, sym, it, omega, best_err, stop, HAS_SYM)
 
     # The plan and its row sums tile by tile, then its column sums (recomputed, not re-read).
     row_err = tl.zeros([TILE_N], dtype=tl.float32)

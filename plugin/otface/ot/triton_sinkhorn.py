@@ -217,17 +217,13 @@ def sinkhorn_triton(
     has_sym = symmetric is not None
     # Without symmetric problems the kernel never reads sym_ptr (HAS_SYM is a constexpr).
     sym = symmetric.reshape(batch).to(torch.int8).contiguous() if has_sym else iters
+    e0 = eps if eps_start is None else eps_start
     args = (
         n,
         m,
         -1.0 / eps,
-        float(tol),
-        int(max_iter),
-        int(check_every),
-        float(eps if eps_start is None else eps_start),
-        int(n_stages),
-        float(eps_scaling),
-        float(eps),
+        (float(e0), int(n_stages), float(eps_scaling), float(eps)),  # the annealing schedule
+        (float(tol), int(max_iter), int(check_every)),  # the stop rule
         float(relaxation),
     )
     if max(n, m) > SMALL_MAX_SIZE:
