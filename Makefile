@@ -1,40 +1,73 @@
 # Two commands on a fresh machine with only Python: `make demo` and `make test`.
-# Each first builds a project virtual environment in .venv (once; again when requirements.txt
-# or pyproject.toml change): the pinned CPU build of torch if the venv has no torch yet, the
-# requirements, pytest and this package in editable mode. GPU machines: follow the README's
-# pip route instead, which keeps your CUDA build of torch.
+# Each first builds the project virtual environment .venv from the lock file (once; again when
+# the lock or pyproject.toml changes): exactly the versions CI tested, the CPU build of torch
+# among them, then this package in editable mode. GPU machines: follow the README's pip route,
+# which resolves pyproject.toml's ranges and keeps your CUDA build of torch.
 
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+LOCK := requirements/lock-cpu.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.otface-installed
-TEST_STAMP := $(VENV)/.otface-test-extras
+# Wheels of the lock for the offline install test (tests/test_packaging.py).
+WHEELHOUSE := $(VENV)/wheelhouse
+WHEELS_STAMP := $(WHEELHOUSE)/.complete
+LATEST_VENV ?= .venv-latest
+# The lock's torch is the CPU build (2.13.0+cpu): pip takes it from a local wheel folder
+# (PIP_FIND_LINKS) where there is one, else from PyTorch's CPU index.
+TORCH_SOURCE ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
 
 # OpenMP threads that do not spin for long at barriers: a busy machine otherwise slows CPU
 # training tenfold (plugin/otface/openmp.py has the measurements).
 export GOMP_SPINCOUNT ?= 10000
 
-.PHONY: demo test venv
+.PHONY: demo test test-slow test-latest venv lock
 
 demo: $(STAMP)
 	$(PY) train.py configs/demo_otface --move-aside
 
-test: $(STAMP) $(TEST_STAMP)
-	$(PY) -m pytest tests
+# `make test` leaves out the tests marked slow; `make test-slow` runs just those. CI runs both.
+test: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
+test-slow: $(STAMP) $(WHEELS_STAMP)
+	$(PY) -m pytest tests -m slow
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
+	@echo "setting up $(VENV) from $(LOCK) (the first time takes a minute or two)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -r requirements.txt pytest
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q $(TORCH_SOURCE) -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-# Triton runs the fused Sinkhorn kernel's tests on the CPU (TRITON_INTERPRET=1); without it
-# those tests are skipped. wandb runs the W&B logging tests (offline mode).
-$(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q triton || echo "triton not installable here: its tests will be skipped"
-	$(PY) -m pip install -q wandb
+# The packaging test installs a wheel of this package into a fresh venv offline, from these.
+$(WHEELS_STAMP): $(LOCK)
+	@echo "collecting the lock's wheels into $(WHEELHOUSE) for the offline install test"
+	@mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip download -q --no-deps $(TORCH_SOURCE) -r $(LOCK) -d $(WHEELHOUSE)
 	@touch $@
+
+# Drift check: the newest versions pyproject.toml's ranges allow, in a venv of its own. torch
+# stays the CPU build 2.13.0 (a newer torch here would be a multi-GB CUDA build).
+test-latest:
+	@echo "building $(LATEST_VENV) with the newest allowed versions"
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) torch==2.13.0
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
+	@echo "versions under test: $(LATEST_VENV)/freeze.txt"
+	OTFACE_LOCK_CHECK=0 $(LATEST_VENV)/bin/python -m pytest tests
+
+# Regenerates the lock (Linux x86_64, CPython 3.11, CPU torch) with uv from pyproject.toml,
+# keeping the pinned versions that still fit; `make lock UPGRADE=--upgrade` takes the newest.
+lock:
+	$(PYTHON) -m pip install -q uv==0.13.9
+	$(PYTHON) -m uv pip compile pyproject.toml --extra test \
+		--constraint requirements/cpu-torch.txt \
+		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match) \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make lock  (uv pip compile pyproject.toml --extra test, torch pinned by requirements/cpu-torch.txt, CPython 3.11, Linux x86_64: see the Makefile)" --no-emit-find-links --no-emit-index-url \
+		$(UPGRADE) -o $(LOCK)

@@ -32,7 +32,12 @@ import torch
 from torch import nn
 
 from otface.console_log import cli_logging
-from otface.evaluation.models import load_backbone, preprocess, resolve_model_path
+from otface.evaluation.models import (
+    import_onnxruntime,
+    load_backbone,
+    preprocess,
+    resolve_model_path,
+)
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -152,8 +157,7 @@ def check_onnx_parity(
     Raises:
         ExportParityError: when a cosine is below ``min_cosine``.
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     backbone = backbone.cpu().eval()

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from otface.landmarks import ARCFACE_TEMPLATE_112
+
 __all__ = [
     "ARCFACE_TEMPLATE_112",
     "FaceIdentity",
@@ -27,19 +29,6 @@ __all__ = [
     "sample_scene",
     "sample_shot",
 ]
-
-#: Reference five landmarks of a 112×112 aligned face (left eye, right eye, nose tip, left and
-#: right mouth corner; "left" is the smaller x), as used by ArcFace-style alignment.
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
-)
 
 # Identity texture field covers the template frame with this margin (pixels) on every side.
 FIELD_MARGIN = 8

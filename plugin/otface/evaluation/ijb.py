@@ -1,11 +1,11 @@
 """IJB-B / IJB-C 1:1 template verification (TAR at fixed FAR), as in arcface_torch.
 
-Pipeline: five-point similarity alignment of each loose crop to 112×112 (insightface's
-``face_align.norm_crop``, the standard ArcFace template); embedding, plus that of the mirror
-image (flip test); faceness weighting (default on); mean over the faces of a media (photo or video),
-sum over the medias of a template, L2 normalisation; cosine score for every template pair,
-in chunks; TAR at FAR 1e-6 ... 1e-1 and the ROC. 1:N identification over the same pooled
-features is in :mod:`otface.evaluation.ijb_1n`.
+Pipeline: five-point similarity alignment of each loose crop to 112×112 (as insightface's
+``face_align.norm_crop``, the standard ArcFace template: :mod:`otface.evaluation.align`);
+embedding, plus that of the mirror image (flip test); faceness weighting (default on); mean
+over the faces of a media (photo or video), sum over the medias of a template, L2
+normalisation; cosine score for every template pair, in chunks; TAR at FAR 1e-6 ... 1e-1 and
+the ROC. 1:N identification over the same pooled features is in :mod:`otface.evaluation.ijb_1n`.
 """
 
 from __future__ import annotations

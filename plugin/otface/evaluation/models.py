@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "import_onnxruntime",
     "Embedder",
     "TorchEmbedder",
     "OnnxEmbedder",
@@ -200,6 +201,18 @@ class TorchEmbedder:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def import_onnxruntime():
+    """The ``onnxruntime`` module, or an ImportError saying which extra brings it."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError(
+            "ONNX models need ONNX Runtime: pip install -e '.[cpu]' (onnxruntime) or, on GPU "
+            "machines, pip install -e '.[gpu]' (onnxruntime-gpu); never both"
+        ) from err
+    return onnxruntime
+
+
 class OnnxEmbedder:
     """Embeds ``uint8`` RGB faces with an ONNX model through onnxruntime.
 
@@ -215,8 +228,7 @@ class OnnxEmbedder:
         batch_size: int = 64,
         providers: Optional[Sequence[str]] = None,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(path)
