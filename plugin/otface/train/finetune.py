@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from otface.backbones.guess import guess_network
 from otface.config import ConfigError
 from otface.evaluation.models import clean_backbone_state, state_differences, state_shapes
 
@@ -91,31 +92,6 @@ def read_backbone_file(path: str, key: str = "init_backbone") -> tuple[dict, str
     except ValueError as exc:  # an entry that is not a tensor, or NaN / Inf
         raise ConfigError(str(exc)) from None
     return state, kind
-
-
-def guess_network(state: dict[str, torch.Tensor]) -> str | None:
-    """The name of this project's backbone whose state_dict has exactly the keys and shapes of
-    ``state`` (any embedding size), else the closest one as ``"nearest: NAME"``, else None."""
-    from otface.backbones import get_model, list_models
-
-    found = state_shapes(state)
-    features = found.get("features.weight")
-    num_features = features[0] if features else 512
-    best, best_score = None, 0.0
-    for name in list_models():
-        try:
-            with torch.device("meta"):
-                net = get_model(name, dropout=0.0, fp16=False, num_features=num_features)
-        except Exception:  # a network that cannot be built at this size is not the one
-            continue
-        expected = state_shapes(net)
-        if expected == found:
-            return name
-        same = sum(1 for k, s in expected.items() if found.get(k) == s)
-        score = same / max(len(expected), len(found))
-        if score > best_score:
-            best, best_score = name, score
-    return f"nearest: {best}" if best is not None and best_score >= 0.5 else None
 
 
 def load_init_backbone(cfg, backbone: nn.Module) -> str:
