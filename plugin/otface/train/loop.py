@@ -1,16 +1,15 @@
 """arcface_torch's ``train_v2`` flow: DDP backbone, Partial-FC criterion, polynomial LR,
 fp16 AMP, gradient accumulation, atomic checkpoints and resume.
 
-This module is the loop itself: :class:`Trainer` (one rank's step and checkpoints) and
-:func:`fit`. The network is built in :mod:`otface.train.model`, the optimiser and its step in
-:mod:`otface.train.optim`, the data in :mod:`otface.train.data`, and resuming in
-:mod:`otface.train.resume`; the names callers import from here are re-exported.
+This module is the loop itself: :class:`Trainer` (one rank's model, schedule and checkpoints)
+and :func:`fit`. The network is built in :mod:`otface.train.model`, the optimiser and its step
+in :mod:`otface.train.optim`, the data in :mod:`otface.train.data`; the training step is in
+:mod:`otface.train.step` and resuming in :mod:`otface.train.resume`; the names callers import
+from here are re-exported.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import sys
@@ -20,8 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from otface.config import ConfigError, cuda_graph_config_conflict
-from otface.criterion import LossOutput
+from otface.config import ConfigError
 from otface.registry import LOSSES
 from otface.train.checkpoint import (
     atomic_save,
@@ -32,8 +30,6 @@ from otface.train.checkpoint import (
 from otface.train.data import build_loader, prepare_data
 from otface.train.distributed import DistEnv
 from otface.train.finetune import Freezer, load_init_backbone, load_init_centres
-from otface.train.grad_share import gradient_shares
-from otface.train.graph import StepGraph, forward_backward
 from otface.train.guard import (
     BufferSnapshot,
     NonFiniteState,
@@ -53,11 +49,12 @@ from otface.train.model import (
     wrap_ddp,
 )
 from otface.train.optim import GRAD_CLIP_NORM as GRAD_CLIP_NORM  # re-exported for benchmarks
-from otface.train.optim import build_grad_scaler, build_optimizer, optimizer_step
-from otface.train.prefetch import DevicePrefetcher, to_training_layout
+from otface.train.optim import build_grad_scaler, build_optimizer
+from otface.train.prefetch import DevicePrefetcher
 from otface.train.resume import ResumeMixin
 from otface.train.rng import capture_rng_state, seed_everything
 from otface.train.signals import RUN, signals_deferred
+from otface.train.step import StepMixin
 from otface.train.wandb_log import WandbLogger, redact
 
 __all__ = [
@@ -71,7 +68,7 @@ __all__ = [
 ]
 
 
-class Trainer(ResumeMixin):
+class Trainer(StepMixin, ResumeMixin):
     """One rank's model, criterion, optimiser and schedule.
 
     Args:
@@ -80,7 +77,9 @@ class Trainer(ResumeMixin):
         backbone_factory: ``factory(cfg, device) -> nn.Module`` building the network; by
             default :func:`build_backbone` (this package's backbones).
 
-    :meth:`resume` and :meth:`restore_rng` come from :class:`otface.train.resume.ResumeMixin`.
+    :meth:`train_step`, :attr:`skipped_steps` and :attr:`lr` come from
+    :class:`otface.train.step.StepMixin`; :meth:`resume` and :meth:`restore_rng` from
+    :class:`otface.train.resume.ResumeMixin`.
     """
 
     def __init__(
@@ -164,120 +163,6 @@ class Trainer(ResumeMixin):
         self._resumed_rng: dict | None = None
         self._synced_once = False
         self.step_graph = self._build_step_graph(cfg.get("cuda_graph", "off"))
-
-    def _build_step_graph(self, setting: str) -> StepGraph | None:
-        """Config ``cuda_graph``: the step's forward and backward as one CUDA graph
-        (:mod:`otface.train.graph`) where it can run; ``"on"`` where it cannot is an error."""
-        if setting == "off":
-            return None
-        why = cuda_graph_config_conflict(self.cfg)
-        if not why and self.device.type != "cuda":
-            why = f"the device is {self.device.type}, and CUDA graphs need CUDA"
-        if not why and self.env.distributed:
-            why = (
-                f"{self.env.world_size} processes: recording the step under DDP is not "
-                "supported yet (one process only)"
-            )
-        if not why and not hasattr(self.criterion, "prepare_step"):
-            why = (
-                f"loss {self.cfg.loss!r}: its criterion has no prepare_step(step), so what "
-                "changes with the step cannot reach a recorded forward"
-            )
-        if why:
-            if setting == "on":
-                raise ConfigError(f"key 'cuda_graph' = 'on' cannot be used: {why}")
-            logging.info("cuda_graph = 'auto': off, %s", why)
-            return None
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        return StepGraph(
-            functools.partial(forward_backward, self.model, self.criterion, self.grad_scaler),
-            params,
-            warmup=3,
-        )
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimiser steps skipped for a non-finite loss or gradient, in all."""
-        return self.skips.total
-
-    # -- one step -------------------------------------------------------------------------------
-    def train_step(self, img: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        """Forward, backward and (every ``gradient_acc`` batches) an optimiser step.
-
-        ``img`` is float32 in ``[-1, 1]`` or ``uint8`` pixels (normalised on the device).
-
-        ``self.global_step`` counts batches; it is advanced here, before the forward. With
-        gradient accumulation, DDP all-reduces only on the last batch of each accumulation.
-        """
-        self.global_step += 1
-        cfg = self.cfg
-        acc = cfg.gradient_acc
-        if (self.global_step - 1) % acc == 0:  # first batch of an accumulation
-            self._buffers.take()
-        update = self.global_step % acc == 0
-        # The loader hands uint8 batches to CUDA runs (pinned, 4x fewer bytes to copy); the
-        # prefetcher has usually moved and normalised them already, and then this is a no-op.
-        img, labels = to_training_layout(img, labels, self.device, channels_last=self.channels_last)
-        self.freezer.before_forward(self.global_step, self.backbone.training)
-        if self.step_graph is not None:  # one process, gradient_acc 1: every batch updates
-            self.criterion.prepare_step(self.global_step)
-            out = self.step_graph(img, labels)
-        else:
-            out = self._eager_forward_backward(img, labels, update=update, acc=acc)
-        if update:
-            self.freezer.drop_gradients(self.global_step)
-        skipped = update and not optimizer_step(
-            self.optimizer,
-            self.backbone,
-            grad_scaler=self.grad_scaler,
-            buffers=self._buffers,
-            skips=self.skips,
-            global_step=self.global_step,
-            keep_grads=self.step_graph is not None and self.step_graph.keeps_gradients,
-        )
-        with warnings.catch_warnings():
-            if skipped or not update:
-                # The schedule counts batches (as arcface_torch); torch warns when it moves on
-                # without an optimiser step, which skips and accumulation do by design.
-                warnings.simplefilter("ignore", UserWarning)
-            self.lr_scheduler.step()
-        metrics = dict(out.metrics)
-        metrics["loss"] = out.loss.detach()
-        return LossOutput(out.loss, metrics)
-
-    def _eager_forward_backward(
-        self, img: torch.Tensor, labels: torch.Tensor, *, update: bool, acc: int
-    ) -> LossOutput:
-        # DDP's static graph records its first step with gradient hooks on: no_sync only after.
-        no_sync = getattr(self.model, "no_sync", None) if self._synced_once else None
-        with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
-            embeddings = self.model(img)
-            out = self.criterion(embeddings, labels, step=self.global_step)
-            shares = {}
-            logged = (
-                self.global_step % self.cfg.frequent == 0
-                or self.global_step == self.log_start_step + 1
-            )
-            if out.terms is not None and logged:
-                # On log steps only: the OT term's gradient beside the margin loss's.
-                shares = gradient_shares(
-                    out.terms,
-                    list(self.backbone.parameters()),
-                    scale=self.grad_scaler.scale if self.grad_scaler is not None else None,
-                )
-            loss = out.loss / acc if acc > 1 else out.loss
-            if self.grad_scaler is not None:
-                self.grad_scaler.scale(loss).backward()
-            else:
-                loss.backward()
-        self._synced_once = self._synced_once or update
-        return LossOutput(out.loss, {**out.metrics, **shares})
-
-    @property
-    def lr(self) -> float:
-        # The last parameter group's: Partial FC's centres, at the config's lr (the backbone's
-        # differs by backbone_lr_mult).
-        return self.lr_scheduler.get_last_lr()[-1]
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, *, epoch: int, epoch_step: int) -> dict:
