@@ -16,6 +16,7 @@ __all__ = [
     "MAGIC",
     "IRHeader",
     "RecordIOError",
+    "and_more",
     "decode_record",
     "encode_record",
     "pack_payload",
@@ -31,6 +32,12 @@ _WORD = struct.Struct("<II")
 
 class RecordIOError(ValueError):
     """A RecordIO file is malformed: the message names the file and the record key."""
+
+
+def and_more(count: int, what: str) -> str:
+    """``" (3 more lines too)"``: the end of an error message that names the first of several
+    defects; empty when ``count`` is 0."""
+    return f" ({count} more {what}{'s' if count > 1 else ''} too)" if count > 0 else ""
 
 
 class IRHeader(NamedTuple):
