@@ -7,15 +7,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 LOCK := requirements/lock-cpu.txt
+# The lock's subset that `pip install otface` needs (no extras), same versions.
+RUNTIME_LOCK := requirements/lock-cpu-runtime.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.otface-installed
 # Wheels of the lock for the offline install test (tests/test_packaging.py).
 WHEELHOUSE := $(VENV)/wheelhouse
 WHEELS_STAMP := $(WHEELHOUSE)/.complete
 LATEST_VENV ?= .venv-latest
-# The lock's torch is the CPU build (2.13.0+cpu): pip takes it from a local wheel folder
+# The venv is installed by uv (pinned), which syncs it to the lock exactly and fast.
+UV_VERSION := 0.13.9
+# The lock's torch is the CPU build (2.13.0+cpu): it comes from a local wheel folder
 # (PIP_FIND_LINKS) where there is one, else from PyTorch's CPU index.
 TORCH_SOURCE ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
+UV_TORCH_SOURCE ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 
 # OpenMP threads that do not spin for long at barriers: a busy machine otherwise slows CPU
 # training tenfold (plugin/otface/openmp.py has the measurements).
@@ -38,15 +43,16 @@ venv: $(STAMP)
 $(STAMP): $(LOCK) pyproject.toml
 	@echo "setting up $(VENV) from $(LOCK) (the first time takes a minute or two)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_SOURCE) -r $(LOCK)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(PY) -m uv pip sync -q --python $(PY) $(UV_TORCH_SOURCE) $(LOCK)
+	$(PY) -m uv pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	@touch $@
 
 # The packaging test installs a wheel of this package into a fresh venv offline, from these.
-$(WHEELS_STAMP): $(LOCK)
-	@echo "collecting the lock's wheels into $(WHEELHOUSE) for the offline install test"
-	@mkdir -p $(WHEELHOUSE)
-	$(PY) -m pip download -q --no-deps $(TORCH_SOURCE) -r $(LOCK) -d $(WHEELHOUSE)
+$(WHEELS_STAMP): $(RUNTIME_LOCK) $(STAMP)
+	@echo "collecting the runtime lock's wheels into $(WHEELHOUSE) for the offline install test"
+	@rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip download -q --no-deps $(TORCH_SOURCE) -r $(RUNTIME_LOCK) -d $(WHEELHOUSE)
 	@touch $@
 
 # Drift check: the newest versions pyproject.toml's ranges allow, in a venv of its own. torch
@@ -63,11 +69,13 @@ test-latest:
 
 # Regenerates the lock (Linux x86_64, CPython 3.11, CPU torch) with uv from pyproject.toml,
 # keeping the pinned versions that still fit; `make lock UPGRADE=--upgrade` takes the newest.
+LOCK_FLAGS = $(UV_TORCH_SOURCE) --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--no-emit-find-links --no-emit-index-url
 lock:
-	$(PYTHON) -m pip install -q uv==0.13.9
-	$(PYTHON) -m uv pip compile pyproject.toml --extra test \
-		--constraint requirements/cpu-torch.txt \
-		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match) \
-		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-		--custom-compile-command "make lock  (uv pip compile pyproject.toml --extra test, torch pinned by requirements/cpu-torch.txt, CPython 3.11, Linux x86_64: see the Makefile)" --no-emit-find-links --no-emit-index-url \
-		$(UPGRADE) -o $(LOCK)
+	$(PYTHON) -m pip install -q uv==$(UV_VERSION)
+	$(PYTHON) -m uv pip compile -q pyproject.toml --extra test $(LOCK_FLAGS) \
+		--constraint requirements/cpu-torch.txt $(UPGRADE) -o $(LOCK) \
+		--custom-compile-command "make lock  (uv pip compile pyproject.toml --extra test, torch pinned by requirements/cpu-torch.txt, CPython 3.11, Linux x86_64: see the Makefile)"
+	$(PYTHON) -m uv pip compile -q pyproject.toml $(LOCK_FLAGS) --constraint $(LOCK) \
+		-o $(RUNTIME_LOCK) \
+		--custom-compile-command "make lock  (uv pip compile pyproject.toml, no extras, constrained to lock-cpu.txt: see the Makefile)"

@@ -2,7 +2,8 @@
 
 - The project venv that ``make demo`` / ``make test`` build holds exactly the lock's versions.
 - A wheel of this package, installed offline into a fresh venv with only the dependencies
-  ``pyproject.toml`` declares (from the lock's wheels, which ``make test-slow`` collects),
+  ``pyproject.toml`` declares (from the runtime lock's wheels, which ``make test-slow``
+  collects),
   imports every public module, runs ``python -m otface.demo --help``, and leaves an installed
   torch that satisfies the range as it was.
 """
@@ -22,9 +23,10 @@ import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements" / "lock-cpu.txt"
+RUNTIME_LOCK = REPO / "requirements" / "lock-cpu-runtime.txt"
 PROJECT_VENV = REPO / ".venv"
-# Packages a venv holds whatever the lock says (pip's own tools) and this package.
-_NOT_LOCKED = {"pip", "setuptools", "wheel", "otface"}
+# Packages a venv holds whatever the lock says (pip, uv, setuptools) and this package.
+_NOT_LOCKED = {"pip", "setuptools", "wheel", "uv", "otface"}
 
 
 def _canonical(name: str) -> str:
@@ -63,6 +65,18 @@ def test_the_lock_pins_exact_versions_of_what_pyproject_declares():
     # [gpu] replaces onnxruntime: the two never sit in one environment.
     assert "onnxruntime" not in [_canonical(r.split(">")[0]) for r in project["dependencies"]]
     assert "onnxruntime-gpu" not in pins
+
+
+def test_the_runtime_lock_is_the_locks_versions_of_the_bare_package():
+    pins, runtime = (
+        _pins(LOCK.read_text().splitlines()),
+        _pins(RUNTIME_LOCK.read_text().splitlines()),
+    )
+    assert runtime, f"{RUNTIME_LOCK.name} pins nothing"
+    assert {name: pins.get(name) for name in runtime} == runtime
+    # What only the extras bring stays out of the bare package.
+    for extra_only in ("onnxruntime", "triton", "wandb", "insightface", "pytest", "geomloss"):
+        assert extra_only in pins and extra_only not in runtime
 
 
 def test_the_project_venv_holds_exactly_the_lock():
