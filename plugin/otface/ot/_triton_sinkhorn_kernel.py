@@ -72,23 +72,22 @@ def _stage_eps(e, stage, anneal):
 
 
 @triton.jit
-def _stop_test(err, col_err, sym, it, omega, best_err, stop, HAS_SYM: tl.constexpr):
+def _stop_test(row_err, col_err, it, omega, best_err, stop):
     # After iteration ``it``, the convergence test and the over-relaxation safeguard of both
-    # kernels, as in the torch path; returns (going on, omega, best error at a check so far).
-    # ``err`` is the L1 row error of the current plan (its columns are exact), and for a
-    # symmetric problem the larger of it and ``col_err``. A non-finite error (NaN cost) stops
-    # the problem, as the torch path leaves it out of its batch-wide test. The safeguard: an
-    # error at a check more than twice the best one so far, plain updates from now on.
+    # kernels, as in the torch path; returns (going on, omega, best error at a check so far,
+    # the error). The error is the larger of the current plan's L1 row and column errors
+    # (both count: an over-relaxed v update leaves the columns inexact), and it is what the
+    # kernel reports. A non-finite error (NaN cost) stops the problem, as the torch path
+    # leaves it out of its batch-wide test. The safeguard: an error at a check more than
+    # twice the best one so far, plain updates from now on.
     tol, max_iter, check_every = stop
-    if HAS_SYM:
-        both = tl.maximum(err, col_err, propagate_nan=tl.PropagateNan.ALL)
-        err = tl.where(sym, both, err)
+    err = tl.maximum(row_err, col_err, propagate_nan=tl.PropagateNan.ALL)
     check = (tol > 0) & (((it % check_every) == 0) | (it == max_iter))
     omega = tl.where(check & (err > 2 * best_err), 1.0, omega)
     best_err = tl.where(check, tl.minimum(err, best_err), best_err)
     unconverged = (err >= tol) & (tl.abs(err) < float("inf"))
     going = (it < max_iter) & ((check == 0) | unconverged)
-    return going, omega, best_err
+    return going, omega, best_err, err
 
 
 @triton.jit
@@ -117,7 +116,8 @@ def sinkhorn_kernel(
     Shapes: ``cost`` (float32, float16 or bfloat16, read as float32) and ``plan`` (float32)
     ``(B, n, m)``; ``a``, ``u`` ``(B, n)`` and ``b``, ``v`` ``(B, m)`` float32; ``sym``
     ``(B,)`` int8, read only when ``HAS_SYM`` (then ``n == m`` and ``BLOCK_N == BLOCK_M``);
-    ``iters`` ``(B,)`` int32; ``err`` ``(B,)`` float32. ``BLOCK_N >= n`` and
+    ``iters`` ``(B,)`` int32; ``err`` ``(B,)`` float32, the last iteration's L1 marginal
+    error as the stop test measured it (see :func:`_stop_test`). ``BLOCK_N >= n`` and
     ``BLOCK_M >= m`` are powers of two; the padding is masked. ``neg_inv_eps = -1 / eps``.
     ``anneal = (eps_start, n_stages, scaling, eps)``: ``n_stages`` annealing iterations (eps
     ``eps_start * scaling^k``, then ``eps``) come first and count as iterations, as in the
@@ -167,27 +167,23 @@ def sinkhorn_kernel(
     going = stop[1] > n_stages  # max_iter
     omega = relaxation
     best_err = float("inf")
+    err = float("nan")  # (the loop runs at least once: max_iter > n_stages)
     while going:
         u, v, lse_col = _update(
             logk, lse_row, u, v, log_a, log_b, rmask, cmask, omega, sym, HAS_SYM
         )
         lse_row = _lse(logk + v[None, :], 1)
         it += 1
-        err = tl.sum(tl.where(rmask, tl.abs(tl.exp(u + lse_row) - a), 0.0), axis=0)
-        if HAS_SYM:  # (the column error is read only for symmetric problems)
-            col_err = tl.sum(tl.where(cmask, tl.abs(tl.exp(v + lse_col) - b), 0.0), axis=0)
-        else:
-            col_err = err
-        going, omega, best_err = _stop_test(err, col_err, sym, it, omega, best_err, stop, HAS_SYM)
+        row_err = tl.sum(tl.where(rmask, tl.abs(tl.exp(u + lse_row) - a), 0.0), axis=0)
+        col_err = tl.sum(tl.where(cmask, tl.abs(tl.exp(v + lse_col) - b), 0.0), axis=0)
+        going, omega, best_err, err = _stop_test(row_err, col_err, it, omega, best_err, stop)
 
     plan = tl.exp(logk + u[:, None] + v[None, :])
     tl.store(plan_ptr + offs, plan, mask=mask)
     tl.store(u_ptr + pid * n + rows, u, mask=rmask)
     tl.store(v_ptr + pid * m + cols, v, mask=cmask)
-    row_err = tl.sum(tl.where(rmask, tl.abs(tl.sum(plan, axis=1) - a), 0.0), axis=0)
-    col_err = tl.sum(tl.where(cmask, tl.abs(tl.sum(plan, axis=0) - b), 0.0), axis=0)
     tl.store(iters_ptr + pid, it)
-    tl.store(err_ptr + pid, tl.maximum(row_err, col_err, propagate_nan=tl.PropagateNan.ALL))
+    tl.store(err_ptr + pid, err)
 
 
 # The tiled kernel. Its potentials, and the row log-sum-exp that the next u update reads, are
@@ -388,6 +384,7 @@ def sinkhorn_tiled_kernel(
     going = stop[1] > n_stages  # max_iter
     omega = relaxation
     best_err = float("inf")
+    err = float("nan")  # (the loop runs at least once: max_iter > n_stages)
     while going:
         _u_pass(a_ptr, u_ptr, v_ptr, lse_ptr, n, omega, sym, HAS_SYM, TILE_N)
         tl.debug_barrier()
@@ -395,18 +392,18 @@ def sinkhorn_tiled_kernel(
             cost_ptr, b_ptr, u_ptr, v_ptr, n, m, neg_inv_eps, omega, sym, HAS_SYM, TILE_N, TILE_M
         )
         tl.debug_barrier()
-        err = _row_pass(cost_ptr, a_ptr, u_ptr, v_ptr, lse_ptr, n, m, neg_inv_eps, TILE_N, TILE_M)
+        row_err = _row_pass(
+            cost_ptr, a_ptr, u_ptr, v_ptr, lse_ptr, n, m, neg_inv_eps, TILE_N, TILE_M
+        )
         tl.debug_barrier()
         it += 1
-        going, omega, best_err = _stop_test(err, col_err, sym, it, omega, best_err, stop, HAS_SYM)
+        going, omega, best_err, err = _stop_test(row_err, col_err, it, omega, best_err, stop)
 
-    # The plan and its row sums tile by tile, then its column sums (recomputed, not re-read).
-    row_err = tl.zeros([TILE_N], dtype=tl.float32)
+    # The plan, tile by tile; its error is the last iteration's, the one the stop test used.
     for i0 in range(0, n, TILE_N):
         rows = i0 + tl.arange(0, TILE_N)
         rmask = rows < n
         u = tl.load(u_ptr + rows, mask=rmask, other=0.0)
-        row_sum = tl.zeros([TILE_N], dtype=tl.float32)
         for j0 in range(0, m, TILE_M):
             cols = j0 + tl.arange(0, TILE_M)
             v = tl.load(v_ptr + cols, mask=cols < m, other=0.0)
@@ -414,23 +411,5 @@ def sinkhorn_tiled_kernel(
             plan = tl.exp(logk + u[:, None] + v[None, :])
             mask = rmask[:, None] & (cols < m)[None, :]
             tl.store(plan_ptr + rows[:, None] * m + cols[None, :], plan, mask=mask)
-            row_sum += tl.sum(plan, axis=1)
-        a = tl.load(a_ptr + rows, mask=rmask, other=1.0)
-        row_err += tl.where(rmask, tl.abs(row_sum - a), 0.0)
-    col_err = tl.zeros([TILE_M], dtype=tl.float32)
-    for j0 in range(0, m, TILE_M):
-        cols = j0 + tl.arange(0, TILE_M)
-        cmask = cols < m
-        v = tl.load(v_ptr + cols, mask=cmask, other=0.0)
-        col_sum = tl.zeros([TILE_M], dtype=tl.float32)
-        for i0 in range(0, n, TILE_N):
-            rows = i0 + tl.arange(0, TILE_N)
-            u = tl.load(u_ptr + rows, mask=rows < n, other=0.0)
-            logk = _cost_tile(cost_ptr, rows, cols, n, m, neg_inv_eps)
-            col_sum += tl.sum(tl.exp(logk + u[:, None] + v[None, :]), axis=0)
-        b = tl.load(b_ptr + cols, mask=cmask, other=1.0)
-        col_err += tl.where(cmask, tl.abs(col_sum - b), 0.0)
-    row_total = tl.sum(row_err, axis=0)
-    col_total = tl.sum(col_err, axis=0)
     tl.store(iters_ptr + pid, it)
-    tl.store(err_ptr + pid, tl.maximum(row_total, col_total, propagate_nan=tl.PropagateNan.ALL))
+    tl.store(err_ptr + pid, err)

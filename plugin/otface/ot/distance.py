@@ -186,8 +186,8 @@ def ot_distances(
             marginals(b, m, batch, res.plan, "b"),
         )
     # Not converged: stopped by max_iter with the error still at or above tol (a NaN error
-    # counts). A problem that stopped earlier passed its check; its plan's error, recomputed,
-    # can differ from that check's in the last float32 bits.
+    # counts). Our solver reports the error its stop test compared with tol, so this agrees
+    # with its stop decisions exactly; POT's errors are recomputed from its plans above.
     above = ~(errors < tol)
     if res.problem_iters is not None:
         above &= res.problem_iters.to(errors.device) >= max_iter

@@ -88,7 +88,8 @@ class TritonSolve(NamedTuple):
         plan: ``(B, n, m)`` float32 plans.
         u: ``(B, n)`` and ``v``: ``(B, m)`` log-scalings, ``plan = exp(u_i + v_j - C_ij/eps)``.
         iters: ``(B,)`` int32 iterations each problem ran.
-        errors: ``(B,)`` L1 marginal error of each plan (the larger of rows and columns).
+        errors: ``(B,)`` L1 marginal error of each plan (the larger of rows and columns), the
+            one the stop test measured at the problem's last iteration.
     """
 
     plan: torch.Tensor
