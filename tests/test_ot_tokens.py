@@ -13,7 +13,7 @@ import ot as pot
 import pytest
 import torch
 
-import otface.loss as loss_mod
+import otface.hard_triplet_ot as ot_term_mod
 from otface.backbones import VisionTransformer, get_model
 from otface.hooks import FeatureCapture
 from otface.loss import hard_triplet_ot_loss
@@ -234,14 +234,14 @@ def _batch(seed, *, n_ids=4, k=3, dim=8, side=12):
 def _recording_miners(monkeypatch):
     seen = []
     for name in ("mine_hard_triplets", "mine_hard_triplet_slots"):
-        original = getattr(loss_mod, name)
+        original = getattr(ot_term_mod, name)
 
         def wrapped(*args, _original=original, **kwargs):
             out = _original(*args, **kwargs)
             seen.append(tuple(t.clone() for t in out))
             return out
 
-        monkeypatch.setattr(loss_mod, name, wrapped)
+        monkeypatch.setattr(ot_term_mod, name, wrapped)
     return seen
 
 
