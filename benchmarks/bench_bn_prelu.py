@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from bench_step import paired_ratios, spread
+from _interleave import paired_ratios, spread
 from torch import nn
 
 from otface.backbones import bn_prelu, get_model, set_fused_bn_prelu

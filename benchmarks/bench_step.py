@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import os
 import statistics
 import time
@@ -68,13 +67,13 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
-from _timing import add_step_arguments, base_config, open_device, open_upstream, sync
+from _interleave import Interleaved, interleave, paired_ratios, spread
+from _interleave import Spread as Spread  # re-exported for the tests
+from _step import Step, bench_config, make_batches
+from _timing import add_step_arguments, open_device, open_upstream, sync
 
-from otface.backbones import get_model, set_fused_bn_prelu, use_channels_last
+from otface.backbones import get_model
 from otface.evaluation.cli import positive_int
-from otface.registry import LOSSES
-from otface.train.graph import StepGraph, forward_backward
-from otface.train.loop import GRAD_CLIP_NORM, compile_backbone
 from otface.train.model import COMPILE_SCOPES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -98,110 +97,6 @@ def _comma_list(valid: Sequence[str], what: str):
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def bench_config(args, loss_name: str = "arcface"):
-    cfg = base_config()
-    cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name)
-    return cfg
-
-
-class Step:
-    """Backbone, criterion, optimiser and fp16 scaler of one contender, and its step."""
-
-    def __init__(
-        self,
-        loss_name: str,
-        args,
-        device: torch.device,
-        state: dict,
-        kernel: str,
-        *,
-        as_trainer: bool = False,
-        compile_mode: str | None = None,
-        fused_bn_prelu: bool = False,
-        compile_scope: str = "blocks",
-        cuda_graph: bool = False,
-    ):
-        cfg = bench_config(args, loss_name)
-        cfg.otface.kernel = kernel
-        # as_trainer: the trainer's learning rate and gradient clipping (as arcface_torch's
-        # step, for the comparison with it); otherwise the plain step of the overhead table.
-        self.as_trainer = as_trainer
-        self.backbone = get_model(args.network, fp16=args.fp16, num_features=cfg.embedding_size)
-        self.backbone.load_state_dict(state)
-        self.backbone.to(device).train()
-        self.channels_last = use_channels_last(args.channels_last, device)
-        if self.channels_last:  # as the trainer does (config.channels_last)
-            self.backbone.to(memory_format=torch.channels_last)
-        if fused_bn_prelu:  # as the trainer does (config.fused_bn_prelu = "auto")
-            set_fused_bn_prelu(self.backbone, "auto")
-        if compile_mode:  # as the trainer does (config.compile): before the feature hook
-            # (compile_backbone makes Dynamo guard on hooks: the compiled backbones of several
-            # rows share its cache, and otface's would otherwise run arcface's hook-less graph)
-            compile_backbone(
-                self.backbone, True if compile_mode == "default" else compile_mode, compile_scope
-            )
-        self.criterion = LOSSES.build(
-            loss_name, cfg, backbone=self.backbone, rank=0, world_size=1
-        ).to(device)
-        params = list(self.backbone.parameters()) + list(self.criterion.parameters())
-        lr, momentum = (cfg.lr, cfg.momentum) if as_trainer else (0.01, 0.9)
-        self.opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=5e-4)
-        self.scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" else None
-        # As the trainer with config.cuda_graph: forward + backward recorded, optimiser eager.
-        self.graph = None
-        if cuda_graph:
-            fn = functools.partial(forward_backward, self.backbone, self.criterion, self.scaler)
-            self.graph = StepGraph(fn, params)
-
-    def batches(self, args, device: torch.device, count: int):
-        return make_batches(args, device, count, channels_last=self.channels_last)
-
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor, step: int):
-        if self.graph is not None:
-            self.criterion.prepare_step(step)
-            out = self.graph(x, labels)
-        else:
-            out = self.criterion(self.backbone(x), labels, step=step)
-            self.opt.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(out.loss).backward()
-            else:
-                out.loss.backward()
-        finite = self._clip() if self.as_trainer else True
-        if self.scaler is not None:
-            if finite:
-                self.scaler.step(self.opt)
-            self.scaler.update()
-        elif finite:
-            self.opt.step()
-        if self.graph is not None and not self.graph.keeps_gradients:
-            self.opt.zero_grad(set_to_none=True)  # the next warm-up step starts from None
-        return out
-
-    def _clip(self) -> bool:
-        # As the trainer's optimiser step: unscale, clip the backbone's gradient norm, and read
-        # whether it is finite (its one host read per step).
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), GRAD_CLIP_NORM)
-        return bool(torch.isfinite(norm))
-
-
-def make_batches(args, device: torch.device, count: int, *, channels_last: bool):
-    # A fresh batch each step (the same sequence for every contender): reusing one batch
-    # lets the model fit it within a few steps and leaves nothing hard to mine.
-    g = torch.Generator().manual_seed(0)
-    per = args.batch_size // args.k
-    out = []
-    for _ in range(count):
-        x = torch.randn(args.batch_size, 3, 112, 112, generator=g).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ids = torch.randperm(args.num_classes, generator=g)[:per].repeat_interleave(args.k)
-        out.append((x, ids.to(device)))
-    return out
 
 
 class Contender(NamedTuple):
@@ -299,104 +194,6 @@ def bench(
         run.criterion.remove_hook()
     hard = statistics.mean(n_hard) if n_hard else None
     return statistics.median(times), hard, mem, first_s
-
-
-class Spread(NamedTuple):
-    """Median, quartiles and range of ``n`` values."""
-
-    median: float
-    q1: float
-    q3: float
-    lo: float
-    hi: float
-    n: int
-
-
-def spread(values: Sequence[float]) -> Spread:
-    """:class:`Spread` of ``values`` (quartiles by linear interpolation, as numpy's default)."""
-    if not values:
-        raise ValueError("spread of no values")
-    vals = sorted(values)
-    q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else vals * 3
-    return Spread(statistics.median(vals), q1, q3, vals[0], vals[-1], len(vals))
-
-
-def paired_ratios(block_s: Mapping[str, Sequence[float]], anchor: str) -> dict:
-    """Per block, each contender's time over the anchor's in the same round.
-
-    Args:
-        block_s: contender name -> its median step time of each round, all of one length.
-        anchor: the name to divide by.
-
-    Returns:
-        ``{name: [ratio of round 0, round 1, ...]}`` for every contender but the anchor.
-    """
-    if anchor not in block_s:
-        raise ValueError(f"anchor {anchor!r} is not a contender; got {sorted(block_s)}")
-    base = block_s[anchor]
-    out = {}
-    for name, times in block_s.items():
-        if len(times) != len(base):
-            raise ValueError(f"{name} has {len(times)} blocks, {anchor} has {len(base)}")
-        if name != anchor:
-            out[name] = [t / b for t, b in zip(times, base)]
-    return out
-
-
-class Interleaved(NamedTuple):
-    """Result of :func:`interleave`: per contender, the median step seconds of each block (one
-    block per round, rounds in order), the number of hard triplets of each timed step, and the
-    seconds of its first step (with ``torch.compile``, the compilation)."""
-
-    block_s: dict
-    n_hard: dict
-    first_s: dict
-
-
-def interleave(contenders: Mapping[str, tuple], args, device: torch.device) -> Interleaved:
-    """Time the contenders in short alternating blocks rather than one long run each.
-
-    ``args.warmup`` steps of each first; then ``args.blocks`` rounds, in each of which every
-    contender runs ``args.block_steps`` steps, in an order rotated by one per round (ABC, BCA,
-    CAB, ...), so a slow spell of the device (clocks, a neighbour) falls on all of them and
-    none always runs first or after the same one.
-
-    Args:
-        contenders: name -> ``(step, batches)``: ``step(x, labels, step_number)`` (returns
-            an output with ``metrics`` or None) and at least ``warmup + blocks * block_steps``
-            ``(x, labels)`` batches, the same sequence for all, each in its contender's layout.
-    """
-    names = list(contenders)
-    done = dict.fromkeys(names, 0)
-    block_s = {name: [] for name in names}
-    n_hard = {name: [] for name in names}
-    first_s = {}
-
-    def run(name: str, count: int, timed: bool) -> None:
-        step_fn, batches = contenders[name]
-        times = []
-        for _ in range(count):
-            x, labels = batches[done[name]]
-            done[name] += 1
-            sync(device)
-            t0 = time.perf_counter()
-            out = step_fn(x, labels, done[name])
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            first_s.setdefault(name, times[0])
-            metrics = getattr(out, "metrics", {})
-            if timed and "n_hard" in metrics:  # read after the clock stopped
-                n_hard[name].append(float(metrics["n_hard"]))
-        if timed:
-            block_s[name].append(statistics.median(times))
-
-    for name in names:
-        run(name, args.warmup, timed=False)
-    for round_ in range(args.blocks):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            run(name, args.block_steps, timed=True)
-    return Interleaved(block_s, n_hard, first_s)
 
 
 def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None:
@@ -497,6 +294,7 @@ def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]
     from torch.utils._python_dispatch import TorchDispatchMode
 
     root = str(Path(__file__).resolve().parents[1])
+    scripts = str(Path(__file__).resolve().parent)  # this benchmark's own frames say nothing
     found: list[tuple[str, str]] = []
 
     class Record(TorchDispatchMode):
@@ -509,7 +307,7 @@ def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]
                     for f in traceback.extract_stack()
                     if f.filename.startswith(root)
                     and "site-packages" not in f.filename
-                    and "bench_step" not in f.filename
+                    and not f.filename.startswith(scripts)
                 ]
                 found.append((name, frames[-1] if frames else "(torch internals)"))
             return func(*args_, **(kwargs or {}))

@@ -28,8 +28,9 @@ import time
 from typing import Iterable, NamedTuple, Sequence
 
 import torch
+from _step import Step, bench_config, make_batches
 from _timing import add_step_arguments, open_device, open_upstream, sync
-from bench_step import COMPILE_MODES, Step, bench_config, make_batches
+from bench_step import COMPILE_MODES
 
 from otface.backbones import get_model
 from otface.train.model import COMPILE_SCOPES
