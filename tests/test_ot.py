@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from otface.ot import cosine_cost, entropic_objective, sinkhorn, solve_ot
+from otface.ot.marginals import error_rounding_bound, problem_marginal_errors
 from otface.ot.pot_backend import pot_sinkhorn
-from otface.ot.sinkhorn import error_rounding_bound, problem_marginal_errors
 
 
 def _costs(batch, n, m, *, seed=0, dtype=torch.float64):
@@ -275,7 +275,7 @@ def test_entropic_value_convention_and_dual_accuracy():
 def test_known_cost_range_picks_the_kernel_without_measuring(monkeypatch, eps, expected):
     # matmul is exact while range / eps <= 60 in float32 (otface.ot.softmin): 2 / 0.05 = 40,
     # 2 / 0.02 = 100. With the bound given, no row range is measured (no host sync on CUDA).
-    sk = importlib.import_module("otface.ot.sinkhorn")  # the package exports a same-named function
+    sk = importlib.import_module("otface.ot.torch_sinkhorn")
     c = _costs(3, 6, 7, seed=11, dtype=torch.float32)
     built, orig = [], dict(sk.KERNELS)
     kernels = {k: (lambda logk, k=k: built.append(k) or orig[k](logk)) for k in orig}

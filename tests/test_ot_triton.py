@@ -35,7 +35,7 @@ from otface.ot import (  # noqa: E402
     sinkhorn,
     triton_sinkhorn,
 )
-from otface.ot.sinkhorn import error_rounding_bound, problem_marginal_errors  # noqa: E402
+from otface.ot.marginals import error_rounding_bound, problem_marginal_errors  # noqa: E402
 
 # The interpreter evaluates log(0) = -inf for padded rows with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")

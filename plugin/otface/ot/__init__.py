@@ -3,13 +3,9 @@ distances (Sinkhorn divergence, entropic OT, transport cost)."""
 
 from otface.ot.cost import cosine_cost
 from otface.ot.distance import DISTANCES, OTDistances, ot_distances
-from otface.ot.sinkhorn import (
-    SinkhornResult,
-    entropic_objective,
-    marginal_error,
-    sinkhorn,
-    transport_cost,
-)
+from otface.ot.marginals import marginal_error
+from otface.ot.objective import entropic_objective, transport_cost
+from otface.ot.sinkhorn import SinkhornResult, sinkhorn
 from otface.ot.solve import SOLVERS, solve_ot
 
 __all__ = [

@@ -5,7 +5,7 @@ Private: this module imports :mod:`triton` at its top, so it is imported only by
 :mod:`otface` never imports Triton). Whether ``triton.jit`` compiles or interprets is decided
 when this module is first imported (``TRITON_INTERPRET=1``: interpreted, on CPU tensors).
 
-Both kernels run the same iteration as the torch path of :func:`otface.ot.sinkhorn.sinkhorn`
+Both kernels run the same iteration as the torch path of :mod:`otface.ot.torch_sinkhorn`
 (same update order, same averaged updates for symmetric problems, same convergence test and
 over-relaxation safeguard), on one problem per program, with ``K = -C / eps``. Each program
 stops on its own: the loop is a device-side ``while`` whose condition is the problem's own

@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from otface.ot.cost import cosine_cost
-from otface.ot.sinkhorn import entropic_objective, marginals, problem_marginal_errors
+from otface.ot.marginals import marginals, problem_marginal_errors
+from otface.ot.objective import entropic_objective
 from otface.ot.solve import solve_ot
 
 __all__ = ["DISTANCES", "OTDistances", "ot_distances"]

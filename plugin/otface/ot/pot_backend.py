@@ -4,7 +4,7 @@ POT (Python Optimal Transport, >= 0.9.6) is optional; it is imported only when t
 used. Its log-domain Sinkhorn checks convergence every 10 iterations on the L2 norm of the row
 marginal error; we report our own L1 marginal error of the plan it returns. Its log-scalings
 ``(u, v)`` use our convention (``plan = exp(u_i + v_j - C_ij / eps)``) and are returned, so
-:func:`otface.ot.sinkhorn.entropic_objective` gives ``OT_eps`` for POT's plans exactly as for
+:func:`otface.ot.objective.entropic_objective` gives ``OT_eps`` for POT's plans exactly as for
 ours.
 """
 
@@ -14,7 +14,9 @@ from typing import Optional
 
 import torch
 
-from otface.ot.sinkhorn import SinkhornResult, marginal_error, marginals, transport_cost
+from otface.ot.marginals import marginal_error, marginals
+from otface.ot.objective import transport_cost
+from otface.ot.sinkhorn import SinkhornResult
 
 __all__ = ["pot_sinkhorn"]
 

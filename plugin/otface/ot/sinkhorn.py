@@ -14,15 +14,11 @@ is the convention of the Sinkhorn divergence (Feydy et al. 2019). Equivalently,
 is ``T* = exp(u_i + v_j - C_ij / eps)`` for dual potentials (in units of ``eps``) found by
 alternating ``u = log a - LSE_j(-C/eps + v)`` and ``v = log b - LSE_i(-C/eps + u)``.
 
-Gradients follow the envelope theorem: ``dOT_eps/dC = T*`` exactly at the fixed point (the
-regulariser does not depend on ``C`` and the constraint set is fixed). The plan is computed
-without autograd and held constant; values are written as ``<T*, C>`` plus detached terms, so
-autograd returns ``T*`` through ``C`` only:
-
-* :attr:`SinkhornResult.cost` is the transport cost of the entropic plan, ``W = <T*, C>``. Its
-  gradient is also taken to be ``T*``, which is **not** ``dW/dC`` (the term ``<dT*/dC, C>`` is
-  missing): an approximation, kept for comparison (``otface.distance = "transport"``);
-* :func:`entropic_objective` is ``OT_eps`` of (1), whose exact gradient ``T*`` is.
+:func:`sinkhorn` checks its arguments and hands the batch to the torch iteration
+(:mod:`otface.ot.torch_sinkhorn`) or to the fused Triton kernel
+(:mod:`otface.ot.triton_sinkhorn`). The values of its plans and their envelope gradients
+(``dOT_eps/dC = T*``) are in :mod:`otface.ot.objective`, the weights and marginal errors in
+:mod:`otface.ot.marginals`; their functions are importable from here too.
 """
 
 from __future__ import annotations
@@ -32,14 +28,23 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from otface.ot import triton_sinkhorn
-from otface.ot.softmin import KERNELS, matmul_max_range
+from otface.ot import torch_sinkhorn, triton_sinkhorn
+from otface.ot.marginals import (
+    error_rounding_bound,
+    largest_error,
+    marginal_error,
+    marginals,
+    problem_marginal_errors,
+)
+from otface.ot.objective import entropic_objective, transport_cost
+from otface.ot.softmin import KERNELS
 
 __all__ = [
     "SinkhornResult",
     "sinkhorn",
-    "entropic_objective",
     "eps_stages",
+    # defined in otface.ot.objective and otface.ot.marginals, importable from here too
+    "entropic_objective",
     "error_rounding_bound",
     "marginal_error",
     "marginals",
@@ -85,184 +90,6 @@ class SinkhornResult(NamedTuple):
     problem_errors: Optional[torch.Tensor] = None
 
 
-def marginals(
-    a: Optional[torch.Tensor], size: int, batch: int, like: torch.Tensor, name: str
-) -> torch.Tensor:
-    """``(batch, size)`` weights in ``like``'s dtype and device: ``a`` (``(batch, size)`` or
-    ``(size,)``, detached) checked for shape, or uniform ``1 / size`` when None. ``name`` is
-    ``"a"`` or ``"b"``, for the error messages."""
-    if size == 0:
-        # A distribution with no points has no probability weights: OT is undefined.
-        raise ValueError(
-            f"sinkhorn: the {'source' if name == 'a' else 'target'} distributions have no "
-            f"points ({'n' if name == 'a' else 'm'} = 0); each needs at least one"
-        )
-    if a is None:
-        return torch.full((batch, size), 1.0 / size, dtype=like.dtype, device=like.device)
-    a = a.detach().to(device=like.device, dtype=like.dtype)
-    if a.dim() == 1:
-        a = a.unsqueeze(0).expand(batch, -1)
-    if tuple(a.shape) != (batch, size):
-        raise ValueError(
-            f"sinkhorn: marginal {name} must have shape ({batch}, {size}) or "
-            f"({size},), got {tuple(a.shape)}"
-        )
-    return a
-
-
-def transport_cost(plan: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
-    """``<plan, cost>`` per problem, differentiable w.r.t. ``cost`` only (gradient ``plan``).
-
-    Entries that carry no mass (``plan == 0``) contribute exactly 0, whatever their cost: a
-    ``+inf`` cost that the plan avoids gives a finite value and a finite gradient, not
-    ``0 * inf = NaN``. A NaN in the plan still propagates.
-
-    Args:
-        plan: ``(B, n, m)`` transport plans (detached here).
-        cost: ``(B, n, m)`` costs; cast to the plan's dtype.
-
-    Returns:
-        ``(B,)`` transport costs.
-    """
-    t = plan.detach()
-    with torch.autocast(device_type=cost.device.type, enabled=False):
-        weighted = torch.where(t == 0, 0.0, t * cost.to(t.dtype))
-        return weighted.sum(dim=(-2, -1))
-
-
-def entropic_objective(
-    plan: torch.Tensor,
-    cost: torch.Tensor,
-    *,
-    eps: float,
-    potentials: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    a: Optional[torch.Tensor] = None,
-    b: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``OT_eps(C) = <T*, C> + eps * KL(T* | a b^T)`` (eq. 1 of this module), envelope gradient.
-
-    The value is ``<T, C>`` (differentiable w.r.t. ``C``, gradient ``T``) plus a detached
-    remainder, so that ``d value / d C = T``, which is the exact gradient of ``OT_eps`` at the
-    Sinkhorn fixed point ``T = T*``. The remainder is computed
-
-    * from the dual potentials when given (the plan must be ``exp(u_i + v_j - C_ij / eps)``):
-      ``OT_eps = eps * (<u, a> + <v, b> - <a, log a> - <b, log b> - sum T + 1)``, i.e. the
-      dual objective ``<f, a> + <g, b> - eps <exp((f + g - C) / eps), a b^T> + eps`` with
-      ``f = eps (u - log a)``, ``g = eps (v - log b)``. Before convergence it is off from
-      ``OT_eps`` by second-order terms in the marginal error;
-    * otherwise from the plan (primal form (1), first-order in the marginal error).
-
-    Both are equal at convergence.
-
-    Args:
-        plan: ``(B, n, m)`` plans (detached here).
-        cost: ``(B, n, m)`` costs.
-        eps: entropic regularisation.
-        potentials: optional ``((B, n), (B, m))`` log-scalings of ``plan`` (units of ``eps``).
-        a: ``(B, n)`` or ``(n,)`` source weights; uniform if None.
-        b: ``(B, m)`` or ``(m,)`` target weights; uniform if None.
-
-    Returns:
-        ``(B,)`` values, differentiable w.r.t. ``cost``.
-    """
-    t = plan.detach()
-    linear = transport_cost(t, cost)
-    batch, n, m = t.shape
-    with torch.no_grad(), torch.autocast(device_type=t.device.type, enabled=False):
-        a_ = marginals(a, n, batch, t, "a")
-        b_ = marginals(b, m, batch, t, "b")
-        mass = t.sum(dim=(-2, -1))
-        neg_ent_ab = (torch.xlogy(a_, a_).sum(-1) + torch.xlogy(b_, b_).sum(-1)).neg()
-        if potentials is not None:
-            u, v = (p.detach().to(t.dtype) for p in potentials)
-            # A zero weight has potential -inf and contributes nothing (not 0 * inf).
-            ua = torch.where(a_ == 0, 0.0, u * a_).sum(-1)
-            vb = torch.where(b_ == 0, 0.0, v * b_).sum(-1)
-            value = eps * (ua + vb + neg_ent_ab - mass + 1.0)
-        else:
-            # sum T log(T / (a b^T)) = sum T log T - <T 1, log a> - <T^T 1, log b>
-            kl = (
-                torch.xlogy(t, t).sum(dim=(-2, -1))
-                - torch.xlogy(t.sum(-1), a_).sum(-1)
-                - torch.xlogy(t.sum(-2), b_).sum(-1)
-            )
-            value = linear.detach() + eps * (kl - mass + 1.0)
-        rest = value - linear.detach()
-    return linear + rest
-
-
-def problem_marginal_errors(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` L1 marginal deviation of each plan (the larger of rows and columns)."""
-    return torch.maximum(
-        (plan.sum(dim=-1) - a).abs().sum(dim=-1), (plan.sum(dim=-2) - b).abs().sum(dim=-1)
-    )
-
-
-def marginal_error(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Largest L1 marginal deviation over the problems whose deviation is finite (0-d tensor).
-
-    A problem with NaN/Inf in its plan (a NaN or infeasible cost) is left out, so that it can
-    neither hide the others' error nor, in :func:`sinkhorn`, keep them from stopping early.
-
-    Args:
-        plan: ``(B, n, m)`` plans.
-        a: ``(B, n)`` source weights.
-        b: ``(B, m)`` target weights.
-    """
-    return _finite_max(problem_marginal_errors(plan, a, b))
-
-
-def error_rounding_bound(
-    cost: torch.Tensor, potentials: Tuple[torch.Tensor, torch.Tensor], *, eps: float
-) -> torch.Tensor:
-    """``(B,)`` bound on how far a solve's ``problem_errors`` can be from the exact L1 marginal
-    error of its plan (rows and columns summed exactly), for weights of mass one:
-
-        16 u (X + n + m + 1),   X = max_ij |C_ij| / eps + max_i |u_i| + max_j |v_j|
-
-    over the finite entries, ``u`` the unit roundoff of the solve's dtype (``2^-24`` in
-    float32, ``2^-53`` in float64). Both are sums of the same terms
-    ``exp(u_i + v_j - C_ij / eps)`` evaluated in two orders (log-sum-exp then ``exp``, or
-    ``exp`` then sum). To first order each rounded exponent moves a term by at most ``u``
-    times the magnitudes in ``X`` (relatively), each sum by ``n`` or ``m`` times ``u``; the
-    factor 16 covers the operations of both evaluations with an ``exp`` and a ``log`` that are
-    off by a few ulps. Measured on random cosine costs (eps 0.02 to 0.3, n, m 5 to 40, plain
-    and relaxed updates): under a twentieth of it.
-
-    Args:
-        cost: ``(B, n, m)`` costs of the solve.
-        potentials: ``((B, n), (B, m))`` its ``potentials`` (log-scalings, units of eps).
-        eps: its entropic regularisation.
-    """
-    u, v = (p.detach() for p in potentials)
-    n, m = cost.shape[-2:]
-    c = cost.detach().to(u.dtype)
-    x = _finite_abs(c).amax(dim=(-2, -1)) / eps + _finite_abs(u).amax(-1) + _finite_abs(v).amax(-1)
-    return 16 * (torch.finfo(u.dtype).eps / 2) * (x + n + m + 1)
-
-
-def _finite_abs(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(t), t.abs(), 0.0)
-
-
-def _finite_max(err: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(err), err, 0.0).amax() if err.numel() else err.new_zeros(())
-
-
-def _pick_kernel(
-    kernel: str, logk: torch.Tensor, *, eps: float, cost_range: Optional[float]
-) -> str:
-    if kernel != "auto":
-        return kernel
-    # The largest row range of K = -C/eps decides whether the exponentiated kernel is exact in
-    # this dtype (see otface.ot.softmin). A known bound on the cost decides without looking;
-    # otherwise one reduction and one host sync per solve.
-    if cost_range is not None:
-        return "matmul" if cost_range / eps <= matmul_max_range(logk.dtype) else "torch"
-    row_range = (logk.amax(dim=-1) - logk.amin(dim=-1)).amax()
-    return "matmul" if float(row_range) <= matmul_max_range(logk.dtype) else "torch"
-
-
 def sinkhorn(
     cost: torch.Tensor,
     *,
@@ -283,9 +110,9 @@ def sinkhorn(
 
     All problems are solved together (no Python loop over problems). The solve runs in float32
     (float64 inputs stay float64) with autocast disabled, whatever the input dtype, and without
-    autograd; only ``result.cost`` carries a gradient, ``d cost / d C = plan`` (see the module
-    docstring: exact for ``OT_eps``, approximate for ``<T*, C>``); pass the result's plan and
-    potentials to :func:`entropic_objective` for ``OT_eps``.
+    autograd; only ``result.cost`` carries a gradient, ``d cost / d C = plan`` (see
+    :mod:`otface.ot.objective`: exact for ``OT_eps``, approximate for ``<T*, C>``); pass the
+    result's plan and potentials to :func:`entropic_objective` for ``OT_eps``.
 
     Each problem stops on its own: convergence is checked every ``check_every`` iterations
     and at the last one (with the torch kernels each check reads the problems' errors on the
@@ -398,156 +225,49 @@ def sinkhorn(
     stages = eps_stages(
         eps, eps_scaling, _cost_diameter(cost, cost_range) if eps_scaling else eps, max_iter
     )
+    # What both paths take: the updates and the stop rule (each stops every problem on its own).
+    updates = dict(eps=eps, symmetric=symmetric, relaxation=relaxation)
+    stop = dict(max_iter=max_iter, tol=tol, check_every=check_every)
     if kernel == "triton" or (kernel == "auto" and triton_sinkhorn.auto_fits(cost)):
-        return _sinkhorn_triton(
-            cost,
-            a_,
-            b_,
-            eps=eps,
-            max_iter=max_iter,
-            tol=tol,
-            check_every=check_every,
-            symmetric=symmetric,
-            stages=stages,
-            eps_scaling=eps_scaling,
-            relaxation=relaxation,
-        )
-    with torch.no_grad(), torch.autocast(device_type=cost.device.type, enabled=False):
-        c = cost.detach().to(dtype)
-        log_a, log_b = torch.log(a_), torch.log(b_)
-        u = torch.zeros_like(a_)
-        v = torch.zeros_like(b_)
-        for k, stage_eps in enumerate(stages):
-            # One iteration at a larger eps, then the potentials carried to the next eps: the
-            # dual potentials f = eps (u - log a), g = eps (v - log b) are kept fixed.
-            stage_logk = c * (-1.0 / stage_eps)
-            pick = _pick_kernel(kernel, stage_logk, eps=stage_eps, cost_range=cost_range)
-            stage = KERNELS[pick](stage_logk)
-            u, v, _ = _iterate(stage, stage.row(v), u, v, log_a, log_b, symmetric, None)
-            ratio = stage_eps / (stages[k + 1] if k + 1 < len(stages) else eps)
-            u = torch.where(a_ > 0, log_a + (u - log_a) * ratio, u)
-            v = torch.where(b_ > 0, log_b + (v - log_b) * ratio, v)
-        logk = c * (-1.0 / eps)
-        pick = _pick_kernel(kernel, logk, eps=eps, cost_range=cost_range)
-        # Each problem stops on its own, as in the Triton kernel: at a check, the problems
-        # below tol leave the batch (their potentials are stored), and only the others iterate
-        # on. A problem whose error is not finite (a NaN cost) leaves too: it must not keep the
-        # rest iterating until max_iter.
-        u_all, v_all = u.clone(), v.clone()
-        iters_all = torch.full((batch,), max(len(stages), 0), dtype=torch.int32)
-        errors = torch.full((batch,), float("nan"), dtype=dtype, device=c.device)
-        omega = torch.full((batch, 1), float(relaxation), dtype=dtype, device=c.device)
-        live = _Subset(
-            torch.arange(batch, device=c.device),
-            logk,
-            log_a,
-            log_b,
-            a_,
-            b_,
-            symmetric,
-            omega if relaxation != 1.0 else None,
-            torch.full((batch,), float("inf"), dtype=dtype, device=c.device),
-        )
-        ker = KERNELS[pick](live.logk)
-        lse_row = ker.row(v)
-        n_iter, converged = len(stages), False
-        for n_iter in range(len(stages) + 1, max_iter + 1):
-            u, v, lse_col = _iterate(
-                ker, lse_row, u, v, live.log_a, live.log_b, live.sym, live.omega
+        with torch.no_grad():
+            sol = triton_sinkhorn.sinkhorn_triton(
+                cost,
+                a_,
+                b_,
+                eps_start=stages[0] if stages else eps,
+                n_stages=len(stages),
+                eps_scaling=eps_scaling,
+                **updates,
+                **stop,
             )
-            lse_row = ker.row(v)  # reused by the next u update, and by the check below
-            if tol > 0 and (n_iter % check_every == 0 or n_iter == max_iter):
-                err = _iterate_errors(u, v, lse_row, lse_col, live.a, live.b)
-                done = (err < tol) | ~torch.isfinite(err)
-                if live.omega is not None:
-                    # The safeguard: a relaxed problem whose error has grown to more than twice
-                    # its best so far goes on with plain updates (which cannot diverge).
-                    # Smaller rises are normal in relaxed iterations; reacting to them costs
-                    # the speed-up (measured: the slowest demo problem 1201 iterations, against
-                    # 440).
-                    live.omega.masked_fill_((err > 2 * live.best_err).unsqueeze(-1), 1.0)
-                    torch.minimum(live.best_err, err, out=live.best_err)
-                if bool(done.any()):
-                    leaving = live.index[done]
-                    u_all[leaving], v_all[leaving] = u[done], v[done]
-                    errors[leaving] = err[done]
-                    iters_all[leaving.cpu()] = n_iter
-                    if bool(done.all()):
-                        converged = True
-                        break
-                    keep = (~done).nonzero().squeeze(1)
-                    live = live.select(keep)
-                    u, v, lse_row, err = u[keep], v[keep], lse_row[keep], err[keep]
-                    ker = KERNELS[pick](live.logk)
-        if not converged:
-            if tol <= 0:  # no check ran: the error of the last iterate
-                err = _iterate_errors(u, v, lse_row, lse_col, live.a, live.b)
-            u_all[live.index], v_all[live.index] = u, v
-            errors[live.index] = err
-            iters_all[live.index.cpu()] = n_iter
-        u, v = u_all, v_all
-        plan = torch.exp(logk.add_(u.unsqueeze(-1)).add_(v.unsqueeze(-2)))
-        err = _finite_max(errors)
-        n_iter = int(iters_all.max())
+            n_iter = sol.iters.amax()  # stays on the device
+    else:
+        sol = torch_sinkhorn.sinkhorn_torch(
+            cost, a_, b_, stages=stages, kernel=kernel, cost_range=cost_range, **updates, **stop
+        )
+        n_iter = sol.n_iter
+        _warn_once_if_unconverged(warn and tol > 0 and not sol.converged, tol, max_iter, eps)
+    return SinkhornResult(
+        sol.plan,
+        transport_cost(sol.plan, cost),
+        n_iter,
+        largest_error(sol.errors),
+        (sol.u, sol.v),
+        sol.iters,
+        sol.errors,
+    )
+
+
+def _warn_once_if_unconverged(unconverged: bool, tol: float, max_iter: int, eps: float) -> None:
     global _warned_no_convergence
-    if warn and tol > 0 and not converged and not _warned_no_convergence:
+    if unconverged and not _warned_no_convergence:
         _warned_no_convergence = True
         warnings.warn(
             f"sinkhorn did not reach tol={tol} in max_iter={max_iter} iterations "
             f"(eps={eps}); the plan is used as is (warned once)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return SinkhornResult(
-        plan, transport_cost(plan, cost), n_iter, err, (u, v), iters_all.to(c.device), errors
-    )
-
-
-class _Subset(NamedTuple):
-    """The problems of a solve that still iterate: their indices in the batch and their data."""
-
-    index: torch.Tensor
-    logk: torch.Tensor
-    log_a: torch.Tensor
-    log_b: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
-    sym: Optional[torch.Tensor]
-    omega: Optional[torch.Tensor]  # (k, 1) relaxation of each problem; None: plain updates
-    best_err: torch.Tensor  # (k,) smallest error at a check so far
-
-    def select(self, keep: torch.Tensor) -> "_Subset":
-        return _Subset(*(None if t is None else t[keep] for t in self))
-
-
-def _iterate(ker, lse_row, u, v, log_a, log_b, symmetric, omega):
-    """One Sinkhorn iteration (both potentials) on kernel ``ker`` from ``lse_row = ker.row(v)``,
-    over-relaxed by ``omega`` (``(B, 1)``, or None for plain updates) and averaged on the
-    ``symmetric`` problems; returns the new ``u``, ``v`` and ``lse_col``."""
-    u = _step(u, log_a - lse_row, v, log_a, symmetric, omega)
-    lse_col = ker.col(u)
-    v = _step(v, log_b - lse_col, u, log_b, symmetric, omega)
-    return u, v, lse_col
-
-
-def _iterate_errors(u, v, lse_row, lse_col, a, b):
-    """``(k,)`` L1 marginal error of the plans ``exp(u_i + v_j + K_ij)`` of an iteration, the
-    larger of rows and columns, from its log-sum-exps ``lse_row = LSE_j(K + v)`` and
-    ``lse_col = LSE_i(K + u)`` (the ``u`` that gave ``v``): what the stop test compares with
-    ``tol``, and what the solve reports."""
-    rows = (torch.exp(u + lse_row) - a).abs().sum(dim=-1)
-    cols = (torch.exp(v + lse_col) - b).abs().sum(dim=-1)
-    return torch.maximum(rows, cols)
-
-
-def _step(old, target, other, log_w, symmetric, omega):
-    new = target
-    if omega is not None:
-        # (1 - omega) * old + omega * target; a zero weight keeps its -inf potential.
-        new = torch.where(torch.isfinite(log_w), old + omega * (target - old), target)
-    if symmetric is not None:
-        new = torch.where(symmetric, 0.5 * (other + target), new)
-    return new
 
 
 def eps_stages(eps: float, scaling: float, diameter: float, max_iter: int) -> list:
@@ -571,45 +291,3 @@ def _cost_diameter(cost: torch.Tensor, cost_range: Optional[float]) -> float:
         return 0.0
     finite = cost.detach()[torch.isfinite(cost.detach())]
     return float(finite.max() - finite.min()) if finite.numel() else 0.0
-
-
-def _sinkhorn_triton(
-    cost: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    eps: float,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    symmetric: Optional[torch.Tensor],
-    stages: list,
-    eps_scaling: float,
-    relaxation: float,
-) -> SinkhornResult:
-    with torch.no_grad():
-        sol = triton_sinkhorn.sinkhorn_triton(
-            cost,
-            a,
-            b,
-            eps=eps,
-            max_iter=max_iter,
-            tol=tol,
-            check_every=check_every,
-            symmetric=symmetric,
-            eps_start=stages[0] if stages else eps,
-            n_stages=len(stages),
-            eps_scaling=eps_scaling,
-            relaxation=relaxation,
-        )
-        err = _finite_max(sol.errors)
-        n_iter = sol.iters.amax()
-    return SinkhornResult(
-        sol.plan,
-        transport_cost(sol.plan, cost),
-        n_iter,
-        err,
-        (sol.u, sol.v),
-        sol.iters,
-        sol.errors,
-    )
