@@ -277,7 +277,7 @@ def test_parts_use_disjoint_identities(tmp_path, monkeypatch):
     import otface.demo.ijb as ijb_writer
     import otface.demo.photos as photos
 
-    parts = ("train", "val", "hard", "ijb")
+    parts = ("train", "val", "hard", "ijb", "mask", "crop")
     seen: dict[str, set] = {k: set() for k in parts}
     phase = [""]
     real_render = photos.render_face
@@ -300,10 +300,12 @@ def test_parts_use_disjoint_identities(tmp_path, monkeypatch):
         ("train", rec_writer, "write_rec"),
         ("val", demo, "write_lfw_set"),
         ("hard", demo, "write_hard_set"),
+        ("mask", demo, "write_mask_set"),
+        ("crop", demo, "write_crop_set"),
     ]:
         monkeypatch.setattr(module, attr, in_phase(name, getattr(module, attr)))
     demo.generate_demo(tmp_path / "d", **TINY)
-    assert [len(seen[k]) for k in parts] == [3, 4, 4, 4]
+    assert [len(seen[k]) for k in parts] == [3, 4, 4, 4, 4, 4]
     for x, first in enumerate(parts):
         for second in parts[x + 1 :]:
             assert not seen[first] & seen[second], (first, second)
@@ -324,10 +326,10 @@ def test_bad_sizes_and_seed_are_rejected(tmp_path):
 _REAL_GENERATE = demo.generate_demo
 
 
-def _counting_generate(log: Path, out_dir, *, seed=0):
+def _counting_generate(log: Path, out_dir, *, seed=0, train_occlusion_p=None):
     with open(log, "a") as f:
         f.write(f"{seed}\n")
-    return _REAL_GENERATE(out_dir, seed=seed, **TINY)
+    return _REAL_GENERATE(out_dir, seed=seed, train_occlusion_p=train_occlusion_p, **TINY)
 
 
 @pytest.fixture
@@ -364,7 +366,7 @@ def test_ensure_demo_survives_leftovers(tmp_path, counted):
 
 
 def test_ensure_demo_failure_leaves_nothing(tmp_path, monkeypatch):
-    def broken(out_dir, *, seed=0):
+    def broken(out_dir, *, seed=0, train_occlusion_p=None):
         Path(out_dir, "train.rec").parent.mkdir(parents=True, exist_ok=True)
         Path(out_dir, "train.rec").write_bytes(b"half")
         raise RuntimeError("disk full")
@@ -396,7 +398,12 @@ def test_ensure_demo_concurrent_processes_build_once(tmp_path, counted):
 
 def test_cli_writes_folder(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(demo, "generate_demo", lambda out, seed: calls.append((out, seed)) or out)
+    def fake(out, seed, train_occlusion_p):
+        calls.append((out, seed, train_occlusion_p))
+        return out
+
+    monkeypatch.setattr(demo, "generate_demo", fake)
     assert demo.main([str(tmp_path / "x"), "--seed", "5"]) == 0
-    assert calls == [(str(tmp_path / "x"), 5)]
+    assert demo.main([str(tmp_path / "y"), "--train-occlusion-p", "0"]) == 0
+    assert calls == [(str(tmp_path / "x"), 5, None), (str(tmp_path / "y"), 0, 0.0)]
     assert "wrote" in capsys.readouterr().out

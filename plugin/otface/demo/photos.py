@@ -50,6 +50,12 @@ class Stream:
     HARD = 7
     HARD_PAIRS = 8
     IJB_1N = 9
+    MASK = 10
+    MASK_PAIRS = 11
+    CROP = 12
+    CROP_PAIRS = 13
+    CROP_WINDOW = 14
+    TRAIN_OCCLUSION = 15
 
 
 def rng_for(*key: int) -> np.random.Generator:

@@ -16,6 +16,9 @@ __all__ = [
     "TAR_METHODS",
     "l2_normalize",
     "kfold_accuracy",
+    "kfold_accuracy_from_distances",
+    "pair_distances",
+    "subset_accuracy",
     "mean_norm",
     "roc_curve",
     "tar_at_far",
@@ -100,19 +103,41 @@ def kfold_accuracy(
         n_folds: number of folds (2 ≤ n_folds ≤ P).
         thresholds: candidate squared-distance thresholds; default ``0, 0.01, ..., 3.99``.
     """
-    e1, e2 = l2_normalize(embeddings1), l2_normalize(embeddings2)
+    e1, e2 = np.shape(embeddings1), np.shape(embeddings2)
     issame = np.asarray(issame, dtype=bool).reshape(-1)
-    if e1.shape != e2.shape or e1.shape[0] != issame.shape[0]:
+    if e1 != e2 or len(e1) != 2 or e1[0] != issame.shape[0]:
         raise ValueError(
-            f"shapes disagree: embeddings1 {e1.shape}, embeddings2 {e2.shape}, "
-            f"issame {issame.shape}"
+            f"shapes disagree: embeddings1 {e1}, embeddings2 {e2}, issame {issame.shape}"
         )
+    return kfold_accuracy_from_distances(
+        pair_distances(embeddings1, embeddings2), issame, n_folds=n_folds, thresholds=thresholds
+    )
+
+
+def pair_distances(embeddings1: np.ndarray, embeddings2: np.ndarray) -> np.ndarray:
+    """``(P,)`` squared distances ``||e1 - e2||²`` of the L2-normalised rows (``2 − 2 cos``)."""
+    e1, e2 = l2_normalize(embeddings1), l2_normalize(embeddings2)
+    return np.sum((e1 - e2) ** 2, axis=1)
+
+
+def kfold_accuracy_from_distances(
+    dist: np.ndarray,
+    issame: np.ndarray,
+    *,
+    n_folds: int = 10,
+    thresholds: Optional[np.ndarray] = None,
+) -> KFoldAccuracy:
+    """:func:`kfold_accuracy` on given squared distances ``(P,)`` (any score ``s`` in [-1, 1]
+    enters as ``2 − 2 s``)."""
+    dist = np.asarray(dist, dtype=np.float64).reshape(-1)
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    if dist.shape != issame.shape:
+        raise ValueError(f"shapes disagree: distances {dist.shape}, issame {issame.shape}")
     if not 2 <= n_folds <= len(issame):
         raise ValueError(f"n_folds must be in [2, {len(issame)}] (number of pairs), got {n_folds}")
     if thresholds is None:
         thresholds = np.arange(0.0, 4.0, 0.01)
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    dist = np.sum((e1 - e2) ** 2, axis=1)
     fold_acc = np.zeros(n_folds)
     fold_thr = np.zeros(n_folds)
     for k, test in enumerate(_fold_slices(len(dist), n_folds)):
@@ -123,6 +148,23 @@ def kfold_accuracy(
         correct = _correct_counts(dist[test], issame[test], thresholds[best : best + 1])[0]
         fold_acc[k] = correct / len(test)
     return KFoldAccuracy(float(fold_acc.mean()), float(fold_acc.std()), fold_acc, fold_thr)
+
+
+def subset_accuracy(
+    dist: np.ndarray, issame: np.ndarray, fold_threshold: np.ndarray, subset: np.ndarray
+) -> float:
+    """Accuracy on the pairs ``subset`` (bool ``(P,)``), each judged with the threshold its
+    test fold got from the whole set (:attr:`KFoldAccuracy.fold_threshold`): the share of one
+    condition's pairs that the set's own protocol gets right."""
+    dist = np.asarray(dist, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool)
+    correct = 0
+    for k, test in enumerate(_fold_slices(len(dist), len(fold_threshold))):
+        keep = test[np.asarray(subset, dtype=bool)[test]]
+        said_same = dist[keep] < fold_threshold[k]
+        correct += int(np.sum(said_same == issame[keep]))
+    total = int(np.sum(subset))
+    return correct / total if total else float("nan")
 
 
 def roc_curve(
