@@ -7,6 +7,7 @@ import struct
 import cv2
 import numpy as np
 import pytest
+from _jobs import write_job
 from test_recordio import _header, _jpeg, _part, _write
 
 from otface.config import ConfigError, load_config
@@ -109,11 +110,6 @@ def test_given_sizes_that_disagree_name_both(tmp_path):
 
 
 def test_auto_with_synthetic_data_is_refused(tmp_path):
-    base = open("configs/base.py").read()
-    (tmp_path / "base.py").write_text(base)
-    (tmp_path / "job.py").write_text(
-        "from easydict import EasyDict as edict\nconfig = edict()\n"
-        "config.rec = 'synthetic'\nconfig.num_classes = 'auto'\n"
-    )
+    job = write_job(tmp_path, "job", {"rec": "synthetic", "num_classes": "auto"})
     with pytest.raises(ConfigError, match="'num_classes' = 'auto' reads the size from the data"):
-        load_config(str(tmp_path / "job"))
+        load_config(job)

@@ -1,8 +1,8 @@
 import glob
 import os
-import shutil
 
 import pytest
+from _jobs import write_job
 from _spawn import run_train
 
 from otface.config import ConfigError, load_config
@@ -13,16 +13,6 @@ SHIPPED = sorted(
     for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
     if not p.endswith("__init__.py")
 )
-
-
-def _job(tmp_path, body: str, name: str = "job") -> str:
-    folder = tmp_path / "configs"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
-    (folder / f"{name}.py").write_text(
-        "from easydict import EasyDict as edict\nconfig = edict()\n" + body
-    )
-    return str(folder / name)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -39,9 +29,7 @@ def test_upstream_dataset_sizes():
 
 
 def test_job_overlays_base_and_merges_sections(tmp_path):
-    cfg = load_config(
-        _job(tmp_path, "config.batch_size = 64\nconfig.otface = edict(lambda_ot=0.5)\n")
-    )
+    cfg = load_config(write_job(tmp_path, "job", {"batch_size": 64, "otface": {"lambda_ot": 0.5}}))
     assert cfg.batch_size == 64
     assert cfg.otface.lambda_ot == 0.5
     assert cfg.otface.epsilon == 0.05  # the rest of the section keeps its defaults
@@ -59,7 +47,7 @@ def test_job_overlays_base_and_merges_sections(tmp_path):
 )
 def test_misspelt_key_names_closest(tmp_path, body, must_name):
     with pytest.raises(ConfigError) as info:
-        load_config(_job(tmp_path, body))
+        load_config(write_job(tmp_path, "job", extra=body))
     for text in must_name:
         assert text in str(info.value)
 
@@ -82,13 +70,13 @@ def test_misspelt_key_names_closest(tmp_path, body, must_name):
 )
 def test_bad_value_names_key(tmp_path, body, key):
     with pytest.raises(ConfigError) as info:
-        load_config(_job(tmp_path, body))
+        load_config(write_job(tmp_path, "job", extra=body))
     assert f"'{key}'" in str(info.value)
 
 
 def test_choice_error_lists_choices(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load_config(_job(tmp_path, "config.optimizer = 'adam'\n"))
+        load_config(write_job(tmp_path, "job", extra="config.optimizer = 'adam'\n"))
     assert "'sgd'" in str(info.value) and "'adamw'" in str(info.value)
 
 
@@ -98,13 +86,13 @@ def test_missing_config_file(tmp_path):
 
 
 def test_broken_python_in_config_names_file(tmp_path):
-    path = _job(tmp_path, "config.lr = 0.1 +\n")
+    path = write_job(tmp_path, "job", extra="config.lr = 0.1 +\n")
     with pytest.raises(ConfigError, match="job.py"):
         load_config(path)
 
 
 def test_train_py_misspelt_key_is_one_line(tmp_path):
-    path = _job(tmp_path, "config.lamda_ot = 1.0\n")
+    path = write_job(tmp_path, "job", extra="config.lamda_ot = 1.0\n")
     proc = run_train(path, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

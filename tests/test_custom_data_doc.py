@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _jobs import configs_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "custom_data.md"
@@ -53,8 +54,7 @@ def _workdir(tmp_path: Path) -> Path:
     work.mkdir()
     for name in ("train.py", "eval", "plugin"):  # the checkout's root, as the doc assumes
         (work / name).symlink_to(ROOT / name)
-    (work / "configs").mkdir()
-    (work / "configs" / "base.py").write_text((ROOT / "configs" / "base.py").read_text())
+    configs_folder(work)
     faces = identities(0, 0, 24)
     _write_faces(work / "my_faces", faces[:16], 5, 0)  # 16 identities x 5: one batch of 64
     _write_faces(work / "my_pairs", faces[16:], 3, 16)  # held-out identities for the pairs

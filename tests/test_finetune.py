@@ -2,11 +2,11 @@
 freezing that holds weights and BatchNorm statistics bit for bit, backbone_lr_mult."""
 
 import os
-import shutil
 import types
 
 import pytest
 import torch
+from _jobs import TINY_RUN, write_job
 from test_backbones import UPSTREAM_FACTS, _fingerprint
 
 from otface.config import ConfigError, load_config
@@ -18,37 +18,20 @@ from otface.train.finetune import load_init_backbone, load_init_centres
 from otface.train.model import build_backbone
 from otface.train.optim import build_optimizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = """
-from easydict import EasyDict as edict
-config = edict()
-config.network = "r18_lite"
-config.embedding_size = 32
-config.rec = "synthetic"
-config.num_classes = 10
-config.batch_size = 8
-config.num_image = {num_image}
-config.num_epoch = 1
-config.lr = 0.05
-config.frequent = 2
-config.verbose = 100000
-config.val_targets = []
-config.num_workers = 0
-config.save_all_states = True
-config.sampler = edict(type="uniform")
-config.output = {output!r}
-{extra}
-"""
-
 
 def _config(folder, name, *, num_image=32, extra=""):
-    configs = folder / "configs"
-    configs.mkdir(parents=True, exist_ok=True)
-    shutil.copy(os.path.join(ROOT, "configs", "base.py"), configs / "base.py")
     out = str(folder / "work_dirs" / name)
-    (configs / f"{name}.py").write_text(TINY.format(num_image=num_image, output=out, extra=extra))
-    return str(configs / name), out
+    keys = {
+        **TINY_RUN,
+        "embedding_size": 32,
+        "num_classes": 10,
+        "num_image": num_image,
+        "num_epoch": 1,
+        "save_all_states": True,
+        "sampler": {"type": "uniform"},
+        "output": out,
+    }
+    return write_job(folder, name, keys, extra=extra), out
 
 
 def _env():

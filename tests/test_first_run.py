@@ -6,43 +6,37 @@ renderer, left locks that the forked children waited on). The run below must fin
 """
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from _jobs import write_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FIRST_RUN = """
-from easydict import EasyDict as edict
-config = edict()
-config.network = "r18_lite"
-config.rec = "demo"
-config.num_classes = 256
-config.batch_size = 32
-config.num_image = 128
-config.num_epoch = 1
-config.warmup_epoch = 0
-config.frequent = 2
-config.verbose = 2
-config.val_targets = ["demo_lfw"]
-config.num_workers = 2
-config.sampler = edict(type="pk", k=4)
-config.output = {output!r}
-"""
+FIRST_RUN = {
+    "network": "r18_lite",
+    "rec": "demo",
+    "num_classes": 256,
+    "batch_size": 32,
+    "num_image": 128,
+    "num_epoch": 1,
+    "warmup_epoch": 0,
+    "frequent": 2,
+    "verbose": 2,
+    "val_targets": ["demo_lfw"],
+    "num_workers": 2,
+    "sampler": {"type": "pk", "k": 4},
+}
 
 
 @pytest.mark.slow
 def test_demo_training_with_an_empty_cache_and_workers_finishes(tmp_path):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    shutil.copy(os.path.join(ROOT, "configs", "base.py"), configs / "base.py")
     out = tmp_path / "work_dirs" / "first_run"
-    (configs / "first_run.py").write_text(FIRST_RUN.format(output=str(out)))
+    job = write_job(tmp_path, "first_run", {**FIRST_RUN, "output": str(out)})
     cache = tmp_path / "cache"  # empty: the run generates the demo data itself
     env = dict(os.environ, OTFACE_CACHE=str(cache))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), str(configs / "first_run")]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), job]
     try:
         done = subprocess.run(
             cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300

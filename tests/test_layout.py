@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 
 import pytest
 import torch
+from _jobs import write_job
 
 from otface.backbones import get_model, use_channels_last
 from otface.config import ConfigError, load_config, validate_config
@@ -126,35 +126,25 @@ def test_hooked_map_and_ot_term_unchanged_by_layout():
         nhwc_map.view(8, 128 * 49)
 
 
-TINY = """
-from easydict import EasyDict as edict
-config = edict()
-config.network = "r18_lite"
-config.rec = "synthetic"
-config.loss = "otface"
-config.num_classes = 4
-config.batch_size = 8
-config.num_image = 32
-config.num_epoch = 1
-config.lr = 0.05
-config.val_targets = []
-config.num_workers = 0
-config.channels_last = {channels_last!r}
-config.sampler = edict(type="pk", k=2)
-config.otface = edict(mining_margin=2.0)
-config.output = {output!r}
-"""
-
-
 def _cfg(tmp_path, channels_last):
-    folder = tmp_path / "configs"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
     name = f"layout_{channels_last}"
-    (folder / f"{name}.py").write_text(
-        TINY.format(channels_last=channels_last, output=str(tmp_path / name))
-    )
-    return load_config(str(folder / name))
+    keys = {
+        "network": "r18_lite",
+        "rec": "synthetic",
+        "loss": "otface",
+        "num_classes": 4,
+        "batch_size": 8,
+        "num_image": 32,
+        "num_epoch": 1,
+        "lr": 0.05,
+        "val_targets": [],
+        "num_workers": 0,
+        "channels_last": channels_last,
+        "sampler": {"type": "pk", "k": 2},
+        "otface": {"mining_margin": 2.0},
+        "output": str(tmp_path / name),
+    }
+    return load_config(write_job(tmp_path, name, keys))
 
 
 def test_config_key_validated(tmp_path):

@@ -14,27 +14,18 @@ import time
 
 import pytest
 import torch.multiprocessing as mp
+from _jobs import TINY_RUN, job_source
 from _spawn import TRAIN_PY, free_port
 
-CONFIG = """
-from easydict import EasyDict as edict
-config = edict()
-config.network = "r18_lite"
-config.rec = "synthetic"
-config.num_classes = 16
-config.batch_size = 8
-config.num_image = 160
-config.num_epoch = 1
-config.lr = 0.05
-config.frequent = 2
-config.verbose = 100000
-config.val_targets = []
-config.num_workers = 0
-config.save_every_steps = 2
-config.collective_timeout_s = 60
-config.sampler = edict(type="pk", k=2)
-config.output = {output!r}
-"""
+CONFIG = {
+    **TINY_RUN,
+    "num_classes": 16,
+    "num_image": 160,
+    "num_epoch": 1,
+    "save_every_steps": 2,
+    "collective_timeout_s": 60,
+    "sampler": {"type": "pk", "k": 2},
+}
 
 DIES_AT_STEP = 4
 
@@ -63,7 +54,7 @@ def _rank(rank: int, port: int, path: str, results) -> None:
 def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
     path = tmp_path / "lost_peer.py"
     output = tmp_path / "out"
-    path.write_text(CONFIG.format(output=str(output)))
+    path.write_text(job_source({**CONFIG, "output": str(output)}))
     port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -95,9 +86,7 @@ def test_a_rank_killed_under_torchrun_reads_as_a_lost_rank(tmp_path, victim):
     # survivor says a rank died (not that someone stopped the job) and exits with 1, not -15.
     path = tmp_path / "under_torchrun.py"
     output = tmp_path / "out"
-    path.write_text(
-        CONFIG.format(output=str(output)).replace("num_image = 160", "num_image = 8 * 3000")
-    )
+    path.write_text(job_source({**CONFIG, "num_image": 8 * 3000, "output": str(output)}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _jobs import job_source
 from torch import nn
 
 from otface.config import ConfigError
@@ -65,26 +66,22 @@ config.output = "fake_output"
 config.batch_size = 64
 """
 
-_TINY_JOB = """
-from easydict import EasyDict as edict
-
-config = edict()
-config.loss = "otface"
-config.network = "{network}"
-config.rec = "synthetic"
-config.num_classes = 6  # 24 images: 4 per identity, one P x K draw each
-config.num_image = {num_image}
-config.batch_size = 8
-config.num_epoch = 1
-config.frequent = 1
-config.verbose = 1000
-config.num_workers = 0
-config.val_targets = []
-config.output = {output!r}
-config.sampler = edict(type="pk", k=4)
-# every anchor counts as hard, so the OT term (on the hooked feature map) is exercised
-config.otface = edict(mining_margin=2.0)
-"""
+# A tiny OTFace run; the tests add its network and output.
+_TINY_JOB = {
+    "loss": "otface",
+    "rec": "synthetic",
+    "num_classes": 6,  # 24 images: 4 per identity, one P x K draw each
+    "num_image": 24,
+    "batch_size": 8,
+    "num_epoch": 1,
+    "frequent": 1,
+    "verbose": 1000,
+    "num_workers": 0,
+    "val_targets": [],
+    "sampler": {"type": "pk", "k": 4},
+    # every anchor counts as hard, so the OT term (on the hooked feature map) is exercised
+    "otface": {"mining_margin": 2.0},
+}
 
 
 def _fake_tree(root: Path) -> Path:
@@ -190,10 +187,7 @@ def test_revert_without_apply_is_an_error(tree, capsys):
 
 def test_tree_config_layers_ours_theirs_job(tree, tmp_path):
     job = tree / "configs" / "job.py"
-    job.write_text(
-        "from easydict import EasyDict as edict\nconfig = edict()\n"
-        "config.batch_size = 32\nconfig.output = None\nconfig.otface = edict(epsilon=0.1)\n"
-    )
+    job.write_text(job_source({"batch_size": 32, "output": None, "otface": {"epsilon": 0.1}}))
     cfg = load_tree_config(str(job), tree=tree)
     assert cfg.frequent == 7  # their base over our default (10)
     assert cfg.batch_size == 32  # the job over their base (64)
@@ -207,7 +201,7 @@ def test_tree_config_layers_ours_theirs_job(tree, tmp_path):
         load_tree_config(str(job), tree=tree)
     # A key only their (customised) base has is ignored with a warning.
     (tree / "configs" / "base.py").write_text(_FAKE_BASE + "config.my_key = 3\n")
-    job.write_text("from easydict import EasyDict as edict\nconfig = edict()\n")
+    job.write_text(job_source())
     with pytest.warns(UserWarning, match="my_key"):
         cfg = load_tree_config(str(job), tree=tree)
     assert "my_key" not in cfg
@@ -251,7 +245,7 @@ def test_train_otface_in_fake_tree_uses_their_get_model(tree, tmp_path):
     apply_overlay(tree)
     out = tmp_path / "out"
     (tree / "configs" / "tiny.py").write_text(
-        _TINY_JOB.format(network="fake_tiny", num_image=24, output=str(out))
+        job_source({**_TINY_JOB, "network": "fake_tiny", "output": str(out)})
     )
     proc = _run_train(tree, "configs/tiny", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -263,7 +257,7 @@ def test_train_otface_in_fake_tree_uses_their_get_model(tree, tmp_path):
     # OT term active on the fake's bn2 map: lines report a non-zero n_hard
     assert any("n_hard 8" in line for line in log.splitlines())
     (tree / "configs" / "bad.py").write_text(
-        _TINY_JOB.format(network="nope", num_image=24, output=str(tmp_path / "out_bad"))
+        job_source({**_TINY_JOB, "network": "nope", "output": str(tmp_path / "out_bad")})
     )
     proc = _run_train(tree, "configs/bad", timeout=240)
     assert proc.returncode == 2 and "'nope'" in proc.stderr
@@ -300,7 +294,7 @@ def test_real_arcface_torch_checkout(tmp_path):
         sys.modules.pop("backbones", None)
     out = tmp_path / "out"
     job = real / "configs" / "tiny_otface_test.py"
-    job.write_text(_TINY_JOB.format(network="r18", num_image=24, output=str(out)))
+    job.write_text(job_source({**_TINY_JOB, "network": "r18", "output": str(out)}))
     proc = _run_train(real, "configs/tiny_otface_test", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job.unlink()

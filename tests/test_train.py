@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _jobs import TINY_RUN, write_job
 from _spawn import free_port, join_gloo, run_train, spawn_ranks, start_train
 
 from otface.config import load_config
@@ -16,39 +17,21 @@ from otface.train import loop
 from otface.train.checkpoint import load_checkpoint
 from otface.train.distributed import DistEnv, shutdown_distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = """
-from easydict import EasyDict as edict
-config = edict()
-config.network = "r18_lite"
-config.rec = "synthetic"
-config.num_classes = 16
-config.batch_size = 8
-config.num_image = {num_image}
-config.num_epoch = {num_epoch}
-config.warmup_epoch = 0.5
-config.lr = 0.05
-config.frequent = 2
-config.verbose = 100000
-config.val_targets = []
-config.num_workers = 0
-config.save_every_steps = {save_every}
-config.save_all_states = True
-config.sampler = edict(type="uniform")
-config.output = {output!r}
-"""
-
 
 def _config(tmp_path, *, num_image=96, num_epoch=2, save_every=5, name="tiny"):
-    folder = tmp_path / "configs"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
     out = str(tmp_path / "work_dirs" / name)
-    (folder / f"{name}.py").write_text(
-        TINY.format(num_image=num_image, num_epoch=num_epoch, save_every=save_every, output=out)
-    )
-    return str(folder / name), out
+    keys = {
+        **TINY_RUN,
+        "num_classes": 16,
+        "num_image": num_image,
+        "num_epoch": num_epoch,
+        "warmup_epoch": 0.5,
+        "save_every_steps": save_every,
+        "save_all_states": True,
+        "sampler": {"type": "uniform"},
+        "output": out,
+    }
+    return write_job(tmp_path, name, keys), out
 
 
 def _hand_lr(step_index, *, base, warmup, total):

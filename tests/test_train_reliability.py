@@ -4,7 +4,6 @@ that disagree, signals, and one-line errors instead of tracebacks."""
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from _jobs import TINY_RUN, write_job
 from _spawn import join_gloo, run_train, spawn_ranks, start_train
 
 from otface.config import ConfigError, load_config
@@ -27,27 +27,6 @@ from otface.train.signals import Terminated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ORIGINAL_STEP = loop.Trainer.train_step
-
-CONFIG = """
-from easydict import EasyDict as edict
-config = edict()
-config.network = "r18_lite"
-config.rec = {rec!r}
-config.num_classes = {num_classes}
-config.batch_size = 8
-config.num_image = {num_image}
-config.num_epoch = {num_epoch}
-config.warmup_epoch = 0.5
-config.lr = 0.05
-config.frequent = 2
-config.verbose = 100000
-config.val_targets = []
-config.num_workers = {num_workers}
-config.save_every_steps = {save_every}
-config.save_all_states = True
-config.sampler = edict(type="pk", k=2)
-config.output = {output!r}
-"""
 
 
 def _write_rec(folder, *, identities=8, per_id=4, seed=0, bad=()):
@@ -81,21 +60,21 @@ def _config(
     name="job",
     extra="",
 ):
-    folder = tmp_path / "configs"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(os.path.join(ROOT, "configs", "base.py"), folder / "base.py")
     out = str(tmp_path / "work_dirs" / name)
-    text = CONFIG.format(
-        rec=rec,
-        num_classes=num_classes,
-        num_image=num_image,
-        num_epoch=num_epoch,
-        save_every=save_every,
-        num_workers=num_workers,
-        output=out,
-    )
-    (folder / f"{name}.py").write_text(text + extra)
-    return str(folder / name), out
+    keys = {
+        **TINY_RUN,
+        "rec": rec,
+        "num_classes": num_classes,
+        "num_image": num_image,
+        "num_epoch": num_epoch,
+        "warmup_epoch": 0.5,
+        "num_workers": num_workers,
+        "save_every_steps": save_every,
+        "save_all_states": True,
+        "sampler": {"type": "pk", "k": 2},
+        "output": out,
+    }
+    return write_job(tmp_path, name, keys, extra=extra), out
 
 
 def _env():

@@ -12,47 +12,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
+from _jobs import write_job
 
 wandb = pytest.importorskip("wandb")
 
 from otface.train import loop, run  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-CONFIG = """
-from easydict import EasyDict as edict
-config = edict()
-config.loss = "otface"
-config.network = "r18_lite"
-config.rec = {rec!r}
-config.num_classes = 8
-config.num_image = 32
-config.batch_size = 8
-config.num_epoch = 2
-config.warmup_epoch = 0
-config.lr = 0.05
-config.frequent = 2
-config.verbose = 4
-config.val_targets = ["demo_lfw"]
-config.num_workers = 0
-config.save_every_steps = 2
-config.save_all_states = True
-config.sampler = edict(type="pk", k=4)
-config.output = {output!r}
-config.using_wandb = True
-config.wandb_key = {key!r}
-config.wandb_project = "otface-test"
-config.wandb_entity = "nobody"
-config.suffix_run_name = "tiny"
-config.save_artifacts = True
-config.wandb_resume = True
-config.notes = {notes!r}
-"""
 
 
 @pytest.fixture
@@ -73,13 +41,35 @@ def offline(tmp_path, monkeypatch):
 
 
 def _config(tmp_path, tiny_demo, *, key, notes=""):
-    folder = tmp_path / "configs"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "configs" / "base.py", folder / "base.py")
     out = tmp_path / "work_dirs" / "wb"
-    text = CONFIG.format(rec=str(tiny_demo), output=str(out), key=key, notes=notes)
-    (folder / "wb.py").write_text(text)
-    return str(folder / "wb"), out
+    keys = {
+        "loss": "otface",
+        "network": "r18_lite",
+        "rec": str(tiny_demo),
+        "num_classes": 8,
+        "num_image": 32,
+        "batch_size": 8,
+        "num_epoch": 2,
+        "warmup_epoch": 0,
+        "lr": 0.05,
+        "frequent": 2,
+        "verbose": 4,
+        "val_targets": ["demo_lfw"],
+        "num_workers": 0,
+        "save_every_steps": 2,
+        "save_all_states": True,
+        "sampler": {"type": "pk", "k": 4},
+        "output": str(out),
+        "using_wandb": True,
+        "wandb_key": key,
+        "wandb_project": "otface-test",
+        "wandb_entity": "nobody",
+        "suffix_run_name": "tiny",
+        "save_artifacts": True,
+        "wandb_resume": True,
+        "notes": notes,
+    }
+    return write_job(tmp_path, "wb", keys), out
 
 
 def _records(path: Path):
