@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from _scripts import load_file
 from torch import nn
 
 import otface.backbones.vit as vit_mod
@@ -563,12 +564,8 @@ def upstream():
             for name, module in _timm_stub().items():
                 mp.setitem(sys.modules, name, module)
         for stem in ("vit", "iresnet2060", "mobilefacenet"):
-            spec = importlib.util.spec_from_file_location(
-                f"_arcface_torch_{stem}", CHECKOUT / "backbones" / f"{stem}.py"
-            )
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            modules[stem] = module
+            path = CHECKOUT / "backbones" / f"{stem}.py"
+            modules[stem] = load_file(path, f"_arcface_torch_{stem}")
     return modules
 
 

@@ -9,13 +9,13 @@ import importlib.util
 import json
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _scripts import load_eval_script
 
 import otface.export as export_mod
 from otface.backbones import get_model
@@ -23,7 +23,6 @@ from otface.evaluation.models import TorchEmbedder, load_backbone
 from otface.export import ExportParityError, check_onnx_parity, export_model
 
 HAS_INSIGHTFACE = importlib.util.find_spec("insightface") is not None
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cos(a, b):
@@ -227,11 +226,7 @@ def test_export_vit_t(tmp_path):
 
 def test_eval_commands_take_vit_t(tmp_path, tiny_demo, capsys):
     work = _save(tmp_path, "vit_t")
-    scripts = {}
-    for name in ("verification", "ijb"):
-        spec = importlib.util.spec_from_file_location(f"_eval_{name}", ROOT / "eval" / f"{name}.py")
-        scripts[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(scripts[name])
+    scripts = {name: load_eval_script(name) for name in ("verification", "ijb")}
     common = ["--model", str(work / "model.pt"), "--network", "vit_t", "--device", "cpu"]
     targets = ["--data", str(tiny_demo), "--targets", "demo_lfw"]
     assert scripts["verification"].main(common + targets) == 0

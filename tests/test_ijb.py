@@ -8,12 +8,12 @@ demo's own meta files for ``--data demo``.
 import functools
 import importlib.util
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from _scripts import error_line, load_eval_script
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from otface.evaluation import ijb as ijb_mod
@@ -29,7 +29,6 @@ from otface.evaluation.ijb import (
 from otface.evaluation.ijb_meta import IJBLayoutError, read_ijb_meta
 from otface.evaluation.metrics import roc_curve, tar_at_far
 
-REPO = Path(__file__).resolve().parents[1]
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 ARCFACE_TEMPLATE = np.array(  # the standard 112×112 five-point template (a published fact)
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
@@ -253,13 +252,6 @@ def test_align_face_undoes_a_known_similarity():
     assert np.abs(identity.astype(float) - face.astype(float)).max() <= 1
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"eval_{name}", REPO / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _table_values(path):
     """The TAR cells of the table's first row: NaN where it prints none ("-"), a "*" mark
     (few impostor pairs) dropped."""
@@ -278,7 +270,7 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch, tiny_demo):
     torch.manual_seed(0)
     torch.save(get_model("r18_lite").state_dict(), work / "model.pt")
     onnx_path = export_model(work, network="r18_lite", package=False).onnx_path
-    script = _load_script("ijb")
+    script = load_eval_script("ijb")
     common = ["--data", str(data / "ijb"), "--target", "demo", "--num-workers", "2"]
     pt_args = ["--model", str(work / "model.pt"), "--network", "r18_lite", "--device", "cpu"]
     assert script.main(pt_args + common + ["--output", str(tmp_path / "pt")]) == 0
@@ -314,7 +306,7 @@ def test_cli_missing_optional_package_is_an_error_line(tmp_path, monkeypatch, ca
         tmp_path / "ijb", ["0.jpg", "1.jpg"], [1, 2], [5, 6], [(1, 2, 0)], scores=[0.9, 0.8]
     )
     (tmp_path / "model.onnx").write_bytes(b"")
-    script = _load_script("ijb")
+    script = load_eval_script("ijb")
 
     def no_onnxruntime(*args, **kwargs):
         raise ImportError("reading ONNX models needs onnxruntime: pip install onnxruntime")
@@ -386,17 +378,9 @@ def _run_dir(path, *, seed=0, log=True):
     return path
 
 
-def _error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ")
-    return lines[-1]
-
-
 def test_cli_data_demo_with_network_from_training_log(tmp_path, demo_env, capsys):
     run = _run_dir(tmp_path / "demo_otface")
-    script = _load_script("ijb")
+    script = load_eval_script("ijb")
     # neither --network nor --target: the log names r18_lite, --data demo means target "demo"
     argv = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu"]
     assert script.main(argv + ["--num-workers", "1"]) == 0
@@ -410,7 +394,7 @@ def test_cli_data_demo_with_network_from_training_log(tmp_path, demo_env, capsys
     assert len(list((run / "ijb_demo").glob("demo_features_*.npy"))) == 1
     # an explicit --network wins over the log
     assert script.main(argv + ["--network", "r50"]) == 1
-    assert "does not match --network 'r50'" in _error_line(capsys)
+    assert "does not match --network 'r50'" in error_line(capsys)
 
 
 def test_feature_cache_key_covers_model_content_network_and_flip(tmp_path):
@@ -436,7 +420,7 @@ def test_feature_cache_key_covers_model_content_network_and_flip(tmp_path):
 
 def test_cli_cache_hit_still_checks_the_model(tmp_path, demo_env, monkeypatch, capsys):
     run = _run_dir(tmp_path / "work", log=False)
-    script = _load_script("ijb")
+    script = load_eval_script("ijb")
     base = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu", "--no-flip"]
     assert script.main(base + ["--network", "r18_lite"]) == 0
     first = np.load(run / "ijb_demo" / "demo_scores.npy")
@@ -450,12 +434,12 @@ def test_cli_cache_hit_still_checks_the_model(tmp_path, demo_env, monkeypatch, c
     capsys.readouterr()
     # a cache exists, yet a wrong network name or architecture is refused
     assert script.main(base + ["--network", "banana"]) == 1
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "unknown network 'banana'" in line and "r18_lite" in line
     assert script.main(base + ["--network", "r50"]) == 1
-    assert "does not match --network 'r50'" in _error_line(capsys)
+    assert "does not match --network 'r50'" in error_line(capsys)
     assert script.main(base) == 1  # no --network and no training.log
-    assert "pass --network" in _error_line(capsys)
+    assert "pass --network" in error_line(capsys)
     # another model file at the same path misses the cache
     _run_dir(run, seed=1, log=False)
     with pytest.raises(AssertionError, match="cache"):
@@ -464,7 +448,7 @@ def test_cli_cache_hit_still_checks_the_model(tmp_path, demo_env, monkeypatch, c
 
 def test_cli_unreadable_cache_is_rebuilt(tmp_path, demo_env, capsys):
     run = _run_dir(tmp_path / "work")
-    script = _load_script("ijb")
+    script = load_eval_script("ijb")
     argv = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu", "--no-flip"]
     assert script.main(argv) == 0
     first = np.load(run / "ijb_demo" / "demo_scores.npy")
@@ -500,13 +484,13 @@ def test_cli_bad_input_is_one_error_line(tmp_path, demo_env, capsys, case, expec
         "broken_onnx": ["--model", str(run / "broken.onnx")],
     }[case]
     base = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu"]
-    assert _load_script("ijb").main(base + argv) == 1  # later options win in argparse
-    assert re.search(expected, _error_line(capsys))
+    assert load_eval_script("ijb").main(base + argv) == 1  # later options win in argparse
+    assert re.search(expected, error_line(capsys))
 
 
 def test_cli_batch_size_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        _load_script("ijb").main(["--model", "m.pt", "--data", "d", "--batch-size", "0"])
+        load_eval_script("ijb").main(["--model", "m.pt", "--data", "d", "--batch-size", "0"])
     assert exc.value.code == 2
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 

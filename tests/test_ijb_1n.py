@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _scripts import load_eval_script
 
 from otface.evaluation.ijb import TemplateFeatures
 from otface.evaluation.ijb_1n import (
@@ -22,8 +22,6 @@ from otface.evaluation.ijb_1n import (
     mate_indices,
 )
 from otface.evaluation.ijb_meta import IJBLayoutError, read_ijb_1n_meta
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _loop_reference(sim, mates, ranks, fpirs, method):
@@ -231,13 +229,6 @@ def test_demo_lists_follow_the_release_layout(tiny_demo):
             assert name in faces[int(t)]
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_eval_{name}", ROOT / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_protocol_all_prints_both_tables_from_one_extraction(
     tmp_path, tiny_demo, monkeypatch, capsys
 ):
@@ -248,7 +239,7 @@ def test_cli_protocol_all_prints_both_tables_from_one_extraction(
     work.mkdir()
     torch.manual_seed(0)
     torch.save(get_model("r18_lite").state_dict(), work / "model.pt")
-    script = _load_script("ijb")
+    script = load_eval_script("ijb")
     calls = []
     real = ijb_mod.extract_features
     monkeypatch.setattr(
@@ -290,7 +281,7 @@ def test_cli_missing_1n_lists_is_one_error_line(tmp_path, tiny_demo, capsys):
     shutil.copytree(tiny_demo / "ijb", data)
     (data / "meta" / "demo_1N_probe_mixed.csv").unlink()
     torch.save(get_model("r18_lite").state_dict(), tmp_path / "model.pt")
-    script = _load_script("ijb")
+    script = load_eval_script("ijb")
     argv = ["--model", str(tmp_path / "model.pt"), "--network", "r18_lite", "--device", "cpu"]
     argv += ["--data", str(data), "--target", "demo", "--protocol", "1n"]
     assert script.main(argv) == 1

@@ -5,16 +5,15 @@ loop over sklearn's KFold splits and thresholds.
 """
 
 import functools
-import importlib.util
 import logging
 import pickle
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from _scripts import error_line, load_eval_script
 from sklearn.model_selection import KFold
 from torch import nn
 
@@ -27,8 +26,6 @@ from otface.evaluation.verification import (
     evaluate_pairs,
     read_pairs_list,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _reference_accuracy(emb1, emb2, issame, n_folds=10):
@@ -243,13 +240,6 @@ def test_pairs_list_mode(tmp_path):
         read_pairs_list(tmp_path / "missing.txt")
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"eval_{name}", REPO / "eval" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_on_model_pt(tmp_path, capsys):
     from otface.backbones import get_model
 
@@ -259,7 +249,7 @@ def test_cli_on_model_pt(tmp_path, capsys):
     faces = _random_faces(20, seed=9)
     issame = np.array([bool(i % 2) for i in range(10)])
     write_bin(tmp_path / "mini.bin", faces, issame)
-    script = _load_script("verification")
+    script = load_eval_script("verification")
     argv = ["--model", str(tmp_path / "model.pt"), "--network", "r18_lite", "--data"]
     rc = script.main(argv + [str(tmp_path), "--targets", "mini,lfw", "--device", "cpu"])
     assert rc == 0
@@ -347,17 +337,9 @@ def _run_dir(path):
     return net
 
 
-def _error_line(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ")
-    return lines[-1]
-
-
 def test_cli_data_demo_defaults(tmp_path, demo_env, capsys):
     net = _run_dir(tmp_path / "demo_otface")
-    script = _load_script("verification")
+    script = load_eval_script("verification")
     # no --network (the log's last dump says r18_lite), no --targets (every .bin of the demo)
     argv = ["--model", str(tmp_path / "demo_otface" / "model.pt"), "--data", "demo"]
     assert script.main(argv + ["--device", "cpu", "--nfolds", "2"]) == 0
@@ -378,7 +360,7 @@ def test_cli_data_demo_defaults(tmp_path, demo_env, capsys):
     assert "skipped" not in out
     # an explicit --network wins over the log
     assert script.main(argv + ["--network", "r50", "--device", "cpu"]) == 1
-    assert "does not match --network 'r50'" in _error_line(capsys)
+    assert "does not match --network 'r50'" in error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -387,7 +369,8 @@ def test_cli_data_demo_defaults(tmp_path, demo_env, capsys):
         ("missing_data", r"--data \S*nowhere does not exist \(pass a data folder, or 'demo'"),
         ("data_is_a_file", r"--data \S*model\.pt is a file, not a folder"),
         ("missing_targets", r"none of lfw, cpl found as \.bin in .*; \.bin sets there: "
-         r"demo_hard, demo_lfw, extra \(pass --targets demo_hard,demo_lfw,extra\)"),
+         r"demo_crop, demo_hard, demo_lfw, demo_mask, extra \(pass --targets "
+         r"demo_crop,demo_hard,demo_lfw,demo_mask,extra\)"),
         ("missing_model", r"model file \S*nope\.pt does not exist"),
         ("missing_model_no_log", r"model file \S*other/nope\.pt does not exist"),
         ("unknown_network", "unknown network 'banana'; valid: r18, .*r18_lite"),
@@ -415,12 +398,14 @@ def test_cli_bad_input_is_one_error_line(tmp_path, demo_env, capsys, case, expec
     }[case]
     if "--device" not in argv:
         argv += ["--device", "cpu"]
-    assert _load_script("verification").main(argv) == 1
-    assert re.search(expected, _error_line(capsys))
+    assert load_eval_script("verification").main(argv) == 1
+    assert re.search(expected, error_line(capsys))
 
 
 def test_cli_batch_size_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
-        _load_script("verification").main(["--model", "m.pt", "--data", "d", "--batch-size", "0"])
+        load_eval_script("verification").main(
+            ["--model", "m.pt", "--data", "d", "--batch-size", "0"]
+        )
     assert exc.value.code == 2
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
