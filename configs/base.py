@@ -66,6 +66,10 @@ config.frequent = 10  # log line every N steps
 
 # Data
 config.rec = "synthetic"  # folder with train.rec/train.idx, image folder, "synthetic" or "demo"
+# rec = "demo" only: probability that a training image carries an occluder (bar, patch, mask,
+# hand); None keeps the renderer's draws (~20%, a mask on ~4%). 0.0 makes masks at test time as
+# unseen as in real benchmarks. Each value is its own cache entry; only train.rec differs.
+config.demo_occlusion_p = None
 # Sizes of the training set; "auto" reads them from the data (a .rec's header 0 or property
 # file, or the image folder).
 config.num_classes = 93431

@@ -105,6 +105,9 @@ _SCHEMA: dict[str, _Spec] = {
     "verbose": _POS_INT,
     "frequent": _POS_INT,
     "rec": _STR,
+    "demo_occlusion_p": _Spec(
+        (float, int), nullable=True, check=lambda v: 0 <= v <= 1, need="None or a number in [0, 1]"
+    ),
     "num_classes": _Spec(
         (int, str),
         check=lambda v: v == "auto" or (isinstance(v, int) and v >= 2),

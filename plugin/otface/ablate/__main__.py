@@ -139,7 +139,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"the configs train on different data (rec = {', '.join(sorted(recs))}); "
                 "an ablation compares them on the same data (--set rec=...)"
             )
-        rec = prepare_rec(recs.pop())  # the demo data is generated here, once
+        occlusion = {r.cfg.get("demo_occlusion_p") for r in runs}
+        if len(occlusion) > 1:
+            raise ConfigError(
+                "the configs train on different demo data (demo_occlusion_p = "
+                f"{', '.join(map(repr, sorted(occlusion, key=repr)))}); set one for all "
+                "(--set demo_occlusion_p=...)"
+            )
+        # The demo data is generated here, once.
+        rec = prepare_rec(recs.pop(), demo_occlusion_p=occlusion.pop())
         spec = _eval_spec(args, rec)
         results = run_all(
             runs,

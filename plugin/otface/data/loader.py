@@ -55,12 +55,13 @@ def _is_rec_folder(path: Path) -> bool:
     return (path / "train.rec").is_file() or (path / "train.idx").is_file()
 
 
-def prepare_rec(rec: str | os.PathLike) -> str:
+def prepare_rec(rec: str | os.PathLike, *, demo_occlusion_p: float | None = None) -> str:
     """Resolves ``config.rec`` to something :func:`build_train_loader` reads.
 
     ``"synthetic"`` is returned as is; ``"demo"`` generates the embedded demo set on first use
-    and returns its folder; a folder must hold ``train.rec`` + ``train.idx`` or identity
-    sub-folders with images.
+    (with ``demo_occlusion_p``, the variant whose training images carry occluders with that
+    probability) and returns its folder; a folder must hold ``train.rec`` + ``train.idx`` or
+    identity sub-folders with images.
 
     Raises:
         FileNotFoundError: the folder is missing or holds neither layout (the message names it).
@@ -70,7 +71,7 @@ def prepare_rec(rec: str | os.PathLike) -> str:
     if rec == "demo":
         from otface.demo.generate import ensure_demo
 
-        return str(ensure_demo())
+        return str(ensure_demo(train_occlusion_p=demo_occlusion_p))
     path = Path(rec).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(

@@ -20,7 +20,7 @@ def prepare_data(cfg):
     from otface.data.sampler import num_batches_per_epoch
 
     try:
-        cfg.rec = prepare_rec(cfg.rec)
+        cfg.rec = prepare_rec(cfg.rec, demo_occlusion_p=cfg.get("demo_occlusion_p"))
         dataset = build_dataset(cfg, normalize=False, report_bad=True)
         # "auto" sizes, and a line each for the log (written once logging is set up: fit).
         dataset.size_notes = resolve_auto_sizes(cfg, dataset)
