@@ -4,11 +4,18 @@
         --data /data/faces_emore --targets lfw,cfp_fp,agedb_30
     python eval/verification.py --model work_dirs/NAME/model.onnx --pairs my_pairs.txt
     python eval/verification.py --model work_dirs/demo_otface/model.pt --data demo
+    python eval/verification.py --model work_dirs/demo_otface/model.pt --data demo \
+        --targets demo_mask --rerank ot
 
 ``--data demo`` is the embedded demo data (its ``.bin`` sets are the default targets). Without
 ``--network``, a ``model.pt`` in a training output folder is loaded as the ``network`` its
 ``training.log`` names. A pairs list has one ``IMAGE_A IMAGE_B LABEL`` per line (aligned 112×112
 faces, label 1 = same person; relative paths start at the list's folder).
+
+``--rerank ot`` re-scores every pair with ``α·s_OT + (1 − α)·cos``, ``s_OT`` the
+transport-weighted cosine between the two faces' local features (the OT term's layer), and
+prints stage 1 (cosine) and stage 2 side by side; a set with a ``NAME.conditions.txt`` sidecar
+also gets one row per condition. Stage 2 needs a PyTorch model (``model.pt``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ from otface.console_log import cli_logging
 from otface.evaluation.bin_io import list_bin_sets, read_bin
 from otface.evaluation.cli import add_model_arguments, positive_int
 from otface.evaluation.data_dirs import DEMO_DATA, is_demo, resolve_data_dir
-from otface.evaluation.models import Embedder, open_embedder, resolve_network
+from otface.evaluation.ijb import text_table
+from otface.evaluation.models import Embedder, TorchEmbedder, open_embedder, resolve_network
+from otface.evaluation.pairs_rerank import (
+    condition_accuracy,
+    pair_scores,
+    read_conditions,
+    stage_results,
+)
+from otface.evaluation.rerank import PATCH_WEIGHTS, LocalEmbedder, RerankOptions
 from otface.evaluation.verification import VerificationResult, evaluate_pairs, read_pairs_list
 
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
@@ -42,7 +57,65 @@ def _targets(requested: Optional[str], data: str, folder: Path) -> List[str]:
     return [t.strip() for t in requested.split(",") if t.strip()]
 
 
-def _run_bins(embedder: Embedder, names: List[str], folder: Path, n_folds: int) -> None:
+def _pct(v: float) -> str:
+    return f"{100.0 * v:.2f}"
+
+
+def _evaluate(
+    embedder: Embedder,
+    name: str,
+    pairs,
+    n_folds: int,
+    rerank: Optional[RerankOptions],
+    conditions_of: Optional[Path] = None,
+) -> None:
+    """One set: stage 1 as arcface_torch prints it; with ``rerank``, stage 2 beside it and,
+    where the set names its pairs' conditions, a row per condition."""
+    conditions = read_conditions(conditions_of, len(pairs.issame)) if conditions_of else None
+    if rerank is None and conditions is None:
+        _report(name, evaluate_pairs(embedder, pairs, n_folds=n_folds))
+        return
+    if rerank is None:  # conditions only: stage 2 = stage 1 (alpha 0, no solve needed)
+        options = RerankOptions(alpha=0.0, max_iter=1)
+    else:
+        options = rerank
+    if not isinstance(embedder, TorchEmbedder):
+        raise ValueError(
+            "--rerank ot and per-condition rows need a PyTorch model (model.pt): an ONNX "
+            "model gives only the pooled embedding"
+        )
+    local = LocalEmbedder(embedder.backbone, grid=options.grid, batch_size=embedder.batch_size)
+    scores = pair_scores(local, pairs, options)
+    stage1, stage2 = stage_results(scores, options.alpha, n_folds=n_folds)
+    _report(name, stage1)
+    header = ["pairs", "condition", "cosine"]
+    if rerank is not None:
+        grid = f"{options.grid}x{options.grid}" if options.grid else "full"
+        print(
+            f"[{name}]rerank ot: alpha {options.alpha:g}, patch grid {grid}, "
+            f"{options.weights} weights, eps {options.eps:g}"
+        )
+        _report(f"{name}][rerank", stage2)
+        header.append("rerank ot")
+    rows = [header, [str(len(scores.issame)), "all", _pct(stage1.accuracy_flip)]]
+    if rerank is not None:
+        rows[1].append(_pct(stage2.accuracy_flip))
+    if conditions is not None:
+        for cond, (n, acc1, acc2) in condition_accuracy(
+            scores, conditions, options.alpha, n_folds=n_folds
+        ).items():
+            rows.append([str(n), cond, _pct(acc1)] + ([_pct(acc2)] if rerank else []))
+    print(f"[{name}] accuracy with flip (%):")
+    print("\n".join(text_table(rows)))
+
+
+def _run_bins(
+    embedder: Embedder,
+    names: List[str],
+    folder: Path,
+    n_folds: int,
+    rerank: Optional[RerankOptions] = None,
+) -> None:
     available = list_bin_sets(folder)
     if not any(name in available for name in names):
         raise FileNotFoundError(
@@ -54,7 +127,8 @@ def _run_bins(embedder: Embedder, names: List[str], folder: Path, n_folds: int) 
         if name not in available:
             print(f"[{name}] skipped: {folder / (name + '.bin')} not found")
             continue
-        _report(name, evaluate_pairs(embedder, read_bin(folder / f"{name}.bin"), n_folds=n_folds))
+        path = folder / f"{name}.bin"
+        _evaluate(embedder, name, read_bin(path), n_folds, rerank, conditions_of=path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -75,10 +149,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    parser.add_argument(
+        "--rerank", choices=("none", "ot"), default="none", help="stage 2: OT re-scoring"
+    )
+    parser.add_argument(
+        "--rerank-alpha",
+        type=float,
+        default=RerankOptions().alpha,
+        help=f"weight of s_OT in the stage-2 score (default {RerankOptions().alpha})",
+    )
+    parser.add_argument(
+        "--patch-grid",
+        type=positive_int,
+        default=None,
+        help="pool the local features to GRID x GRID (default: the layer's own, 7x7 for IResNet)",
+    )
+    parser.add_argument(
+        "--patch-weights",
+        choices=PATCH_WEIGHTS,
+        default="uniform",
+        help="OT marginals: uniform, or cross (each patch by its likeness to the other face)",
+    )
     args = parser.parse_args(argv)
     cli_logging(logging.INFO)
     if (args.data is None) == (args.pairs is None):
         parser.error("pass exactly one of --data (with --targets) and --pairs")
+    rerank = None
+    if args.rerank == "ot":
+        try:
+            rerank = RerankOptions(
+                alpha=args.rerank_alpha, grid=args.patch_grid, weights=args.patch_weights
+            ).checked()
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         embedder = open_embedder(
             args.model,
@@ -88,10 +191,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         folder = resolve_data_dir(args.data) if args.data is not None else None
         if folder is None:
-            res = evaluate_pairs(embedder, read_pairs_list(args.pairs), n_folds=args.nfolds)
-            _report(Path(args.pairs).stem, res)
+            pairs = read_pairs_list(args.pairs)
+            _evaluate(embedder, Path(args.pairs).stem, pairs, args.nfolds, rerank)
         else:
-            _run_bins(embedder, _targets(args.targets, args.data, folder), folder, args.nfolds)
+            names = _targets(args.targets, args.data, folder)
+            _run_bins(embedder, names, folder, args.nfolds, rerank)
     # OSError: files (missing, unreadable, a folder where a file belongs); ImportError: an
     # optional package (onnxruntime, insightface) with its install hint.
     except (OSError, ValueError, ImportError) as exc:
