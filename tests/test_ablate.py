@@ -222,6 +222,7 @@ def test_report_table_and_files(tmp_path):
         assert (tmp_path / "out" / "ablation.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_tiny_data(tmp_path, capsys, tiny_demo):
     from otface.ablate.__main__ import main
 

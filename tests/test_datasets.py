@@ -82,6 +82,7 @@ def test_image_folder_dataset_normalisation(tmp_path):
     assert outcomes == {"plain", "mirrored"}
 
 
+@pytest.mark.slow
 def test_packed_rec_loader_two_workers(tmp_path):
     pixels = _make_folder(tmp_path / "faces", [8] * 6, seed=3)
     pack_image_folder(tmp_path / "faces", tmp_path / "rec")
@@ -118,6 +119,7 @@ def test_loader_uint8_batches_and_normalize_images(tmp_path):
     assert normalize_images(images).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_damaged_rec_fails_at_build_and_worker_errors_name_the_identity(tmp_path):
     _make_folder(tmp_path / "faces", [4] * 2, seed=4)
     pack_image_folder(tmp_path / "faces", tmp_path / "rec")

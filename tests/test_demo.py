@@ -217,6 +217,7 @@ def default_sizes(tmp_path_factory):
     return root, again
 
 
+@pytest.mark.slow
 def test_default_sizes_reach_lfw_and_ijb_power(default_sizes):
     root, again = default_sizes
     for name in ("demo_lfw", "demo_hard"):
@@ -398,6 +399,7 @@ def test_ensure_demo_concurrent_processes_build_once(tmp_path, counted):
 
 def test_cli_writes_folder(tmp_path, monkeypatch, capsys):
     calls = []
+
     def fake(out, seed, train_occlusion_p):
         calls.append((out, seed, train_occlusion_p))
         return out

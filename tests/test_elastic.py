@@ -143,6 +143,7 @@ def _as_written_by_older_otface(output):
             os.unlink(checksum_path(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size, legacy", [(1, False), (1, True), (3, False)])
 def test_resume_on_another_world_size_reshards_exactly(two_rank_run, tmp_path, world_size, legacy):
     path, out = two_rank_run

@@ -217,6 +217,7 @@ def test_an_onnx_model_from_an_earlier_model_pt_is_refused(tmp_path):
         open_embedder(result.onnx_path)
 
 
+@pytest.mark.slow
 def test_export_vit_t(tmp_path):
     """The ViT exports with a dynamic batch, matches PyTorch, and insightface loads it."""
     result, backbone = _check_export(_save(tmp_path, "vit_t"), "vit_t", batches=(1, 3))

@@ -138,6 +138,7 @@ def test_arcface_torch_layout_loads_strictly(tmp_path):
     _same_tensors(net.state_dict(), state)
 
 
+@pytest.mark.slow
 def test_wrong_network_is_one_error_line(source_run, tmp_path, capsys):
     from otface.train import main
 

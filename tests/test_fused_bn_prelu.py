@@ -288,6 +288,7 @@ def _count_kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_gradcheck_float64(monkeypatch):
     # The kernels accumulate in float64 for float64 input, so finite differences can check
@@ -368,6 +369,7 @@ def _worst_error(result, reference):
     return max([rel(emb, emb_ref)] + [rel(grads[k], grads_ref[k]) for k in grads_ref])
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_iresnet_training_step_and_eval_with_the_fused_blocks(monkeypatch):
     torch.manual_seed(0)
@@ -414,6 +416,7 @@ def test_iresnet_training_step_and_eval_with_the_fused_blocks(monkeypatch):
     assert len(calls) == 10
 
 
+@pytest.mark.slow
 def test_importing_otface_does_not_import_triton():
     code = (
         "import sys, torch; before = 'triton' in sys.modules; "
@@ -458,6 +461,7 @@ for act, acc, acc_t in (("fp16", "fp32", tl.float32), ("fp64", "fp64", tl.float6
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter does not check what only the GPU compiler does (layouts, dtypes of
     # math functions, loop-carried types): compile all five kernels for an H100/H200 (sm_90)

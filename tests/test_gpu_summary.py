@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -174,6 +176,7 @@ def test_what_did_not_run_or_failed_is_never_met(tmp_path):
     assert len(table) == 4 + len(verdicts)
 
 
+@pytest.mark.slow
 def test_gpu_check_keeps_to_its_budget_and_still_writes_the_summary(tmp_path):
     # Every part's python is a stand-in that takes 3 s; gpu_summary.py runs for real. With
     # BUDGET_S=50 (15 s kept for the summary) the first part starts with 35 s left, and once

@@ -154,6 +154,7 @@ def test_config_key_validated(tmp_path):
             _cfg(tmp_path, bad)
 
 
+@pytest.mark.slow
 def test_trainer_steps_with_layout_on_and_off(tmp_path):
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(5)
@@ -204,6 +205,7 @@ def test_compile_key_keeps_the_state_dict_and_is_validated(tmp_path):
             validate_config(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["network", "blocks"])
 def test_otface_feature_hook_is_traced_by_torch_compile(scope):
     # The trainer compiles the backbone in place and only then builds the criterion, whose
@@ -280,6 +282,7 @@ def _small_iresnet_compiled_by_blocks(layers):
     return eager, compiled, described
 
 
+@pytest.mark.slow
 def test_compile_blocks_share_one_graph_per_block_shape(dynamo_defaults):
     # Scope "blocks" compiles the stem and every residual block on its own. An IResNet has at
     # most eight block shapes (the first and the other blocks of four stages), so r34's layout
@@ -313,6 +316,7 @@ def test_compile_blocks_share_one_graph_per_block_shape(dynamo_defaults):
     torch.testing.assert_close(evaluated, eager(images).detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_feature_hook_inside_a_compiled_block_fires(dynamo_defaults):
     # config otface.layer may name a module inside a residual block. Scope "blocks" compiles
     # identical blocks once; Dynamo, by default blind to module hooks, would run the hooked

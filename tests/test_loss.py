@@ -110,6 +110,7 @@ def _mine(emb, labels, margin):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixed_shapes", [False, True])
 @pytest.mark.parametrize("distance", ["divergence", "entropic", "transport"])
 @pytest.mark.parametrize("variant", ["hinge", "pull"])
@@ -144,6 +145,7 @@ def test_spatial_mode_equals_loop_of_single_solves(variant, distance, fixed_shap
     assert out.metrics["w_ap"].item() == pytest.approx(np.mean(w_ap), abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distance", ["divergence", "entropic", "transport"])
 def test_group_mode_equals_single_solves(distance):
     # K = 3 so that the positives' group differs from the anchors' (with K = 2 and every
@@ -346,6 +348,7 @@ def _worker(rank, store_path, queue):
         queue.put((rank, repr(err), None))
 
 
+@pytest.mark.slow
 def test_two_rank_gloo_no_deadlock(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

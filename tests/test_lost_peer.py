@@ -51,6 +51,7 @@ def _rank(rank: int, port: int, path: str, results) -> None:
     results.put((rank, code, err.getvalue()))
 
 
+@pytest.mark.slow
 def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
     path = tmp_path / "lost_peer.py"
     output = tmp_path / "out"
@@ -80,6 +81,7 @@ def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
     assert errors[0] in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_rank_killed_under_torchrun_reads_as_a_lost_rank(tmp_path, victim):
     # torchrun stops the other rank with SIGTERM when one dies; whichever rank is killed, the

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from _spawn import free_port
 from test_train_reliability import _config
@@ -35,6 +36,7 @@ def _node(node_rank, port, path, record_dir):
     )
 
 
+@pytest.mark.slow
 def test_two_nodes_of_two_ranks_train_as_one_job(tmp_path):
     # 4 ranks x batch 8 = 32 images a step, 3 steps; P x K with 4 identities of 2 images a rank.
     path, out = _config(tmp_path, num_classes=24, num_image=96, num_epoch=1)

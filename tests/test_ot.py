@@ -58,6 +58,7 @@ def test_kernels_agree():
     torch.testing.assert_close(fast.plan, ref.plan, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:sinkhorn did not reach")
 def test_small_eps_approaches_exact_emd():
     # -C/eps spans ~1000 here: only the log domain survives (auto picks the reference kernel).

@@ -48,6 +48,7 @@ _SOURCE, _TARGET = torch.tensor([0, 0]), torch.tensor([1, 2])
 _WEIGHTS = torch.tensor([1.0, -0.7], dtype=torch.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distance", ["divergence", "entropic"])
 def test_gradient_matches_finite_differences(distance):
     # Measured on this problem: 1.0e-9 (divergence), 7.7e-10 (entropic).
@@ -83,6 +84,7 @@ def test_entropic_value_matches_pot():
     torch.testing.assert_close(via_pot, got, atol=1e-10, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_pot_solver_gives_the_same_distances(distance):
     bank = _bank(count=4, n=6, dims=5, seed=6)
@@ -92,6 +94,7 @@ def test_pot_solver_gives_the_same_distances(distance):
     torch.testing.assert_close(pot.value, ours.value, atol=1e-9, rtol=0)
 
 
+@pytest.mark.slow
 def test_divergence_vanishes_on_identical_inputs_and_is_symmetric():
     bank = _bank(count=3, n=6, dims=5, seed=7)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))

@@ -191,6 +191,7 @@ def test_gradient_shares_against_gradients_taken_one_term_at_a_time():
     )
 
 
+@pytest.mark.slow
 def test_log_line_carries_unconverged_fraction_and_gradient_share(tmp_path, caplog):
     from otface.config import load_config
     from otface.train.distributed import DistEnv

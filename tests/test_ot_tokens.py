@@ -323,6 +323,7 @@ def test_criterion_gives_the_mask_token_no_ot_gradient():
 # -------------------------------------------------------------------- the demo ViT configuration
 
 
+@pytest.mark.slow
 def test_demo_vit_config_trains_with_hard_triplets(tmp_path, tiny_demo, caplog):
     from otface.config import load_config
     from otface.train.distributed import DistEnv

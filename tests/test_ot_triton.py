@@ -60,6 +60,7 @@ def _assert_same_solve(fast, ref, i=None, j=None):
         torch.testing.assert_close(p[sel], q[rsel], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_importing_otface_does_not_import_triton():
     code = (
         "import sys, torch; before = 'triton' in sys.modules; "
@@ -112,6 +113,7 @@ for sym in (True, False):
 """
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_sm90_without_a_gpu():
     # The interpreter does not check what only the GPU compiler does (layouts, the device
     # while loop, registers): compile for an H100/H200 (sm_90) with the wheel's ptxas, in a

@@ -257,6 +257,7 @@ def _worker(rank, world_size, port, inputs_path, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_gloo_equal_one_rank(tmp_path):
     world_size = 2
     emb, labels = make_batch(12, NUM_CLASSES, seed=4)

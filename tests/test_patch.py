@@ -241,6 +241,7 @@ def _run_train(tree: Path, config: str, timeout: int) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.slow
 def test_train_otface_in_fake_tree_uses_their_get_model(tree, tmp_path):
     apply_overlay(tree)
     out = tmp_path / "out"

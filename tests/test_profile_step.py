@@ -77,6 +77,7 @@ def test_categories_sum_what_they_hold():
     assert table["other"] == (1.0, 1)
 
 
+@pytest.mark.slow
 def test_profile_of_a_cpu_step(tmp_path, capsys):
     trace = tmp_path / "step.json"
     profile_step.main(

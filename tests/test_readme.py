@@ -69,6 +69,7 @@ def _makefile_targets() -> set[str]:
     return set(re.findall(r"^([A-Za-z_][\w-]*):", text, flags=re.M))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, command", ALL, ids=[f"{w}: {c[:60]}" for w, c in ALL])
 def test_each_command_names_what_exists(where, command):
     words = shlex.split(command)

@@ -66,6 +66,7 @@ def _env():
     return DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_short_run_writes_outputs_and_follows_schedule(tmp_path, monkeypatch):
     path, out = _config(tmp_path)
     cfg = load_config(path)
@@ -83,6 +84,7 @@ def test_short_run_writes_outputs_and_follows_schedule(tmp_path, monkeypatch):
     assert "bn2.weight" in state and not any(k.startswith("weight") for k in state)
 
 
+@pytest.mark.slow
 def test_resume_continues_at_saved_step_with_same_lr(tmp_path, monkeypatch):
     path, out = _config(tmp_path)
     os.makedirs(out, exist_ok=True)
@@ -127,6 +129,7 @@ def test_resume_mid_epoch_from_save_every_steps(tmp_path, monkeypatch):
     assert resumed[0][1] == pytest.approx(_hand_lr(5, base=0.05, warmup=6, total=12), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_finishes(tmp_path):
     path, out = _config(tmp_path, num_image=8 * 24, num_epoch=1, save_every=3)
     ckpt_file = os.path.join(out, "checkpoint_gpu_0.pt")
@@ -209,6 +212,7 @@ def _one_process_losses(path):
     return [trainer.train_step(img, labels).loss.item() for img, labels in _batches(3, 8, 16)]
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     path, _ = _config(tmp_path)
     result = str(tmp_path / "losses.pt")
@@ -220,6 +224,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert ref[0] != pytest.approx(ref[2], abs=1e-4)  # the steps did train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["blocks", "network"])
 def test_two_compiled_ranks_equal_one_process(tmp_path, scope):
     # A compiled backward hands DDP its gradients at the end of each compiled region (each
@@ -283,6 +288,7 @@ def _scaler_worker(rank, world_size, port, distributed, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distributed", [True, False])
 def test_grad_scaler_skips_on_every_rank_when_one_rank_overflows(tmp_path, distributed):
     spawn_ranks(_scaler_worker, distributed, str(tmp_path), timeout_s=120)

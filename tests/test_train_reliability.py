@@ -203,6 +203,7 @@ def _losses(monkeypatch, record, stop_at=None):
     return Stop
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypatch):
     rec = _write_rec(tmp_path / "rec")
     kw = dict(rec=rec, num_classes=8, num_image=32, num_epoch=3, save_every=5)
@@ -228,6 +229,7 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypa
     assert first == whole[:7]
 
 
+@pytest.mark.slow
 def test_runs_repeat_with_any_number_of_workers(tmp_path, monkeypatch):
     rec = _write_rec(tmp_path / "rec")
     runs = []
@@ -251,6 +253,7 @@ def test_runs_repeat_with_any_number_of_workers(tmp_path, monkeypatch):
 # -- undecodable images -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.05, 0.0])
 def test_undecodable_images_are_counted_and_stop_past_the_budget(tmp_path, fraction):
     rec = _write_rec(tmp_path / "rec", bad={(2, 1)})
@@ -277,6 +280,7 @@ def test_undecodable_images_are_counted_and_stop_past_the_budget(tmp_path, fract
 # -- corrupt checkpoints -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
     path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
     loop.fit(load_config(path), _env())
@@ -339,6 +343,7 @@ def _fake_checkpoint(cfg, rank, *, global_step):
     save_checkpoint(state, cfg.output, rank)
 
 
+@pytest.mark.slow
 def test_ranks_at_different_steps_fall_back_or_fail_naming_them(tmp_path):
     path, out = _config(tmp_path, num_image=200, extra="config.sampler = edict(type='uniform')\n")
     cfg = load_config(path)
@@ -360,6 +365,7 @@ def test_ranks_at_different_steps_fall_back_or_fail_naming_them(tmp_path):
 # -- signals and one-line errors ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_reports_the_last_complete_checkpoint(tmp_path):
     path, out = _config(tmp_path, num_image=8 * 400, num_epoch=1, save_every=2)
     ckpt = checkpoint_path(out, 0)
@@ -377,6 +383,7 @@ def test_sigterm_reports_the_last_complete_checkpoint(tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_interrupt_of_a_new_run_never_offers_an_older_runs_checkpoint(tmp_path):
     # A finished run leaves its checkpoint; a new run in the same folder (resume = False) is
     # stopped before it writes one: the message must say so, and not offer the old file.
@@ -418,6 +425,7 @@ def _read(path):
         return ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -504,6 +512,7 @@ def _acc_worker(rank, world_size, port, path, result_dir):
         shutdown_distributed()
 
 
+@pytest.mark.slow
 def test_accumulation_all_reduces_only_on_the_optimiser_step(tmp_path):
     path, _ = _config(tmp_path, num_image=1000, extra="config.sampler = edict(type='uniform')\n")
     spawn_ranks(_acc_worker, path, str(tmp_path))
@@ -568,6 +577,7 @@ def test_forward_that_makes_batchnorm_statistics_infinite_is_skipped(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
 def test_diverged_run_ends_non_zero_with_finite_files_or_none(tmp_path, capsys):
     # The reproduction: lr = 1e6 at the default limits, one epoch of 64 steps,
     # frequent 1, save_all_states, a checkpoint every 8 steps.
@@ -662,6 +672,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(where)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_log_is_one_error_line(tmp_path, tiny_disk):
     path, _ = _config(tmp_path, num_image=8 * 200, num_epoch=1, extra="config.frequent = 1\n")
     text = open(path + ".py").read().replace("config.save_all_states = True", "")
@@ -709,6 +720,7 @@ def test_tensorboard_write_errors_are_recorded_not_printed(tmp_path, capsys):
     writer.close()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_folder_holding_a_run_refuses_or_moves_it_aside(tmp_path, capsys):
     path, out = _config(tmp_path, num_image=64, num_epoch=1)
     assert run.main(path) == 0
@@ -734,6 +746,7 @@ def test_a_fresh_run_into_a_folder_holding_a_run_refuses_or_moves_it_aside(tmp_p
     assert os.path.isfile(os.path.join(out, "model.pt"))
 
 
+@pytest.mark.slow
 def test_each_run_has_a_log_header_and_its_own_tensorboard_folder(tmp_path, capsys):
     path, out = _config(tmp_path, num_image=64, num_epoch=1)
     assert run.main(path) == 0

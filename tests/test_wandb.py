@@ -131,6 +131,7 @@ def _stop_before(monkeypatch, step):
     monkeypatch.setattr(loop.Trainer, "train_step", wrapped)
 
 
+@pytest.mark.slow
 def test_offline_run_names_steps_artifacts_resume_and_no_key_in_output(
     tmp_path, tiny_demo, offline, monkeypatch
 ):
@@ -197,6 +198,7 @@ def test_offline_run_names_steps_artifacts_resume_and_no_key_in_output(
     assert "wandb_key                 (set, not shown)" in (out / "training.log").read_text()
 
 
+@pytest.mark.slow
 def test_wandb_errors_never_stop_training(tmp_path, tiny_demo, offline, monkeypatch):
     path, out = _config(tmp_path, tiny_demo, key="X" * 40)
     calls = []
@@ -217,6 +219,7 @@ def test_wandb_errors_never_stop_training(tmp_path, tiny_demo, offline, monkeypa
     assert list((out / "tensorboard").glob("*/events.*"))
 
 
+@pytest.mark.slow
 def test_wandb_that_cannot_start_is_one_warning(tmp_path, tiny_demo, offline, monkeypatch):
     path, out = _config(tmp_path, tiny_demo, key="X" * 40)
 
