@@ -108,7 +108,7 @@ def test_resolve_data_dir_keyword_and_folders(tmp_path, monkeypatch):
 
     built = []
 
-    def fake_generate(out, seed):
+    def fake_generate(out, seed, train_occlusion_p=None):
         built.append(seed)
         Path(out, "demo_lfw.bin").parent.mkdir(parents=True)
         return Path(out)
