@@ -32,11 +32,16 @@ demo: $(STAMP)
 	$(PY) train.py configs/demo_otface --move-aside
 
 # `make test` leaves out the tests marked slow; `make test-slow` runs just those. CI runs both.
+# Tests run in TEST_WORKERS processes (pytest-xdist), each with one OpenMP thread unless
+# OMP_NUM_THREADS says otherwise.
+TEST_WORKERS ?= 2
+PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests -n $(TEST_WORKERS)
+
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP) $(WHEELS_STAMP)
-	$(PY) -m pytest tests -m slow
+	$(PYTEST) -m slow
 
 venv: $(STAMP)
 
@@ -65,7 +70,8 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
 	@echo "versions under test: $(LATEST_VENV)/freeze.txt"
-	OTFACE_LOCK_CHECK=0 $(LATEST_VENV)/bin/python -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} OTFACE_LOCK_CHECK=0 \
+		$(LATEST_VENV)/bin/python -m pytest tests -n $(TEST_WORKERS)
 
 # Regenerates the lock (Linux x86_64, CPython 3.11, CPU torch) with uv from pyproject.toml,
 # keeping the pinned versions that still fit; `make lock UPGRADE=--upgrade` takes the newest.
