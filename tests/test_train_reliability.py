@@ -282,6 +282,7 @@ def test_undecodable_images_are_counted_and_stop_past_the_budget(tmp_path, fract
 
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # "resumed from ..." is an INFO line
     path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
     loop.fit(load_config(path), _env())
     newest = checkpoint_path(out, 0)
