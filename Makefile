@@ -66,8 +66,8 @@ test-latest:
 	@echo "building $(LATEST_VENV) with the newest allowed versions"
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) torch==2.13.0
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) --upgrade --upgrade-strategy eager \
+		-c requirements/cpu-torch.txt -e '.[test]'
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
 	@echo "versions under test: $(LATEST_VENV)/freeze.txt"
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} OTFACE_LOCK_CHECK=0 \
