@@ -274,7 +274,9 @@ def test_undecodable_images_are_counted_and_stop_past_the_budget(tmp_path, fract
     else:
         assert done.returncode == 1, done.stderr[-2000:]
         last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: 1 undecodable images in this epoch"), last
+        assert last.startswith("error: 1 undecodable image in this epoch"), last
+        # 0.0 x 32 images allows none: the line says which fraction would allow one.
+        assert "max_bad_image_fraction = 0.0312 allows one" in last, last
 
 
 # -- corrupt checkpoints -----------------------------------------------------------------------

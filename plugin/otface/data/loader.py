@@ -231,11 +231,17 @@ class TrainLoader(DataLoader):
     """
 
     def __init__(
-        self, *args: Any, normalize: bool = True, max_bad_images: int | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        normalize: bool = True,
+        max_bad_images: int | None = None,
+        images_per_epoch: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.normalize = normalize
         self.max_bad_images = max_bad_images
+        self.images_per_epoch = images_per_epoch
         self.bad_images = 0
         self.bad_images_total = 0
 
@@ -255,10 +261,18 @@ class TrainLoader(DataLoader):
         self.bad_images += n
         self.bad_images_total += n
         if self.bad_images > self.max_bad_images:
+            hint = ""
+            if self.max_bad_images == 0 and self.images_per_epoch:
+                # A small data set: the fraction times the images read rounds down to none.
+                hint = (
+                    f" (it rounds down to 0 for the {self.images_per_epoch} images read per epoch; "
+                    f"max_bad_image_fraction = {1.0 / self.images_per_epoch:.3g} allows one)"
+                )
+            noun = "image" if self.bad_images == 1 else "images"
             raise TooManyBadImages(
-                f"{self.bad_images} undecodable images in this epoch of {self.dataset_name}, "
-                f"more than the {self.max_bad_images} that config.max_bad_image_fraction allows; "
-                "the warnings above name them"
+                f"{self.bad_images} undecodable {noun} in this epoch of {self.dataset_name}, "
+                f"more than the {self.max_bad_images} that config.max_bad_image_fraction allows"
+                f"{hint}; the warnings above name them"
             )
 
     @property
@@ -336,7 +350,7 @@ def build_train_loader(
     if files:
         # Flips decided by the sampler: the same for any num_workers and after a resume.
         batch_sampler = FlipBatchSampler(batch_sampler, seed=int(cfg.seed), rank=int(rank))
-    max_bad = None
+    max_bad = per_rank_epoch = None
     if files:
         per_rank_epoch = batch_sampler.__len__() * int(cfg.batch_size)
         max_bad = int(float(cfg.get("max_bad_image_fraction", 0.001)) * per_rank_epoch)
@@ -345,6 +359,7 @@ def build_train_loader(
         dataset,
         normalize=normalize,
         max_bad_images=max_bad,
+        images_per_epoch=per_rank_epoch,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),

@@ -354,7 +354,7 @@ def ensure_demo(
         # Stderr, not the log: it runs before training starts its log, and takes ~40 s.
         print(
             f"generating the demo data once (training faces, verification pairs, an IJB set; "
-            f"about a minute on one core) into {target} ...",
+            f"about 35 s on two cores) into {target} ...",
             file=sys.stderr,
             flush=True,
         )
