@@ -7,6 +7,8 @@ A 1:N search of ``--probes`` probes against a gallery of ``--gallery`` templates
 k. Stage 2: each probe's k best templates re-scored with ``s_OT`` between local features of
 7×7 and of 4×4 patches (C = 512), marginals uniform and cross, solved as one batch per chunk
 of probes. Prints milliseconds per probe and the ratio to stage 1, with the device and load.
+The features are random (Gaussian), so the solves' iteration counts, the cross marginals'
+especially (many patches get no mass), differ from those on real faces.
 """
 
 from __future__ import annotations
