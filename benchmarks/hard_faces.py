@@ -120,8 +120,10 @@ def accuracies(entry: dict, key: str, alpha: float) -> dict:
 
 
 def _models(folder: Path):
+    # A run's model.pt is rewritten every epoch: only finished runs (result.json) count.
     for model in sorted(folder.glob("*/seed*/model.pt")):
-        yield model.parent.parent.name, int(model.parent.name[4:]), model
+        if (model.parent / "result.json").is_file():
+            yield model.parent.parent.name, int(model.parent.name[4:]), model
 
 
 def _fmt(s):
@@ -174,12 +176,18 @@ def main(argv=None) -> int:
     key, alpha = best
     print(f"\nchosen on demo_lfw: {key}, alpha {alpha}")
     for data_name, table in scored.items():
+        if not table:
+            continue
         arms = sorted({k.split("/")[0] for k in table}, key=lambda a: (a != "demo_arcface", a))
-        print(f"\n== training data: {data_name} ==")
+        # Seeds every arm has, so that the differences pair seed with seed.
+        common = set.intersection(
+            *({k.split("/")[1] for k in table if k.startswith(a + "/")} for a in arms)
+        )
+        print(f"\n== training data: {data_name} ({len(common)} seeds) ==")
         for name in SETS:
             rows = {}
             for arm in arms:
-                seeds = sorted(k for k in table if k.startswith(arm + "/"))
+                seeds = [f"{arm}/{seed}" for seed in sorted(common)]
                 cos = [accuracies(table[s][name], key, 0.0) for s in seeds]
                 ot = [accuracies(table[s][name], key, alpha) for s in seeds]
                 rows[arm] = (cos, ot)
