@@ -37,8 +37,8 @@ from otface.evaluation.metrics import (  # noqa: E402
 )
 from otface.evaluation.models import load_backbone, preprocess  # noqa: E402
 from otface.evaluation.pairs_rerank import read_conditions  # noqa: E402
-from otface.evaluation.rerank import _to_points, ot_similarity  # noqa: E402
-from otface.evaluation.verification import _distinct_rows  # noqa: E402
+from otface.evaluation.rerank import local_points, ot_similarity  # noqa: E402
+from otface.evaluation.verification import distinct_rows  # noqa: E402
 from otface.hooks import FeatureCapture  # noqa: E402
 
 SETS = ("demo_lfw", "demo_hard", "demo_mask", "demo_crop")
@@ -57,7 +57,7 @@ def _embed(net, images, grids, batch=128):
             emb.append(net(preprocess(chunk)).float().numpy())
             fmap = cap.pop().float()
             for g in grids:
-                pts = torch.nn.functional.normalize(_to_points(fmap, g), dim=-1)
+                pts = torch.nn.functional.normalize(local_points(fmap, g), dim=-1)
                 local[g].append(pts.numpy())
             flip.append(net(preprocess(torch.flip(chunk, dims=[3]))).float().numpy())
     return (
@@ -81,7 +81,7 @@ def score_model(model_pt: Path, data: Path, network: str) -> dict:
     result = {}
     for name in SETS:
         pairs = read_bin(data / f"{name}.bin")
-        first, inverse = _distinct_rows(pairs.images)
+        first, inverse = distinct_rows(pairs.images)
         emb, flip, local = _embed(net, pairs.images[first], GRIDS)
         emb, flip = emb[inverse], flip[inverse]
         fused = emb.astype(np.float64) + flip.astype(np.float64)

@@ -23,7 +23,7 @@ from otface.evaluation.metrics import (
     subset_accuracy,
 )
 from otface.evaluation.rerank import LocalEmbedder, RerankOptions, ot_similarity
-from otface.evaluation.verification import VerificationResult, _distinct_rows, evaluate_embeddings
+from otface.evaluation.verification import VerificationResult, distinct_rows, evaluate_embeddings
 from otface.progress import Progress
 
 __all__ = [
@@ -75,7 +75,7 @@ def pair_scores(
 ) -> PairScores:
     """Embeds each distinct image once (and its mirror when ``flip``), keeping the local
     features, and solves every pair's OT problem."""
-    first, inverse = _distinct_rows(pairs.images)
+    first, inverse = distinct_rows(pairs.images)
     embeddings, flipped, local = [], [], []
     with Progress(len(first), "verification images") as progress:
         for start in range(0, len(first), _CHUNK):

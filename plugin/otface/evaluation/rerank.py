@@ -34,6 +34,7 @@ __all__ = [
     "RerankOptions",
     "OTScores",
     "LocalEmbedder",
+    "local_points",
     "patch_weights",
     "ot_similarity",
     "combine_scores",
@@ -98,7 +99,7 @@ class OTScores(NamedTuple):
     marginal_error: torch.Tensor
 
 
-def _to_points(features: torch.Tensor, grid: Optional[int]) -> torch.Tensor:
+def local_points(features: torch.Tensor, grid: Optional[int]) -> torch.Tensor:
     """``(B, C, H, W)`` maps or ``(B, T, C)`` tokens → ``(B, P, C)`` points, pooled to
     ``grid × grid`` when asked (tokens of a square patch grid are pooled the same way)."""
     if features.dim() == 3:
@@ -156,7 +157,7 @@ class LocalEmbedder:
                 for start in range(0, len(images), self.batch_size):
                     chunk = np.ascontiguousarray(images[start : start + self.batch_size])
                     emb = self.backbone(preprocess(torch.from_numpy(chunk).to(device)))
-                    points = _to_points(capture.pop().float(), self.grid)
+                    points = local_points(capture.pop().float(), self.grid)
                     embeddings.append(emb.float().cpu().numpy())
                     local.append(F.normalize(points, dim=-1).cpu().numpy())
         finally:

@@ -24,6 +24,7 @@ __all__ = [
     "VerificationResult",
     "evaluate_embeddings",
     "evaluate_pairs",
+    "distinct_rows",
     "read_pairs_list",
     "VerificationCallback",
 ]
@@ -84,7 +85,7 @@ def evaluate_embeddings(
     )
 
 
-def _distinct_rows(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def distinct_rows(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """``(first, inverse)``: row indices of the distinct images, in first-seen order, and for
     every row the position of its image among them (``images[first][inverse] == images``)."""
     position: Dict[bytes, int] = {}
@@ -107,7 +108,7 @@ def evaluate_pairs(
     Each distinct image is embedded once: a 6,000-pair set drawn from 1,200 photos costs 1,200
     forward passes (twice that with ``flip``), not 12,000.
     """
-    first, inverse = _distinct_rows(pairs.images)
+    first, inverse = distinct_rows(pairs.images)
     embeddings, flipped = [], []
     with Progress(len(first), "verification images") as progress:
         for start in range(0, len(first), _CHUNK):
