@@ -15,7 +15,8 @@ faces, label 1 = same person; relative paths start at the list's folder).
 ``--rerank ot`` re-scores every pair with ``α·s_OT + (1 − α)·cos``, ``s_OT`` the
 transport-weighted cosine between the two faces' local features (the OT term's layer), and
 prints stage 1 (cosine) and stage 2 side by side; a set with a ``NAME.conditions.txt`` sidecar
-also gets one row per condition. Stage 2 needs a PyTorch model (``model.pt``).
+also gets one row per condition. Stage 2 needs a PyTorch model (``model.pt``), or beside an
+ONNX model the ``model_local.onnx`` that ``python -m otface.export --local-features`` writes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from otface.evaluation.pairs_rerank import (
     read_conditions,
     stage_results,
 )
-from otface.evaluation.rerank import PATCH_WEIGHTS, LocalEmbedder, RerankOptions
+from otface.evaluation.rerank import (
+    PATCH_WEIGHTS,
+    LocalEmbedder,
+    OnnxLocalEmbedder,
+    RerankOptions,
+)
 from otface.evaluation.verification import VerificationResult, evaluate_pairs, read_pairs_list
 
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
@@ -61,6 +67,27 @@ def _pct(v: float) -> str:
     return f"{100.0 * v:.2f}"
 
 
+def _local_embedder(embedder: Embedder, options: RerankOptions):
+    """The embedder that also gives local features: the PyTorch backbone's, or an ONNX
+    model's ``<stem>_local.onnx`` (``python -m otface.export --local-features``)."""
+    if isinstance(embedder, TorchEmbedder):
+        return LocalEmbedder(embedder.backbone, grid=options.grid, batch_size=embedder.batch_size)
+    path = Path(str(embedder.path))
+    local = path.with_name(path.stem + "_local.onnx")
+    if not local.is_file():
+        raise ValueError(
+            f"--rerank ot and per-condition rows need local features: a PyTorch model "
+            f"(model.pt), or {local} beside the ONNX model (python -m otface.export "
+            "--local-features)"
+        )
+    if options.grid is not None:
+        raise ValueError(
+            f"--patch-grid is fixed when {local.name} is exported (python -m otface.export "
+            "--local-features --patch-grid G)"
+        )
+    return OnnxLocalEmbedder(local, batch_size=embedder.batch_size)
+
+
 def _evaluate(
     embedder: Embedder,
     name: str,
@@ -79,12 +106,7 @@ def _evaluate(
         options = RerankOptions(alpha=0.0, max_iter=1)
     else:
         options = rerank
-    if not isinstance(embedder, TorchEmbedder):
-        raise ValueError(
-            "--rerank ot and per-condition rows need a PyTorch model (model.pt): an ONNX "
-            "model gives only the pooled embedding"
-        )
-    local = LocalEmbedder(embedder.backbone, grid=options.grid, batch_size=embedder.batch_size)
+    local = _local_embedder(embedder, options)
     scores = pair_scores(local, pairs, options)
     stage1, stage2 = stage_results(scores, options.alpha, n_folds=n_folds)
     _report(name, stage1)

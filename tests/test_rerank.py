@@ -165,3 +165,37 @@ def test_cli_prints_both_stages_and_the_conditions(tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.main(argv + ["--rerank", "ot", "--rerank-alpha", "1.5"])
     assert "alpha must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_onnx_local_features_file_matches_pytorch_and_the_zoo_file_keeps_one_output(
+    tmp_path, capsys
+):
+    import onnx
+
+    from otface.evaluation.rerank import OnnxLocalEmbedder
+    from otface.export import export_model
+
+    torch.manual_seed(0)
+    net = get_model("r18_lite", num_features=512).eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    result = export_model(
+        tmp_path / "model.pt", network="r18_lite", package=False, local_features=True
+    )
+    assert len(onnx.load(str(result.onnx_path)).graph.output) == 1  # the model-zoo file
+    local_file = tmp_path / "model_local.onnx"
+    assert [o.name for o in onnx.load(str(local_file)).graph.output] == ["embedding", "local"]
+    images = _faces(6, seed=3)
+    emb_onnx, local_onnx = OnnxLocalEmbedder(local_file)(images)
+    emb_pt, local_pt = LocalEmbedder(net)(images)
+    np.testing.assert_allclose(emb_onnx, emb_pt, atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(local_onnx, local_pt, atol=2e-4)
+    # The verification command re-scores with the ONNX model through that file.
+    write_bin(tmp_path / "tiny.bin", _faces(8, seed=4).transpose(0, 2, 3, 1), [True, False] * 2)
+    script = load_eval_script("verification")
+    argv = ["--model", str(result.onnx_path), "--data", str(tmp_path), "--targets", "tiny",
+            "--nfolds", "2", "--rerank", "ot"]  # fmt: skip
+    assert script.main(argv) == 0
+    assert "[tiny][rerank]Accuracy-Flip:" in capsys.readouterr().out
+    local_file.unlink()
+    assert script.main(argv) == 1
+    assert "--local-features" in capsys.readouterr().err

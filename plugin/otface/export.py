@@ -260,6 +260,70 @@ terms before you ship the package.
 """
 
 
+LOCAL_SUFFIX = "_local.onnx"
+
+
+class _WithLocalFeatures(nn.Module):
+    """The backbone, returning its embedding and the OT term layer's L2-normalised local
+    features ``(N, P, C)`` (pooled to ``grid × grid`` when given)."""
+
+    def __init__(self, backbone: nn.Module, grid: Optional[int]) -> None:
+        super().__init__()
+        from otface.hooks import FeatureCapture
+
+        self.backbone, self.grid = backbone, grid
+        self.capture = FeatureCapture(backbone)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        from otface.evaluation.rerank import local_points
+
+        embedding = self.backbone(x)
+        points = local_points(self.capture.pop().float(), self.grid)
+        return embedding, torch.nn.functional.normalize(points, dim=-1)
+
+
+def export_local_features(
+    backbone: nn.Module,
+    output: PathLike,
+    *,
+    grid: Optional[int] = None,
+    opset: int = DEFAULT_OPSET,
+    image_size: Tuple[int, int] = (112, 112),
+) -> Path:
+    """Writes the opt-in second file for OT re-scoring: input ``data`` as ``model.onnx``'s,
+    outputs ``embedding`` ``(N, D)`` and ``local`` ``(N, P, C)`` (dynamic batch axis). The
+    model-zoo file keeps its single output; this one is for ``--rerank ot`` on ONNX."""
+    import onnx
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _WithLocalFeatures(backbone.cpu().eval(), grid).eval()
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                (torch.zeros(2, 3, *image_size),),
+                str(tmp),
+                input_names=["data"],
+                output_names=["embedding", "local"],
+                dynamic_axes={
+                    "data": {0: "batch"},
+                    "embedding": {0: "batch"},
+                    "local": {0: "batch"},
+                },
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        wrapper.capture.remove()
+    onnx.checker.check_model(onnx.load(str(tmp)))
+    tmp.replace(output)
+    return output
+
+
 def export_model(
     model_path: PathLike,
     *,
@@ -271,6 +335,8 @@ def export_model(
     package_dir: Optional[PathLike] = None,
     model_id: Optional[str] = None,
     embedding_size: int = 512,
+    local_features: bool = False,
+    patch_grid: Optional[int] = None,
 ) -> ExportResult:
     """``model.pt`` (or its folder) → ``model.onnx`` + parity check + model package.
 
@@ -280,6 +346,8 @@ def export_model(
         output_dir: where ``model.onnx`` goes; default the folder of ``model.pt``.
         package: also write the insightface model package (default ``output_dir/package``).
         model_id: the package's ``model_id``; default the output folder's name.
+        local_features: also write ``model_local.onnx`` (:func:`export_local_features`), pooled
+            to ``patch_grid`` when given.
     """
     if simplify:
         _require_onnxsim()
@@ -298,6 +366,12 @@ def export_model(
     logger.info(
         "%s: parity with PyTorch: min cosine %.7f, max |diff| %.2e", onnx_path, cosine, abs_diff
     )
+    if local_features:
+        local = export_local_features(
+            backbone, out_dir / ("model" + LOCAL_SUFFIX), grid=patch_grid, opset=opset
+        )
+        write_source_record(local, model_file)
+        logger.info("%s: embedding and local features, for --rerank ot", local)
     written_package = None
     if package:
         written_package = write_model_package(
@@ -342,6 +416,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model-id", default=None, help="package model_id (default: folder)")
     parser.add_argument("--package-dir", default=None, help="package folder (default OUT/package)")
     parser.add_argument("--no-package", action="store_true", help="skip the model package")
+    parser.add_argument(
+        "--local-features",
+        action="store_true",
+        help="also write model_local.onnx (embedding and local features, for --rerank ot)",
+    )
+    parser.add_argument(
+        "--patch-grid", type=int, default=None, help="pool model_local.onnx's features to GxG"
+    )
     args = parser.parse_args(argv)
     cli_logging(logging.INFO)
     from otface.evaluation.models import resolve_network
@@ -365,6 +447,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             package_dir=args.package_dir,
             model_id=args.model_id,
             embedding_size=args.embedding_size,
+            local_features=args.local_features,
+            patch_grid=args.patch_grid,
         )
     except (FileNotFoundError, ValueError, ImportError, ExportParityError) as exc:
         print(f"error: {exc}", file=sys.stderr)

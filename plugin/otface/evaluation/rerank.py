@@ -34,6 +34,7 @@ __all__ = [
     "RerankOptions",
     "OTScores",
     "LocalEmbedder",
+    "OnnxLocalEmbedder",
     "local_points",
     "patch_weights",
     "ot_similarity",
@@ -164,6 +165,33 @@ class LocalEmbedder:
             self.backbone.train(was_training)
         if not embeddings:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0, 0), np.float32)
+        return np.concatenate(embeddings), np.concatenate(local)
+
+
+class OnnxLocalEmbedder:
+    """:class:`LocalEmbedder`'s twin for the ``model_local.onnx`` that ``python -m otface.export
+    --local-features`` writes (outputs ``embedding`` and ``local``)."""
+
+    def __init__(self, path, *, batch_size: int = 64) -> None:
+        from otface.evaluation.models import OnnxEmbedder
+
+        self._onnx = OnnxEmbedder(path, batch_size=batch_size)
+        names = [o.name for o in self._onnx.session.get_outputs()]
+        if names != ["embedding", "local"]:
+            raise ValueError(
+                f"{path} has outputs {names}; re-scoring needs ['embedding', 'local'] "
+                "(python -m otface.export --local-features)"
+            )
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Args: images ``(N, 3, H, W)`` uint8 RGB. Returns: embeddings and local features."""
+        session, name = self._onnx.session, self._onnx.input_name
+        embeddings, local = [], []
+        for start in range(0, len(images), self._onnx.batch_size):
+            batch = images[start : start + self._onnx.batch_size].astype(np.float32)
+            emb, points = session.run(None, {name: (batch / 255.0 - 0.5) / 0.5})
+            embeddings.append(np.asarray(emb, np.float32))
+            local.append(np.asarray(points, np.float32))
         return np.concatenate(embeddings), np.concatenate(local)
 
 
