@@ -159,7 +159,9 @@ def main(argv=None) -> int:
                 print(
                     f"scored {folder.name}/{key} in {time.perf_counter() - start:.0f} s", flush=True
                 )
-                cache.write_text(json.dumps(table))
+                tmp = cache.with_name(cache.name + ".tmp")
+                tmp.write_text(json.dumps(table))
+                tmp.replace(cache)  # atomic: an interrupted run keeps the models scored before
         scored[folder.name] = table
     keys = [f"{g or 7}x{g or 7}-{w}" for g in GRIDS for w in WEIGHTS]
     # Chosen on demo_lfw only: the (grid, weights, alpha) with the best mean over all models.
