@@ -32,11 +32,10 @@ demo: $(STAMP)
 	$(PY) train.py configs/demo_otface --move-aside
 
 # `make test` leaves out the tests marked slow; `make test-slow` runs just those. CI runs both.
-# TEST_WORKERS > 0 spreads the tests over that many processes (pytest-xdist); on the 2-core
-# machine that was slower than one process (11 min 48 s against about 9 for CI), so 0 is the
-# default: `make test TEST_WORKERS=auto` on a machine with more cores.
-TEST_WORKERS ?= 0
-PYTEST = $(PY) -m pytest tests -n $(TEST_WORKERS)
+# Tests run in TEST_WORKERS processes (pytest-xdist), each with one OpenMP thread unless
+# OMP_NUM_THREADS says otherwise.
+TEST_WORKERS ?= 2
+PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests -n $(TEST_WORKERS)
 
 test: $(STAMP)
 	$(PYTEST) -m "not slow"
@@ -71,7 +70,8 @@ test-latest:
 		-c requirements/cpu-torch.txt -e '.[test]'
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
 	@echo "versions under test: $(LATEST_VENV)/freeze.txt"
-	OTFACE_LOCK_CHECK=0 $(LATEST_VENV)/bin/python -m pytest tests -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} OTFACE_LOCK_CHECK=0 \
+		$(LATEST_VENV)/bin/python -m pytest tests -n $(TEST_WORKERS)
 
 # Regenerates the lock (Linux x86_64, CPython 3.11, CPU torch) with uv from pyproject.toml,
 # keeping the pinned versions that still fit; `make lock UPGRADE=--upgrade` takes the newest.
