@@ -250,7 +250,8 @@ def test_ijb_meta_consistent(tiny):
     tid_mid, pts, pairs = _read_ijb(root)
     assert len(tid_mid) == 4 * 5
     assert [row[0] for row in tid_mid] == [row[0] for row in pts]  # same rows, same order
-    assert sorted(p.name for p in (root / "loose_crop").iterdir()) == sorted(r[0] for r in pts)
+    originals = sorted(p.name for p in (root / "loose_crop").iterdir() if "occ_" not in p.name)
+    assert originals == sorted(r[0] for r in pts)
     for row in pts:
         assert len(row) == 12
         lmk = np.array(row[1:11], float).reshape(5, 2)
@@ -271,6 +272,44 @@ def test_ijb_meta_consistent(tiny):
     assert (pairs[:, 2] == 1).sum() >= 4  # at least two templates per identity
     assert len({(a, b) for a, b, _ in pairs}) == len(pairs)
     assert (pairs[:, 0] != pairs[:, 1]).all()
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    return [ln.split(",") for ln in path.read_text().splitlines()[1:]]
+
+
+def test_ijb_occluded_target(tiny):
+    """demo_occluded: demo's galleries, demo's probe templates photographed again with one
+    occluder each, and demo's gallery-probe pairs; readable as an IJB target."""
+    from otface.demo.ijb import PROBE_OCCLUDERS
+    from otface.evaluation.ijb_meta import read_ijb_1n_meta, read_ijb_meta
+
+    root = tiny / "ijb"
+    meta = root / "meta"
+    for g in ("G1", "G2"):
+        assert (meta / f"demo_occluded_1N_gallery_{g}.csv").read_bytes() == (
+            meta / f"demo_1N_gallery_{g}.csv"
+        ).read_bytes()
+    probes = _csv_rows(meta / "demo_1N_probe_mixed.csv")
+    occluded = _csv_rows(meta / "demo_occluded_1N_probe_mixed.csv")
+    assert [(t, s, "occ_" + n) for t, s, n in probes] == [tuple(r) for r in occluded]
+    kinds = dict(ln.split() for ln in (meta / "demo_occluded_probe_occluders.txt").read_text()
+                 .splitlines())  # fmt: skip
+    assert set(kinds) == {t for t, _, _ in probes} and set(kinds.values()) <= set(PROBE_OCCLUDERS)
+    for _, _, name in probes:
+        a = _decode((root / "loose_crop" / name).read_bytes()).astype(int)
+        b = _decode((root / "loose_crop" / f"occ_{name}").read_bytes()).astype(int)
+        # the same photo, an occluder drawn over part of the face (a hand can be small)
+        assert a.shape == b.shape and (np.abs(a - b).max(-1) > 30).mean() > 1e-3
+    gallery = {r[0] for g in ("G1", "G2") for r in _csv_rows(meta / f"demo_1N_gallery_{g}.csv")}
+    pairs = np.loadtxt(meta / "demo_template_pair_label.txt", dtype=str, ndmin=2).tolist()
+    mixed = [p for p in pairs if (p[0] in gallery) != (p[1] in gallery)]
+    kept = np.loadtxt(meta / "demo_occluded_template_pair_label.txt", dtype=str, ndmin=2)
+    assert kept.tolist() == mixed and len(mixed) > 0
+    ijb = read_ijb_meta(root, "demo_occluded")
+    assert sorted(set(ijb.templates.tolist())) == sorted(int(t) for t in gallery | set(kinds))
+    one_n = read_ijb_1n_meta(root, "demo_occluded", np.unique(ijb.templates))
+    assert len(one_n.probe_templates) == len(kinds)
 
 
 def test_parts_use_disjoint_identities(tmp_path, monkeypatch):

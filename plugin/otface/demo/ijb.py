@@ -18,7 +18,7 @@ from otface.demo.identity import FaceIdentity, Shot, sample_scene, sample_shot
 from otface.demo.photos import Stream, encode_jpeg, rng_for
 from otface.demo.render import render_face
 
-__all__ = ["LOOSE_SIZE", "split_1n", "template_sizes", "write_ijb_set"]
+__all__ = ["LOOSE_SIZE", "PROBE_OCCLUDERS", "split_1n", "template_sizes", "write_ijb_set"]
 
 #: Side of the unaligned loose crops (pixels).
 LOOSE_SIZE = 176
@@ -75,12 +75,84 @@ def split_1n(owner: list[int], rng: np.random.Generator) -> tuple[list[int], lis
     return sorted(galleries[0]), sorted(galleries[1]), probes
 
 
-def _write_1n_lists(meta: Path, owner: list[int], images: dict[int, list[str]], seed: int) -> None:
-    g1, g2, probes = split_1n(owner, rng_for(seed, Stream.IJB_1N))
-    for name, templates in (("gallery_G1", g1), ("gallery_G2", g2), ("probe_mixed", probes)):
+def _write_1n_lists(
+    meta: Path, prefix: str, owner: list[int], images: dict[int, list[str]], split
+) -> None:
+    for name, templates in zip(("gallery_G1", "gallery_G2", "probe_mixed"), split):
         rows = ["TEMPLATE_ID,SUBJECT_ID,FILENAME\n"]
         rows += [f"{t},{owner[t - 1] + 1},{img}\n" for t in templates for img in images[t]]
-        (meta / f"demo_1N_{name}.csv").write_text("".join(rows))
+        (meta / f"{prefix}_1N_{name}.csv").write_text("".join(rows))
+
+
+#: The occluders of the ``demo_occluded`` probes, one drawn per probe template.
+PROBE_OCCLUDERS = ("mask", "bar", "patch", "hand")
+
+
+def _write_occluded_target(
+    root: Path,
+    seed: int,
+    first_id: int,
+    idns: list[FaceIdentity],
+    owner: list[int],
+    faces: list,
+    pairs: list,
+    split: tuple,
+) -> None:
+    """Target ``demo_occluded``: the ``demo`` target's galleries (the same images) against its
+    probe templates photographed again with an occluder over the face.
+
+    Each probe image is re-rendered from the same draw as its ``demo`` original (identity, pose
+    within ±0.5 yaw, expression, light, scene), with one occluder per template from
+    :data:`PROBE_OCCLUDERS` covering every image of the template. Template and media ids are
+    those of ``demo``; the occluded images are ``occ_<n>.jpg``. 1:1 lists the ``demo`` pairs of
+    one gallery and one probe template, in ``demo``'s order; 1:N has ``demo``'s galleries and the
+    occluded probes. ``demo_occluded_probe_occluders.txt`` names each probe template's occluder.
+    """
+    meta, crops = root / "meta", root / "loose_crop"
+    g1, g2, probes = split
+    gallery, probe_set = set(g1) | set(g2), set(probes)
+    tid_mid, lmk_lines, occluders = [], [], []
+    images: dict[int, list[str]] = {}
+    kind_of = {}
+    for t in probes:
+        occ = rng_for(seed, Stream.IJB_OCCLUDED, t)
+        kind_of[t] = (PROBE_OCCLUDERS[int(occ.integers(len(PROBE_OCCLUDERS)))], occ)
+        occluders.append(f"{t} {kind_of[t][0]}\n")
+    for face in faces:
+        name, template, media, i, image_no, scene, line = face
+        if template in gallery:
+            tid_mid.append(f"{name} {template} {media}\n")
+            lmk_lines.append(line)
+            images.setdefault(template, []).append(name)
+            continue
+        kind, occ = kind_of[template]
+        rng = rng_for(seed, Stream.IJB_IMAGE, first_id + i, image_no)
+        shot = sample_shot(rng)
+        shot = shot._replace(
+            yaw=float(np.clip(shot.yaw, -0.5, 0.5)),
+            occlusion=kind,
+            occlusion_params=occ.random(6),
+        )
+        rendered = render_face(idns[i], shot, scene, rng, loose_size=LOOSE_SIZE)
+        occ_name = f"occ_{image_no}.jpg"
+        (crops / occ_name).write_bytes(encode_jpeg(rendered))
+        tid_mid.append(f"{occ_name} {template} {media}\n")
+        coords = " ".join(f"{v:.3f}" for v in rendered.landmarks.reshape(-1))
+        lmk_lines.append(f"{occ_name} {coords} {_faceness(shot, rng):.3f}\n")
+        images.setdefault(template, []).append(occ_name)
+    kept = [
+        (a, b, y)
+        for a, b, y in pairs
+        if (a in gallery and b in probe_set) or (b in gallery and a in probe_set)
+    ]
+    prefix = "demo_occluded"
+    (meta / f"{prefix}_face_tid_mid.txt").write_text("".join(tid_mid))
+    (meta / f"{prefix}_name_5pts_score.txt").write_text("".join(lmk_lines))
+    (meta / f"{prefix}_template_pair_label.txt").write_text(
+        "".join(f"{a} {b} {y}\n" for a, b, y in kept)
+    )
+    (meta / f"{prefix}_probe_occluders.txt").write_text("".join(occluders))
+    _write_1n_lists(meta, prefix, owner, images, split)
 
 
 def write_ijb_set(
@@ -92,13 +164,14 @@ def write_ijb_set(
     n_impostor: int,
 ) -> int:
     """Writes ``root/meta/demo_*.txt``, the 1:N lists ``root/meta/demo_1N_*.csv`` and
-    ``root/loose_crop/*.jpg``; returns the number of
-    impostor pairs listed (``n_impostor``, or all cross-identity pairs when fewer exist)."""
+    ``root/loose_crop/*.jpg``, and the occluded-probe target ``demo_occluded`` beside them
+    (:func:`_write_occluded_target`); returns the number of impostor pairs listed
+    (``n_impostor``, or all cross-identity pairs when fewer exist)."""
     meta, crops = root / "meta", root / "loose_crop"
     meta.mkdir(parents=True)
     crops.mkdir()
     layout = rng_for(seed, Stream.IJB_LAYOUT)
-    tid_mid, lmk_lines, owner = [], [], []
+    tid_mid, lmk_lines, owner, faces = [], [], [], []
     images: dict[int, list[str]] = {}
     image_no, template, media = 0, 0, 0
     for i, idn in enumerate(idns):
@@ -120,6 +193,7 @@ def write_ijb_set(
                 images.setdefault(template, []).append(name)
                 coords = " ".join(f"{v:.3f}" for v in face.landmarks.reshape(-1))
                 lmk_lines.append(f"{name} {coords} {_faceness(shot, rng):.3f}\n")
+                faces.append((name, template, media, i, image_no, scene, lmk_lines[-1]))
     owner_arr = np.asarray(owner)
     by_id: dict[int, list[int]] = {}
     for t, i in enumerate(owner, start=1):
@@ -133,5 +207,7 @@ def write_ijb_set(
     (meta / "demo_template_pair_label.txt").write_text(
         "".join(f"{a} {b} {y}\n" for a, b, y in pairs)
     )
-    _write_1n_lists(meta, owner, images, seed)
+    split = split_1n(owner, rng_for(seed, Stream.IJB_1N))
+    _write_1n_lists(meta, "demo", owner, images, split)
+    _write_occluded_target(root, seed, first_id, idns, owner, faces, pairs, split)
     return len(impostor)

@@ -56,6 +56,7 @@ class Stream:
     CROP_PAIRS = 13
     CROP_WINDOW = 14
     TRAIN_OCCLUSION = 15
+    IJB_OCCLUDED = 16
 
 
 def rng_for(*key: int) -> np.random.Generator:
