@@ -126,6 +126,23 @@ def _models(folder: Path):
             yield model.parent.parent.name, int(model.parent.name[4:]), model
 
 
+def score_folder(folder: Path, cache_name: str, score) -> dict:
+    """``{"ARM/seedN": score(model.pt)}`` for every finished run of an ablation folder, kept in
+    ``folder/cache_name`` so that a second call scores only the models added since."""
+    cache = folder / cache_name
+    table = json.loads(cache.read_text()) if cache.is_file() else {}
+    for arm, seed, model in _models(folder):
+        key = f"{arm}/seed{seed}"
+        if key not in table:
+            start = time.perf_counter()
+            table[key] = score(model)
+            print(f"scored {folder.name}/{key} in {time.perf_counter() - start:.0f} s", flush=True)
+            tmp = cache.with_name(cache.name + ".tmp")
+            tmp.write_text(json.dumps(table))
+            tmp.replace(cache)  # atomic: an interrupted run keeps the models scored before
+    return table
+
+
 def _fmt(s):
     return f"{100 * s.mean:6.2f} ± {100 * s.std:4.2f}"
 
@@ -147,22 +164,12 @@ def main(argv=None) -> int:
         from otface.demo import ensure_demo
 
         args.data = ensure_demo()
-    scored = {}
-    for folder in args.ablations:
-        cache = folder / "hard_faces.json"
-        table = json.loads(cache.read_text()) if cache.is_file() else {}
-        for arm, seed, model in _models(folder):
-            key = f"{arm}/seed{seed}"
-            if key not in table:
-                start = time.perf_counter()
-                table[key] = score_model(model, args.data, args.network)
-                print(
-                    f"scored {folder.name}/{key} in {time.perf_counter() - start:.0f} s", flush=True
-                )
-                tmp = cache.with_name(cache.name + ".tmp")
-                tmp.write_text(json.dumps(table))
-                tmp.replace(cache)  # atomic: an interrupted run keeps the models scored before
-        scored[folder.name] = table
+    scored = {
+        folder.name: score_folder(
+            folder, "hard_faces.json", lambda m: score_model(m, args.data, args.network)
+        )
+        for folder in args.ablations
+    }
     keys = [f"{g or 7}x{g or 7}-{w}" for g in GRIDS for w in WEIGHTS]
     # Chosen on demo_lfw only: the (grid, weights, alpha) with the best mean over all models.
     best = max(

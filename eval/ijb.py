@@ -25,13 +25,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from otface.console_log import cli_logging
-from otface.evaluation.cli import add_model_arguments, positive_int
+from otface.evaluation.cli import (
+    add_model_arguments,
+    add_rerank_arguments,
+    positive_int,
+    rerank_options,
+)
 from otface.evaluation.data_dirs import DEMO_DATA, DEMO_IJB_TARGET, is_demo, resolve_data_dir
 from otface.evaluation.ijb import (
     FeatureOptions,
@@ -49,8 +55,30 @@ from otface.evaluation.ijb_1n import (
     save_cmc_plot,
 )
 from otface.evaluation.ijb_meta import ijb_1n_files, ijb_layout, read_ijb_1n_meta
+from otface.evaluation.ijb_rerank import (
+    rerank_identification,
+    rerank_verification,
+    template_features_with_local,
+)
 from otface.evaluation.metrics import TAR_METHODS
-from otface.evaluation.models import open_embedder, resolve_model_path, resolve_network
+from otface.evaluation.models import (
+    open_embedder,
+    resolve_device,
+    resolve_model_path,
+    resolve_network,
+)
+from otface.evaluation.rerank import RerankOptions, open_local_embedder
+
+
+def _rerank_line(
+    options: RerankOptions, n: int, unconverged: int, what: str, seconds: float
+) -> str:
+    grid = "the layer's own" if options.grid is None else f"{options.grid}x{options.grid}"
+    k = f", top {options.k} per probe" if what.startswith("probe") else ""
+    return (
+        f"rerank ot: alpha {options.alpha:g}, patch grid {grid}, {options.weights} marginals"
+        f"{k}; {n} {what} re-scored in {seconds:.1f} s, {unconverged} plans above the tolerance"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -95,9 +123,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="how 1:N TPIR at FPIR is read: as InsightFace's ijb_1n.py (default; one pool of all "
         "non-mated scores) or NIST-style (each probe's highest non-mated score; mate at rank 1)",
     )
+    add_rerank_arguments(parser, top_k=True)
     parser.add_argument("--output", default=None, help="result folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     args = parser.parse_args(argv)
+    rerank = rerank_options(parser, args)
     cli_logging(logging.INFO)
     flip = not args.no_flip
     target = args.target or (DEMO_IJB_TARGET if is_demo(args.data) else "IJBC")
@@ -117,28 +147,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.protocol != "11":
             ijb_1n_files(data_dir, target)  # a missing 1:N list fails before extraction
         key = feature_cache_key(model_file, layout.name_5pts_score, flip=flip, network=network)
-        meta, pooled = template_features(
-            embedder,
-            data_dir,
-            target,
-            options=FeatureOptions(
-                flip=flip,
-                faceness=args.faceness,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-            ),
-            cache_file=out_dir / f"{target.lower()}_features_{key}.npy",
+        features = FeatureOptions(
+            flip=flip,
+            faceness=args.faceness,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
         )
+        cache_file = out_dir / f"{target.lower()}_features_{key}.npy"
+        local = None
+        if rerank is None:
+            meta, pooled = template_features(
+                embedder, data_dir, target, options=features, cache_file=cache_file
+            )
+        else:
+            grid = "full" if rerank.grid is None else f"{rerank.grid}x{rerank.grid}"
+            meta, pooled, local = template_features_with_local(
+                open_local_embedder(embedder, rerank),
+                data_dir,
+                target,
+                options=features,
+                cache_file=cache_file,
+                local_cache_file=out_dir
+                / f"{target.lower()}_local_{key}_{grid}_faceness{int(args.faceness)}.npy",
+            )
+            ot_device = resolve_device(args.device)
         name = model_file.parent.name if model_file.stem == "model" else model_file.stem
         stem = out_dir / target.lower()
-        lines = []
+        lines: list = []
+        notes: list = []
         if args.protocol in ("11", "all"):
             verify = VerifyOptions(tar_method=args.tar_method)
             result = verify_templates(meta, pooled, target, options=verify)
             np.save(f"{stem}_scores.npy", result.scores)
-            table = format_table({name: result})
+            rows = {name: result}
+            if rerank is not None:
+                started = time.perf_counter()
+                stage2, bad = rerank_verification(
+                    meta, pooled, local, result, rerank, verify=verify, device=ot_device
+                )
+                np.save(f"{stem}_scores_rerank_ot.npy", stage2.scores)
+                rows[f"{name}+rerank-ot"] = stage2
+                seconds = time.perf_counter() - started
+                notes.append(_rerank_line(rerank, len(stage2.scores), bad, "pairs", seconds))
+            table = format_table(rows)
             Path(f"{stem}_tar_at_far.txt").write_text(table + "\n", encoding="utf-8")
-            plots = save_roc_plot({name: result}, stem)
+            plots = save_roc_plot(rows, stem)
             lines += [
                 "1:1 verification",
                 table,
@@ -148,7 +201,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.protocol in ("1n", "all"):
             meta_1n = read_ijb_1n_meta(data_dir, target, pooled.templates)
             ident = evaluate_identification(pooled, meta_1n, target, fpir_method=args.fpir_method)
-            table_1n = format_1n_table({name: ident})
+            rows_1n = {name: ident}
+            if rerank is not None:
+                started = time.perf_counter()
+                ident2, bad = rerank_identification(ident, local, rerank, device=ot_device)
+                seconds = time.perf_counter() - started
+                rows_1n[f"{name}+rerank-ot"] = ident2
+                np.save(f"{stem}_1n_similarity_rerank_ot.npy", ident2.similarity)
+                n_rescored = len(ident.probe_templates) * min(rerank.k, ident.similarity.shape[1])
+                notes.append(_rerank_line(rerank, n_rescored, bad, "probe-gallery pairs", seconds))
+            table_1n = format_1n_table(rows_1n)
             Path(f"{stem}_1n.txt").write_text(table_1n + "\n", encoding="utf-8")
             np.savez(
                 f"{stem}_1n_scores.npz",
@@ -158,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 gallery_templates=ident.gallery_templates,
                 cmc=ident.cmc,
             )
-            cmc_plots = save_cmc_plot({name: ident}, f"{stem}_cmc")
+            cmc_plots = save_cmc_plot(rows_1n, f"{stem}_cmc")
             lines += [
                 "1:N identification",
                 table_1n,
@@ -169,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print("\n".join(lines))
+    print("\n".join(lines + notes))
     print(f"results in {out_dir}")
     return 0
 

@@ -29,22 +29,22 @@ from typing import List, Optional, Sequence
 
 from otface.console_log import cli_logging
 from otface.evaluation.bin_io import list_bin_sets, read_bin
-from otface.evaluation.cli import add_model_arguments, positive_int
+from otface.evaluation.cli import (
+    add_model_arguments,
+    add_rerank_arguments,
+    positive_int,
+    rerank_options,
+)
 from otface.evaluation.data_dirs import DEMO_DATA, is_demo, resolve_data_dir
 from otface.evaluation.ijb import text_table
-from otface.evaluation.models import Embedder, TorchEmbedder, open_embedder, resolve_network
+from otface.evaluation.models import Embedder, open_embedder, resolve_network
 from otface.evaluation.pairs_rerank import (
     condition_accuracy,
     pair_scores,
     read_conditions,
     stage_results,
 )
-from otface.evaluation.rerank import (
-    PATCH_WEIGHTS,
-    LocalEmbedder,
-    OnnxLocalEmbedder,
-    RerankOptions,
-)
+from otface.evaluation.rerank import RerankOptions, open_local_embedder
 from otface.evaluation.verification import VerificationResult, evaluate_pairs, read_pairs_list
 
 DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
@@ -67,27 +67,6 @@ def _pct(v: float) -> str:
     return f"{100.0 * v:.2f}"
 
 
-def _local_embedder(embedder: Embedder, options: RerankOptions):
-    """The embedder that also gives local features: the PyTorch backbone's, or an ONNX
-    model's ``<stem>_local.onnx`` (``python -m otface.export --local-features``)."""
-    if isinstance(embedder, TorchEmbedder):
-        return LocalEmbedder(embedder.backbone, grid=options.grid, batch_size=embedder.batch_size)
-    path = Path(str(embedder.path))
-    local = path.with_name(path.stem + "_local.onnx")
-    if not local.is_file():
-        raise ValueError(
-            f"--rerank ot and per-condition rows need local features: a PyTorch model "
-            f"(model.pt), or {local} beside the ONNX model (python -m otface.export "
-            "--local-features)"
-        )
-    if options.grid is not None:
-        raise ValueError(
-            f"--patch-grid is fixed when {local.name} is exported (python -m otface.export "
-            "--local-features --patch-grid G)"
-        )
-    return OnnxLocalEmbedder(local, batch_size=embedder.batch_size)
-
-
 def _evaluate(
     embedder: Embedder,
     name: str,
@@ -106,7 +85,7 @@ def _evaluate(
         options = RerankOptions(alpha=0.0, max_iter=1)
     else:
         options = rerank
-    local = _local_embedder(embedder, options)
+    local = open_local_embedder(embedder, options)
     scores = pair_scores(local, pairs, options)
     stage1, stage2 = stage_results(scores, options.alpha, n_folds=n_folds)
     _report(name, stage1)
@@ -171,39 +150,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-    parser.add_argument(
-        "--rerank", choices=("none", "ot"), default="none", help="stage 2: OT re-scoring"
-    )
-    parser.add_argument(
-        "--rerank-alpha",
-        type=float,
-        default=RerankOptions().alpha,
-        help=f"weight of s_OT in the stage-2 score (default {RerankOptions().alpha})",
-    )
-    parser.add_argument(
-        "--patch-grid",
-        type=positive_int,
-        default=None,
-        help="pool the local features to GRID x GRID (default: the layer's own, 7x7 for IResNet)",
-    )
-    parser.add_argument(
-        "--patch-weights",
-        choices=PATCH_WEIGHTS,
-        default="uniform",
-        help="OT marginals: uniform, or cross (each patch by its likeness to the other face)",
-    )
+    add_rerank_arguments(parser)
     args = parser.parse_args(argv)
     cli_logging(logging.INFO)
     if (args.data is None) == (args.pairs is None):
         parser.error("pass exactly one of --data (with --targets) and --pairs")
-    rerank = None
-    if args.rerank == "ot":
-        try:
-            rerank = RerankOptions(
-                alpha=args.rerank_alpha, grid=args.patch_grid, weights=args.patch_weights
-            ).checked()
-        except ValueError as exc:
-            parser.error(str(exc))
+    rerank = rerank_options(parser, args)
     try:
         embedder = open_embedder(
             args.model,

@@ -464,7 +464,7 @@ def test_cli_unreadable_cache_is_rebuilt(tmp_path, demo_env, capsys):
     [
         ("missing_data", r"--data \S*nowhere does not exist \(pass a data folder, or 'demo'"),
         ("missing_model", r"model file .*nope\.pt does not exist"),
-        ("unknown_target", r"for target 'IJBC'; targets found in .*\['demo'\]"),
+        ("unknown_target", r"for target 'IJBC'; targets found in .*\['demo', 'demo_occluded'\]"),
         ("device", "--device 'cuda:99'"),
         ("bad_device", "--device 'banana' is not a torch device; valid: cpu, cuda"),
         ("output_is_a_file", r"--output .*model\.pt is a file"),
@@ -515,3 +515,52 @@ def test_table_marks_fars_that_rest_on_few_impostor_pairs():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:] == ["-", "60.00*", "70.00"]
     assert "fewer than 10 impostor pairs" in table and "no TAR" in table
+
+
+def test_cli_rerank_ot_both_protocols(tmp_path, demo_env, capsys):
+    """--rerank ot prints stage 1 and stage 2 side by side for 1:1 and 1:N; stage 1 is the same
+    as without it; α = 0 gives stage 2 equal to stage 1; the local features are cached."""
+    run = _run_dir(tmp_path / "demo_otface")
+    script = load_eval_script("ijb")
+    argv = ["--model", str(run / "model.pt"), "--data", "demo", "--device", "cpu"]
+    argv += ["--num-workers", "1", "--protocol", "all"]
+    plain, ranked, zero = tmp_path / "plain", tmp_path / "ranked", tmp_path / "zero"
+    assert script.main(argv + ["--output", str(plain)]) == 0
+    capsys.readouterr()
+    rerank = ["--rerank", "ot", "--patch-grid", "2", "--rerank-k", "2"]
+    assert script.main(argv + rerank + ["--rerank-alpha", "0.5", "--output", str(ranked)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("demo_otface+rerank-ot-demo") == 2  # one row per protocol
+    line = r"rerank ot: alpha 0.5, patch grid 2x2, uniform marginals; \d+ pairs re-scored in"
+    assert re.search(line, out)
+    assert "top 2 per probe" in out
+    # Stage 1 does not change when the faces are embedded by the local-feature pass.
+    np.testing.assert_array_equal(
+        np.load(ranked / "demo_scores.npy"), np.load(plain / "demo_scores.npy")
+    )
+    stage2 = np.load(ranked / "demo_scores_rerank_ot.npy")
+    assert stage2.shape == np.load(plain / "demo_scores.npy").shape
+    assert not np.array_equal(stage2, np.load(plain / "demo_scores.npy"))
+    # 1:N: only each probe's 2 best templates were re-scored, the rest keep their order.
+    stage1_1n = np.load(plain / "demo_1n_scores.npz")["similarity"]
+    stage2_1n = np.load(ranked / "demo_1n_similarity_rerank_ot.npy")
+    top = np.argsort(-stage1_1n, axis=1, kind="stable")
+    rest1 = np.take_along_axis(stage1_1n, top[:, 2:], axis=1)
+    rest2 = np.take_along_axis(stage2_1n, top[:, 2:], axis=1)
+    np.testing.assert_array_equal(np.argsort(-rest1, axis=1), np.argsort(-rest2, axis=1))
+    assert (np.take_along_axis(stage2_1n, top[:, :2], axis=1).min(1) > rest2.max(1)).all()
+    assert len(list(ranked.glob("demo_local_*_2x2_faceness1.npy"))) == 1
+    # α = 0: stage 2 is stage 1, in every cell of both tables.
+    assert script.main(argv + rerank + ["--rerank-alpha", "0", "--output", str(zero)]) == 0
+    out = capsys.readouterr().out
+    np.testing.assert_array_equal(
+        np.load(zero / "demo_scores_rerank_ot.npy"), np.load(plain / "demo_scores.npy")
+    )
+    for table in ("demo_tar_at_far.txt", "demo_1n.txt"):
+        rows = [r for r in (zero / table).read_text().splitlines() if r.startswith("|")][1:]
+        cells = [r.split("|")[2:] for r in rows]
+        assert len(cells) == 2 and cells[0] == cells[1]
+    # A second run reads both caches instead of embedding again.
+    assert script.main(argv + rerank + ["--output", str(ranked)]) == 0
+    err = capsys.readouterr().err
+    assert "IJB features read from cache" in err and "IJB local features read from cache" in err

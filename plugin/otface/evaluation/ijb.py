@@ -24,6 +24,7 @@ from otface.evaluation.align import align_face
 from otface.evaluation.ijb_meta import IJBMeta, read_ijb_meta
 from otface.evaluation.metrics import DEFAULT_FARS, l2_normalize, roc_curve, tar_at_far
 from otface.evaluation.models import Embedder
+from otface.evaluation.rerank import mirror_points
 from otface.progress import Progress
 
 __all__ = [
@@ -36,6 +37,10 @@ __all__ = [
     "pool_templates",
     "score_pairs",
     "feature_cache_key",
+    "read_feature_cache",
+    "write_feature_cache",
+    "pool_template_features",
+    "results_from_scores",
     "template_features",
     "verify_templates",
     "evaluate_ijb",
@@ -127,8 +132,13 @@ def extract_features(
     flip: bool = True,
     batch_size: int = 128,
     num_workers: int = 4,
+    local_pool=None,
 ) -> np.ndarray:
     """Embeds every face of ``meta``: ``f(x)`` or, with ``flip``, ``f(x) + f(mirror(x))``.
+
+    With ``local_pool`` (a :class:`otface.evaluation.ijb_rerank.LocalPool`), ``embedder`` is a
+    local embedder returning ``(embeddings, local features)``, and each face's local features
+    (plus its mirror's, mirrored back) go into the pool.
 
     Returns:
         ``(N, D)`` float32 raw (unnormalised) image features, in meta order.
@@ -149,9 +159,16 @@ def extract_features(
                     )
                 )
             )
-            out = embedder(batch)
-            if flip:
-                out = out + embedder(np.ascontiguousarray(batch[..., ::-1]))
+            if local_pool is None:
+                out = embedder(batch)
+                if flip:
+                    out = out + embedder(np.ascontiguousarray(batch[..., ::-1]))
+            else:
+                out, points = embedder(batch)
+                if flip:
+                    out_m, points_m = embedder(np.ascontiguousarray(batch[..., ::-1]))
+                    out, points = out + out_m, points + mirror_points(points_m)
+                local_pool.add(np.asarray(idx), points)
             if feats is None:
                 feats = np.empty((n, out.shape[1]), np.float32)
             feats[start : start + len(idx)] = out
@@ -233,8 +250,11 @@ def feature_cache_key(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _read_cache(cache_file: Path, n_faces: int) -> Optional[np.ndarray]:
-    """The cached ``(n_faces, D)`` features, or None (with a warning) when unusable."""
+def read_feature_cache(cache_file: Path, n_faces: int) -> Optional[np.ndarray]:
+    """The cached ``(n_faces, D)`` features, or None (with a warning when the file exists but
+    is unusable)."""
+    if not cache_file.is_file():
+        return None
     try:
         feats = np.load(cache_file)
     except (OSError, ValueError, EOFError) as exc:  # truncated or not an .npy file
@@ -247,6 +267,22 @@ def _read_cache(cache_file: Path, n_faces: int) -> Optional[np.ndarray]:
         return None
     logger.info("IJB features read from cache %s", cache_file)
     return feats
+
+
+def write_feature_cache(cache_file: Path, array: np.ndarray) -> None:
+    """Writes ``array`` to ``cache_file`` (``.npy``) through a temporary file, so a run stopped
+    mid-write leaves no truncated cache."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(cache_file)
+
+
+def pool_template_features(meta: IJBMeta, feats: np.ndarray, *, faceness: bool) -> TemplateFeatures:
+    """Faceness weighting (when asked), then :func:`pool_templates`."""
+    if faceness:
+        feats = feats * meta.faceness[:, None]
+    return pool_templates(feats, meta.templates, meta.medias)
 
 
 def template_features(
@@ -265,9 +301,7 @@ def template_features(
     """
     meta = read_ijb_meta(data_dir, target)
     n = len(meta.image_names)
-    feats = None
-    if cache_file is not None and Path(cache_file).is_file():
-        feats = _read_cache(Path(cache_file), n)
+    feats = read_feature_cache(Path(cache_file), n) if cache_file is not None else None
     if feats is None:
         if embedder is None:
             raise ValueError("no embedder given and no feature cache to read")
@@ -279,13 +313,8 @@ def template_features(
             num_workers=options.num_workers,
         )
         if cache_file is not None:
-            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(cache_file).with_suffix(".tmp.npy")
-            np.save(tmp, feats)
-            tmp.replace(cache_file)
-    if options.faceness:
-        feats = feats * meta.faceness[:, None]
-    return meta, pool_templates(feats, meta.templates, meta.medias)
+            write_feature_cache(Path(cache_file), feats)
+    return meta, pool_template_features(meta, feats, faceness=options.faceness)
 
 
 def verify_templates(
@@ -297,6 +326,17 @@ def verify_templates(
 ) -> IJBResult:
     """The 1:1 protocol on pooled template features (see :func:`evaluate_ijb`)."""
     scores = score_pairs(pooled, meta.pair_templates, chunk_size=options.chunk_size)
+    return results_from_scores(meta, pooled, target, scores, options)
+
+
+def results_from_scores(
+    meta: IJBMeta,
+    pooled: TemplateFeatures,
+    target: str,
+    scores: np.ndarray,
+    options: VerifyOptions = VerifyOptions(),
+) -> IJBResult:
+    """The 1:1 table (TAR at each FAR, AUC) of given scores ``(P,)`` of ``meta``'s pairs."""
     roc = roc_curve(scores, meta.pair_labels)
     fars = options.fars
     return IJBResult(

@@ -47,6 +47,7 @@ __all__ = [
     "evaluate_identification",
     "format_1n_table",
     "identification_metrics",
+    "identification_result",
     "mate_indices",
     "save_cmc_plot",
     "template_rows",
@@ -71,7 +72,8 @@ class IdentificationResult(NamedTuple):
         fpirs: ``(F,)``; tpirs: ``(F,)`` TPIR at each; thresholds: ``(F,)`` the score thresholds;
             threshold_order: ``(F,)`` k, the threshold being the k-th largest non-mated score.
         cmc: ``(G,)`` identification rate at rank 1 … G.
-        similarity: ``(P, G)`` float32 cosine of each probe against each gallery template.
+        similarity: ``(P, G)`` score of each probe against each gallery template: float32
+            cosines, or float64 re-scored ones (:mod:`otface.evaluation.ijb_rerank`).
         mates: ``(P,)`` column of each probe's mate, -1 for non-mated probes.
         probe_templates, gallery_templates: ids of the rows and columns.
     """
@@ -195,10 +197,35 @@ def evaluate_identification(
     gallery = pooled.features[template_rows(pooled, g_templates, "gallery")]
     probes = pooled.features[template_rows(pooled, meta.probe_templates, "probe")]
     similarity = probes @ gallery.T
-    mates = mate_indices(meta.probe_subjects, g_subjects)
+    return identification_result(
+        similarity,
+        mate_indices(meta.probe_subjects, g_subjects),
+        target,
+        probe_templates=meta.probe_templates,
+        gallery_templates=g_templates,
+        ranks=ranks,
+        fpirs=fpirs,
+        fpir_method=fpir_method,
+    )
+
+
+def identification_result(
+    similarity: np.ndarray,
+    mates: np.ndarray,
+    target: str,
+    *,
+    probe_templates: np.ndarray,
+    gallery_templates: np.ndarray,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    fpirs: Sequence[float] = DEFAULT_FPIRS,
+    fpir_method: str = "arcface_torch",
+) -> IdentificationResult:
+    """The 1:N result of a score matrix ``(P, G)`` (stage 1's cosines, or re-scored ones)."""
     rank_rates, cmc, tpirs, thresholds, orders = identification_metrics(
         similarity, mates, ranks=ranks, fpirs=fpirs, fpir_method=fpir_method
     )
+    if similarity.dtype != np.float64:
+        similarity = similarity.astype(np.float32, copy=False)
     return IdentificationResult(
         target=target,
         fpir_method=fpir_method,
@@ -209,10 +236,10 @@ def evaluate_identification(
         thresholds=thresholds,
         threshold_order=orders,
         cmc=cmc,
-        similarity=similarity.astype(np.float32, copy=False),
+        similarity=similarity,
         mates=mates,
-        probe_templates=meta.probe_templates,
-        gallery_templates=g_templates,
+        probe_templates=probe_templates,
+        gallery_templates=gallery_templates,
     )
 
 

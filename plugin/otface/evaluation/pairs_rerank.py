@@ -98,6 +98,7 @@ def pair_scores(
             eps=options.eps,
             max_iter=options.max_iter,
             tol=options.tol,
+            relaxation=options.relaxation,
         )
         s_ot.append(res.score.double().numpy())
         err.append(res.marginal_error.double().numpy())

@@ -17,6 +17,7 @@ patches unlike anything in the other face, such as a mask, carry less mass).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -36,6 +37,8 @@ __all__ = [
     "LocalEmbedder",
     "OnnxLocalEmbedder",
     "local_points",
+    "mirror_points",
+    "open_local_embedder",
     "patch_weights",
     "ot_similarity",
     "combine_scores",
@@ -50,21 +53,25 @@ class RerankOptions(NamedTuple):
     """Stage-2 settings.
 
     Attributes:
-        alpha: weight of ``s_OT`` in the combined score, in [0, 1].
+        alpha: weight of ``s_OT`` in the combined score, in [0, 1] (default 0.2: the best
+            on ``demo_lfw`` over the demo's models, docs/results.md).
         k: 1:N only: how many of each probe's best gallery templates stage 2 re-scores.
         grid: pool the local features to ``grid × grid`` (None: the layer's own resolution).
         weights: ``"uniform"`` or ``"cross"`` marginals.
         eps: entropic regularisation of the plan (cost units; the cost is in [0, 2]).
         max_iter, tol: the Sinkhorn budget and its stopping tolerance on the marginal error.
+        relaxation: over-relaxation of the Sinkhorn updates, in [1, 2) (1: plain Sinkhorn);
+            the fixed point, hence the plan, is the same, reached in fewer iterations.
     """
 
-    alpha: float = 0.3
+    alpha: float = 0.2
     k: int = 100
     grid: Optional[int] = None
     weights: str = "uniform"
     eps: float = 0.05
     max_iter: int = 200
     tol: float = 1e-4
+    relaxation: float = 1.6
 
     def checked(self) -> "RerankOptions":
         """Self, or a ValueError naming the bad field and its valid range."""
@@ -80,6 +87,8 @@ class RerankOptions(NamedTuple):
             )
         if self.eps <= 0:
             raise ValueError(f"rerank eps must be > 0, got {self.eps}")
+        if not 1.0 <= self.relaxation < 2.0:
+            raise ValueError(f"rerank relaxation must be in [1, 2), got {self.relaxation}")
         return self
 
 
@@ -117,6 +126,17 @@ def local_points(features: torch.Tensor, grid: Optional[int]) -> torch.Tensor:
     if grid is not None:
         features = F.adaptive_avg_pool2d(features, grid)
     return features.flatten(2).transpose(1, 2)
+
+
+def mirror_points(points: np.ndarray) -> np.ndarray:
+    """``(B, P, C)`` points of a square ``g × g`` patch grid (row-major) → those of the mirror
+    image's grid read back in the original's order (columns reversed). A grid that is not square
+    (a ViT with extra tokens) is returned as it is."""
+    side = int(round(points.shape[1] ** 0.5))
+    if side * side != points.shape[1]:
+        return points
+    grid = points.reshape(points.shape[0], side, side, points.shape[2])
+    return np.ascontiguousarray(grid[:, :, ::-1]).reshape(points.shape)
 
 
 class LocalEmbedder:
@@ -195,6 +215,35 @@ class OnnxLocalEmbedder:
         return np.concatenate(embeddings), np.concatenate(local)
 
 
+def open_local_embedder(embedder, options: RerankOptions):
+    """The embedder that also gives local features for an opened model: the PyTorch
+    backbone's (:class:`LocalEmbedder`), or an ONNX model's ``<stem>_local.onnx``
+    (``python -m otface.export --local-features``; :class:`OnnxLocalEmbedder`).
+
+    Raises:
+        ValueError: an ONNX model without its ``_local.onnx``, or a ``grid`` asked of one (the
+            grid is fixed at export).
+    """
+    from otface.evaluation.models import TorchEmbedder
+
+    if isinstance(embedder, TorchEmbedder):
+        return LocalEmbedder(embedder.backbone, grid=options.grid, batch_size=embedder.batch_size)
+    path = Path(str(embedder.path))
+    local = path.with_name(path.stem + "_local.onnx")
+    if not local.is_file():
+        raise ValueError(
+            f"re-scoring and per-condition rows need local features: a PyTorch model "
+            f"(model.pt), or {local} beside the ONNX model (python -m otface.export "
+            "--local-features)"
+        )
+    if options.grid is not None:
+        raise ValueError(
+            f"--patch-grid is fixed when {local.name} is exported (python -m otface.export "
+            "--local-features --patch-grid G)"
+        )
+    return OnnxLocalEmbedder(local, batch_size=embedder.batch_size)
+
+
 def patch_weights(u: torch.Tensor, v: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Marginals ``(a, b)`` of shapes ``(B, n)`` and ``(B, m)`` for points ``u``, ``v``.
 
@@ -229,6 +278,7 @@ def ot_similarity(
     eps: float = 0.05,
     max_iter: int = 200,
     tol: float = 1e-4,
+    relaxation: float = 1.0,
     kernel: str = "auto",
 ) -> OTScores:
     """``s_OT = Σ T_ij cos(u_i, v_j)`` under the entropic plan between two point sets.
@@ -239,12 +289,13 @@ def ot_similarity(
         weights: ``"uniform"`` or ``"cross"`` marginals (:func:`patch_weights`).
         eps: entropic regularisation; the cost ``1 − cos`` lies in [0, 2].
         max_iter, tol: Sinkhorn budget and tolerance on the marginal error.
+        relaxation: over-relaxation in [1, 2) (same plan, fewer iterations).
         kernel: the solver's kernel (``"auto"`` picks the Triton one on GPUs).
     """
     cost = cosine_cost(u, v)
     a, b = patch_weights(u.to(cost.dtype), v.to(cost.dtype), weights)
     with torch.no_grad():
-        budget = {"eps": eps, "tol": tol, "max_iter": max_iter}
+        budget = {"eps": eps, "tol": tol, "max_iter": max_iter, "relaxation": relaxation}
         res = sinkhorn(cost, a=a, b=b, kernel=kernel, cost_range=2.0, warn=False, **budget)
         score = (res.plan * (1.0 - cost)).sum(dim=(1, 2))
     # The error the solver's stop test measured for each problem (below tol where it stopped).
