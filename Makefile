@@ -35,7 +35,7 @@ demo: $(STAMP)
 # Tests run in TEST_WORKERS processes (pytest-xdist), each with one OpenMP thread unless
 # OMP_NUM_THREADS says otherwise.
 TEST_WORKERS ?= 2
-PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests -n $(TEST_WORKERS)
+PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal
 
 test: $(STAMP)
 	$(PYTEST) -m "not slow"

@@ -29,3 +29,18 @@ def tiny_demo(tmp_path_factory):
         ijb_images_per_identity=4,
         ijb_impostor_pairs=40,
     )
+
+
+# The longest tests (tens of seconds each on the 2-core CI machine) run first, so that the two
+# test processes do not finish with one of them running alone. Only the order changes.
+_LONG_FIRST = (
+    "test_first_run.py::",
+    "test_custom_data_doc.py::test_walkthrough_runs_as_written",
+    "test_packaging.py::test_a_wheel_installs_offline",
+    "test_train_reliability.py::test_ranks_at_different_steps",
+    "test_train.py::test_two_compiled_ranks_equal_one_process",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in _LONG_FIRST))

@@ -24,7 +24,7 @@ FIRST_RUN = {
     "warmup_epoch": 0,
     "frequent": 2,
     "verbose": 2,
-    "val_targets": ["demo_lfw"],
+    "val_targets": [],  # evaluation is not what hung; tests of its own cover it
     "num_workers": 2,
     "sampler": {"type": "pk", "k": 4},
 }
@@ -48,4 +48,3 @@ def test_demo_training_with_an_empty_cache_and_workers_finishes(tmp_path):
     assert any(cache.glob("demo_v*_seed0/.complete")), "the demo data was not generated"
     log = (out / "training.log").read_text()
     assert "finished: 4 steps" in log
-    assert "[demo_lfw][4]Accuracy-Flip" in log
