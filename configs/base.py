@@ -125,6 +125,13 @@ config.collective_timeout_s = 1800.0
 # Loss: a name registered in otface.registry.LOSSES ("arcface" or "otface").
 config.loss = "arcface"
 
+# ours: occlusion augmentation. Each training image gets, with probability occlusion_p, one
+# procedural occluder drawn on the aligned face: a mask over nose and mouth, a dark band over the
+# eyes, a random rectangle or a hand (otface.data.occluders). 0: off, as arcface_torch.
+config.augment = edict()
+config.augment.occlusion_p = 0.0
+config.augment.occluders = ["mask", "bar", "patch", "hand"]
+
 # ours: batch composition. "pk": P identities x K images per rank (OTFace needs positives in
 # the batch); "uniform": arcface_torch's uniform shuffling.
 config.sampler = edict()

@@ -144,6 +144,12 @@ _SCHEMA: dict[str, _Spec] = {
     "max_bad_image_fraction": _num("in [0, 1]", lambda v: 0 <= v <= 1),
     "collective_timeout_s": _POS,
     "loss": _STR,  # checked against the LOSSES registry at build time
+    "augment.occlusion_p": _num("in [0, 1]", lambda v: 0 <= v <= 1),
+    "augment.occluders": _Spec(
+        (list, tuple),
+        check=lambda v: len(v) > 0 and all(k in ("mask", "bar", "patch", "hand") for k in v),
+        need="a non-empty list of 'mask', 'bar', 'patch', 'hand'",
+    ),
     "sampler.type": _Spec((str,), choices=("pk", "uniform")),
     "sampler.k": _int("an integer >= 2", lambda v: v >= 2),
     "otface.lambda_ot": _NONNEG,

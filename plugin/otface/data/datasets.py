@@ -207,6 +207,8 @@ class _ReplacingDataset(Dataset):
                     break
             else:
                 raise self._all_bad_error(label, np.sort(members))
+        if getattr(self, "augment", None) is not None:
+            img = self.augment(img)
         image, label_t = _finish(img, label, normalize=self.normalize)
         if self.report_bad:
             return image, label_t, torch.tensor(n_bad, dtype=torch.int64)
@@ -227,6 +229,8 @@ class RecDataset(_ReplacingDataset):
             for :func:`normalize_images` to normalise batch-wise (faster).
         report_bad: items are ``(image, label, n_bad)``, ``n_bad`` an int64 scalar tensor
             counting the undecodable images met while producing the item.
+        augment: called on each ``uint8 (3, H, W)`` image after the flip (e.g.
+            :class:`otface.data.occluders.OcclusionAugment`), or None.
 
     Raises:
         FileNotFoundError: a file is missing. RecordIOError: malformed file or index (file,
@@ -240,6 +244,7 @@ class RecDataset(_ReplacingDataset):
         flip: bool = True,
         normalize: bool = True,
         report_bad: bool = False,
+        augment=None,
     ) -> None:
         self.root = Path(root)
         self.reader = IndexedRecordReader(self.root / "train.rec", self.root / "train.idx")
@@ -247,6 +252,7 @@ class RecDataset(_ReplacingDataset):
         self.flip = flip
         self.normalize = normalize
         self.report_bad = report_bad
+        self.augment = augment
 
     def __len__(self) -> int:
         return int(self.keys.size)
@@ -309,8 +315,9 @@ def _finish(img: torch.Tensor, label: int, *, normalize: bool) -> tuple[torch.Te
 class ImageFolderDataset(_ReplacingDataset):
     """A folder with one sub-folder per identity; labels follow sorted sub-folder names.
 
-    ``flip``, ``normalize`` and ``report_bad`` are as in :class:`RecDataset`; an unreadable or
-    undecodable file (a zero-byte ``.jpg``) is replaced by another image of its identity.
+    ``flip``, ``normalize``, ``report_bad`` and ``augment`` are as in :class:`RecDataset`; an
+    unreadable or undecodable file (a zero-byte ``.jpg``) is replaced by another image of its
+    identity.
     """
 
     def __init__(
@@ -320,12 +327,14 @@ class ImageFolderDataset(_ReplacingDataset):
         flip: bool = True,
         normalize: bool = True,
         report_bad: bool = False,
+        augment=None,
     ) -> None:
         self.root = Path(root)
         self.paths, self.labels, self.classes = scan_image_folder(self.root)
         self.flip = flip
         self.normalize = normalize
         self.report_bad = report_bad
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -201,6 +201,8 @@ def build_dataset(
     ``normalize=False`` makes every dataset return ``uint8`` images for
     :func:`otface.data.datasets.normalize_images`.
     ``report_bad=True`` makes file datasets return ``(image, label, n_undecodable_replaced)``.
+    ``cfg.augment.occlusion_p > 0`` draws occluders on file datasets' images
+    (:mod:`otface.data.occluders`); synthetic data is never augmented.
     """
     rec = prepare_rec(cfg.rec)
     if rec == "synthetic":
@@ -208,9 +210,22 @@ def build_dataset(
             int(cfg.num_image), int(cfg.num_classes), seed=int(cfg.seed), pixels=not normalize
         )
     path = Path(rec)
+    augment = _occlusion_augment(cfg)
+    kwargs = dict(flip=flip, normalize=normalize, report_bad=report_bad, augment=augment)
     if _is_rec_folder(path):
-        return RecDataset(path, flip=flip, normalize=normalize, report_bad=report_bad)
-    return ImageFolderDataset(path, flip=flip, normalize=normalize, report_bad=report_bad)
+        return RecDataset(path, **kwargs)
+    return ImageFolderDataset(path, **kwargs)
+
+
+def _occlusion_augment(cfg: Any):
+    """The config's occlusion augmentation (``augment`` section), or None when it is off."""
+    section = cfg.get("augment") or {}
+    p = float(section.get("occlusion_p", 0.0))
+    if p == 0.0:
+        return None
+    from otface.data.occluders import OCCLUDERS, OcclusionAugment
+
+    return OcclusionAugment(p, section.get("occluders", OCCLUDERS))
 
 
 class TooManyBadImages(RuntimeError):
