@@ -4,6 +4,11 @@ Draws the two aligned faces side by side, each patch's transport mass as a heat 
 strongest flows of the entropic plan between their patches as lines whose width follows the
 mass; the title gives the cosine of the embeddings, ``s_OT`` and the stage-2 score
 ``α·s_OT + (1 − α)·cos`` (:mod:`otface.evaluation.rerank`).
+
+A search: ``python -m otface.explain --model M PROBE --gallery LIST -o top5.png``, ``LIST`` a
+text file of image paths (one per line) or a folder of images, draws the probe and its best
+five gallery faces before re-ranking (cosine) and after (each probe's ``--rerank-k`` best
+re-scored), each with its scores.
 """
 
 from __future__ import annotations
@@ -16,9 +21,24 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from otface.evaluation.rerank import PATCH_WEIGHTS, LocalEmbedder, RerankOptions, ot_similarity
+from otface.evaluation.rerank import (
+    PATCH_WEIGHTS,
+    LocalEmbedder,
+    RerankOptions,
+    combine_scores,
+    ot_similarity,
+    rerank_top_k,
+)
 
-__all__ = ["MatchExplanation", "explain_pair", "draw_match", "main"]
+__all__ = [
+    "MatchExplanation",
+    "SearchExplanation",
+    "explain_pair",
+    "explain_search",
+    "draw_match",
+    "draw_search",
+    "main",
+]
 
 
 class MatchExplanation(NamedTuple):
@@ -75,6 +95,7 @@ def explain_pair(
         eps=options.eps,
         max_iter=options.max_iter,
         tol=options.tol,
+        relaxation=options.relaxation,
     )
     plan = res.plan[0].double().numpy()
     s_ot = float(res.score[0])
@@ -149,6 +170,126 @@ def draw_match(
     return out
 
 
+class SearchExplanation(NamedTuple):
+    """A 1:N search of one probe, before and after re-ranking.
+
+    Attributes:
+        cosine: ``(G,)`` stage-1 cosine of each gallery face.
+        s_ot: ``(G,)`` ``s_OT`` of the re-scored gallery faces, NaN for the others.
+        stage2: ``(G,)`` stage-2 scores (:func:`otface.evaluation.rerank.rerank_top_k`).
+        before, after: the gallery indices of the best ``top``, by stage 1 and by stage 2.
+    """
+
+    cosine: np.ndarray
+    s_ot: np.ndarray
+    stage2: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+
+
+def explain_search(
+    backbone: torch.nn.Module,
+    probe: np.ndarray,
+    gallery: np.ndarray,
+    options: RerankOptions,
+    *,
+    top: int = 5,
+) -> SearchExplanation:
+    """Searches aligned ``(112, 112, 3)`` uint8 RGB ``probe`` in ``gallery`` ``(G, 112, 112, 3)``
+    and re-ranks its ``options.k`` best, as ``eval/ijb.py --rerank ot`` does for templates."""
+    images = np.concatenate([probe[None], gallery]).transpose(0, 3, 1, 2)
+    emb, local = LocalEmbedder(backbone, grid=options.grid)(images)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    cosine = (e[1:] @ e[0]).astype(np.float64)
+    s_ot = np.full(len(gallery), np.nan)
+
+    def rescore(_, cols, cos):
+        res = ot_similarity(
+            torch.from_numpy(np.repeat(local[:1], len(cols), axis=0)),
+            torch.from_numpy(local[1:][cols]),
+            weights=options.weights,
+            eps=options.eps,
+            max_iter=options.max_iter,
+            tol=options.tol,
+            relaxation=options.relaxation,
+        )
+        s_ot[cols] = res.score.double().numpy()
+        return combine_scores(cos, s_ot[cols], options.alpha)
+
+    stage2 = rerank_top_k(cosine[None], options.k, rescore)[0]
+    order = np.argsort(-cosine, kind="stable")[:top]
+    return SearchExplanation(cosine, s_ot, stage2, order, np.argsort(-stage2, kind="stable")[:top])
+
+
+def draw_search(
+    probe: np.ndarray,
+    gallery: np.ndarray,
+    search: SearchExplanation,
+    out: Path,
+    *,
+    names: Sequence[str],
+    alpha: float,
+) -> Path:
+    """Writes the probe and its best gallery faces before and after re-ranking to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = len(search.before)
+    stage1_rank = np.argsort(np.argsort(-search.cosine, kind="stable"), kind="stable")
+    fig, axes = plt.subplots(2, top + 1, figsize=(1.45 * (top + 1), 4.4), dpi=150)
+    for row, (label, order) in enumerate((("cosine", search.before), ("re-ranked", search.after))):
+        axes[row, 0].imshow(probe)
+        axes[row, 0].set_title("probe", fontsize=7)
+        axes[row, 0].set_ylabel(label, fontsize=8)
+        for col, g in enumerate(order, start=1):
+            ax = axes[row, col]
+            ax.imshow(gallery[g])
+            moved = "" if row == 0 else f"\nwas #{int(stage1_rank[g]) + 1}"
+            s_ot = "" if np.isnan(search.s_ot[g]) else f"\ns_OT {search.s_ot[g]:.3f}"
+            score = search.cosine[g] if row == 0 else search.stage2[g]
+            ax.set_title(f"{_short(names[g])}\n{score:.3f}{s_ot}{moved}", fontsize=6)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"top {top} by cosine, and after OT re-ranking (α {alpha:g})", fontsize=9)
+    fig.tight_layout(h_pad=1.2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _short(name: str) -> str:
+    """``identity/file`` of a path, cut to fit under a thumbnail."""
+    p = Path(name)
+    for text in (f"{p.parent.name}/{p.name}", p.name):
+        if len(text) <= 18:
+            return text
+    return "…" + p.name[-17:]
+
+
+def _gallery_paths(spec: Path) -> List[Path]:
+    """The images a ``--gallery`` names: lines of a text file, or a folder's images (sorted,
+    recursively)."""
+    if spec.is_dir():
+        found = sorted(
+            p for p in spec.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")
+        )
+    elif spec.is_file():
+        lines = [ln.strip() for ln in spec.read_text(encoding="utf-8").splitlines()]
+        found = [
+            (spec.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines if ln
+        ]
+    else:
+        raise FileNotFoundError(f"--gallery {spec} is neither a list file nor a folder")
+    if not found:
+        raise ValueError(f"--gallery {spec} names no images")
+    return found
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line; see the module docstring."""
     from otface.console_log import cli_logging
@@ -158,17 +299,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m otface.explain", description=__doc__)
     parser.add_argument("--model", required=True, help="model.pt (or its training folder)")
     parser.add_argument("--network", default=None, help="default: from the run's training.log")
-    parser.add_argument("images", nargs=2, help="two aligned faces (112x112, or resized)")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="two aligned faces (112x112, or resized); or one probe face with --gallery",
+    )
+    parser.add_argument(
+        "--gallery",
+        default=None,
+        help="1:N: a text file of gallery image paths (one per line) or a folder of images",
+    )
+    parser.add_argument("--top", type=positive_int, default=5, help="1:N: faces shown per row")
+    parser.add_argument(
+        "--rerank-k", type=positive_int, default=RerankOptions().k, help="1:N: faces re-scored"
+    )
     parser.add_argument("-o", "--output", default="match.png", help="picture to write")
     parser.add_argument("--rerank-alpha", type=float, default=RerankOptions().alpha)
     parser.add_argument("--patch-grid", type=positive_int, default=None)
     parser.add_argument("--patch-weights", choices=PATCH_WEIGHTS, default="uniform")
     parser.add_argument("--flows", type=positive_int, default=12, help="flows drawn")
     args = parser.parse_args(argv)
+    if len(args.images) != (1 if args.gallery else 2):
+        parser.error("give two faces, or one probe face with --gallery")
     cli_logging()
     try:
         options = RerankOptions(
-            alpha=args.rerank_alpha, grid=args.patch_grid, weights=args.patch_weights
+            alpha=args.rerank_alpha,
+            k=args.rerank_k,
+            grid=args.patch_grid,
+            weights=args.patch_weights,
         ).checked()
         network = resolve_network(args.model, args.network)
         if network is None:
@@ -176,6 +335,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"no training.log beside {args.model} names its network: pass --network"
             )
         backbone = load_backbone(args.model, network=network, device="cpu").eval()
+        if args.gallery:
+            paths = _gallery_paths(Path(args.gallery))
+            probe = _read_face(Path(args.images[0]))
+            gallery = np.stack([_read_face(p) for p in paths])
+            top = min(args.top, len(paths))
+            search = explain_search(backbone, probe, gallery, options, top=top)
+            names = [str(p) for p in paths]
+            out = draw_search(
+                probe, gallery, search, Path(args.output), names=names, alpha=options.alpha
+            )
+            for label, order, score in (
+                ("cosine", search.before, search.cosine),
+                ("re-ranked", search.after, search.stage2),
+            ):
+                print(
+                    f"{label:9s} " + "  ".join(f"{_short(names[g])} {score[g]:.4f}" for g in order)
+                )
+            print(f"-> {out}")
+            return 0
         faces = [_read_face(Path(p)) for p in args.images]
         match = explain_pair(backbone, *faces, options, n_flows=args.flows)
         out = draw_match(
