@@ -81,12 +81,12 @@ def _evaluate(
     if rerank is None and conditions is None:
         _report(name, evaluate_pairs(embedder, pairs, n_folds=n_folds))
         return
-    if rerank is None:  # conditions only: stage 2 = stage 1 (alpha 0, no solve needed)
-        options = RerankOptions(alpha=0.0, max_iter=1)
+    if rerank is None:  # conditions only: the model's own embedder, no local features
+        options = RerankOptions(alpha=0.0)
+        scores = pair_scores(embedder, pairs, None)
     else:
         options = rerank
-    local = open_local_embedder(embedder, options)
-    scores = pair_scores(local, pairs, options)
+        scores = pair_scores(open_local_embedder(embedder, options), pairs, options)
     stage1, stage2 = stage_results(scores, options.alpha, n_folds=n_folds)
     _report(name, stage1)
     header = ["pairs", "condition", "cosine"]

@@ -199,3 +199,8 @@ def test_onnx_local_features_file_matches_pytorch_and_the_zoo_file_keeps_one_out
     local_file.unlink()
     assert script.main(argv) == 1
     assert "--local-features" in capsys.readouterr().err
+    # Rows per condition need no local features: the ONNX model alone gives them.
+    (tmp_path / "tiny.conditions.txt").write_text("mask\ncrop\n" * 2)
+    assert script.main(argv[:-2]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\|\s+2 \|\s+mask \|\s+[\d.]+ \|\n", out) and "[rerank]" not in out

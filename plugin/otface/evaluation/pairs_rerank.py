@@ -22,7 +22,7 @@ from otface.evaluation.metrics import (
     pair_distances,
     subset_accuracy,
 )
-from otface.evaluation.rerank import LocalEmbedder, RerankOptions, ot_similarity
+from otface.evaluation.rerank import RerankOptions, ot_similarity
 from otface.evaluation.verification import VerificationResult, distinct_rows, evaluate_embeddings
 from otface.progress import Progress
 
@@ -44,15 +44,16 @@ class PairScores(NamedTuple):
     Attributes:
         embeddings, flipped: ``(2P, D)`` raw embeddings of the images and of their mirrors.
         issame: ``(P,)`` labels.
-        s_ot: ``(P,)`` transport-weighted cosine of each pair's local features.
-        ot_error: ``(P,)`` marginal error of each pair's plan.
+        s_ot: ``(P,)`` transport-weighted cosine of each pair's local features (None when the
+            pairs were scored without re-scoring).
+        ot_error: ``(P,)`` marginal error of each pair's plan (None likewise).
     """
 
     embeddings: np.ndarray
     flipped: Optional[np.ndarray]
     issame: np.ndarray
-    s_ot: np.ndarray
-    ot_error: np.ndarray
+    s_ot: Optional[np.ndarray]
+    ot_error: Optional[np.ndarray]
 
 
 def read_conditions(bin_path: Path, n_pairs: int) -> Optional[np.ndarray]:
@@ -71,24 +72,45 @@ def read_conditions(bin_path: Path, n_pairs: int) -> Optional[np.ndarray]:
 
 
 def pair_scores(
-    embedder: LocalEmbedder, pairs: PairSet, options: RerankOptions, *, flip: bool = True
+    embedder, pairs: PairSet, options: Optional[RerankOptions], *, flip: bool = True
 ) -> PairScores:
-    """Embeds each distinct image once (and its mirror when ``flip``), keeping the local
-    features, and solves every pair's OT problem."""
+    """Embeds each distinct image once (and its mirror when ``flip``).
+
+    With ``options``, ``embedder`` is a local embedder (:class:`LocalEmbedder` or its ONNX twin)
+    whose local features are kept, and every pair's OT problem is solved. Without, it is a plain
+    embedder and ``s_ot``/``ot_error`` are None (stage 1 and per-condition rows only).
+    """
     first, inverse = distinct_rows(pairs.images)
     embeddings, flipped, local = [], [], []
+
+    def embed(images):
+        out = embedder(images)
+        return out if options is not None else (out, None)
+
     with Progress(len(first), "verification images") as progress:
         for start in range(0, len(first), _CHUNK):
             chunk = pairs.images[first[start : start + _CHUNK]]
-            emb, points = embedder(chunk)
+            emb, points = embed(chunk)
             embeddings.append(emb)
             local.append(points)
             if flip:
-                flipped.append(embedder(np.ascontiguousarray(chunk[..., ::-1]))[0])
+                flipped.append(embed(np.ascontiguousarray(chunk[..., ::-1]))[0])
             progress.update(start + len(chunk))
-    local_all = np.concatenate(local)
+    s_ot, err = None, None
+    if options is not None:
+        s_ot, err = _solve_pairs(np.concatenate(local), inverse, options)
+    return PairScores(
+        np.concatenate(embeddings)[inverse],
+        np.concatenate(flipped)[inverse] if flip else None,
+        np.asarray(pairs.issame, dtype=bool),
+        s_ot,
+        err,
+    )
+
+
+def _solve_pairs(local_all: np.ndarray, inverse: np.ndarray, options: RerankOptions):
     rows_a, rows_b = inverse[0::2], inverse[1::2]
-    s_ot, err = [], []
+    s_ot, err = [np.zeros(0)], [np.zeros(0)]
     for start in range(0, len(rows_a), _OT_CHUNK):
         sl = slice(start, start + _OT_CHUNK)
         res = ot_similarity(
@@ -102,22 +124,18 @@ def pair_scores(
         )
         s_ot.append(res.score.double().numpy())
         err.append(res.marginal_error.double().numpy())
-    return PairScores(
-        np.concatenate(embeddings)[inverse],
-        np.concatenate(flipped)[inverse] if flip else None,
-        np.asarray(pairs.issame, dtype=bool),
-        np.concatenate(s_ot) if s_ot else np.zeros(0),
-        np.concatenate(err) if err else np.zeros(0),
-    )
+    return np.concatenate(s_ot), np.concatenate(err)
 
 
 def _distances(scores: PairScores, alpha: float) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Stage-2 squared distances, plain and with the flip test: ``(1 − α)·d + α·(2 − 2 s_OT)``,
-    which is ``2 − 2·(α s_OT + (1 − α) cos)``; α = 0 leaves stage 1's distances exactly."""
-    ot_dist = 2.0 - 2.0 * scores.s_ot
+    which is ``2 − 2·(α s_OT + (1 − α) cos)``; α = 0 leaves stage 1's distances exactly (and
+    needs no ``s_OT``)."""
+    if alpha != 0.0 and scores.s_ot is None:
+        raise ValueError("stage 2 with alpha > 0 needs s_OT: score the pairs with rerank options")
 
     def mix(d):
-        return d if alpha == 0.0 else (1.0 - alpha) * d + alpha * ot_dist
+        return d if alpha == 0.0 else (1.0 - alpha) * d + alpha * (2.0 - 2.0 * scores.s_ot)
 
     plain = pair_distances(scores.embeddings[0::2], scores.embeddings[1::2])
     if scores.flipped is None:
