@@ -258,13 +258,20 @@ class OnnxEmbedder:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Args: images ``(N, 3, H, W)`` uint8 RGB. Returns: ``(N, D)`` float32 embeddings."""
+        (feats,) = self.run_outputs(images, [self.output_name])
+        return feats.reshape(len(feats), -1) if len(feats) else np.zeros((0, 0), np.float32)
+
+    def run_outputs(self, images: np.ndarray, names: Sequence[str]) -> List[np.ndarray]:
+        """The model's outputs ``names`` for ``(N, 3, H, W)`` uint8 RGB faces, as float32 arrays
+        of ``N`` rows: the faces normalised as in training, run ``batch_size`` at a time (a
+        fixed batch axis padded, the padding cut off)."""
         fixed = tuple(self.input_shape[1:])
         if all(isinstance(v, int) for v in fixed) and fixed != tuple(images.shape[1:]):
             raise ValueError(
                 f"{self.path} takes input {fixed} per face, the faces here are "
                 f"{tuple(images.shape[1:])}"
             )
-        out = []
+        out: List[List[np.ndarray]] = [[] for _ in names]
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size].astype(np.float32)
             batch = (batch / 255.0 - 0.5) / 0.5
@@ -272,9 +279,9 @@ class OnnxEmbedder:
             if self.fixed_batch and n < self.batch_size:  # the last, short batch: pad, then cut
                 pad = np.zeros((self.batch_size - n,) + batch.shape[1:], np.float32)
                 batch = np.concatenate([batch, pad])
-            feats = self.session.run([self.output_name], {self.input_name: batch})[0]
-            out.append(np.asarray(feats, dtype=np.float32).reshape(len(batch), -1)[:n])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+            for sink, value in zip(out, self.session.run(list(names), {self.input_name: batch})):
+                sink.append(np.asarray(value, dtype=np.float32)[:n])
+        return [np.concatenate(v) if v else np.zeros((0,), np.float32) for v in out]
 
 
 def network_from_training_log(model_path: PathLike) -> Optional[str]:

@@ -205,14 +205,8 @@ class OnnxLocalEmbedder:
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Args: images ``(N, 3, H, W)`` uint8 RGB. Returns: embeddings and local features."""
-        session, name = self._onnx.session, self._onnx.input_name
-        embeddings, local = [], []
-        for start in range(0, len(images), self._onnx.batch_size):
-            batch = images[start : start + self._onnx.batch_size].astype(np.float32)
-            emb, points = session.run(None, {name: (batch / 255.0 - 0.5) / 0.5})
-            embeddings.append(np.asarray(emb, np.float32))
-            local.append(np.asarray(points, np.float32))
-        return np.concatenate(embeddings), np.concatenate(local)
+        emb, points = self._onnx.run_outputs(images, ["embedding", "local"])
+        return emb, points
 
 
 def open_local_embedder(embedder, options: RerankOptions):
