@@ -51,6 +51,19 @@ def test_the_new_sets_change_no_earlier_file(small, tmp_path, monkeypatch):
             assert full[name] == data, name
 
 
+def test_the_occluded_ijb_target_changes_no_earlier_file(small, tmp_path, monkeypatch):
+    import otface.demo.ijb as ijb_writer
+
+    monkeypatch.setattr(ijb_writer, "_write_occluded_target", lambda *a, **k: None)
+    without = _files(demo.generate_demo(tmp_path / "without", seed=5, **SMALL))
+    full = _files(small)
+    new = {name for name in full if "demo_occluded" in name or "/occ_" in name}
+    assert new and not new & set(without) and set(full) - new == set(without)
+    for name, data in without.items():
+        if name != "README.txt":  # it describes the new target too
+            assert full[name] == data, name
+
+
 def test_same_seed_same_bytes_other_seed_other_faces(small, tmp_path):
     again = demo.generate_demo(tmp_path / "again", seed=5, **SMALL)
     other = demo.generate_demo(tmp_path / "other", seed=6, **SMALL)
