@@ -394,7 +394,8 @@ def test_cli_data_demo_with_network_from_training_log(tmp_path, demo_env, capsys
     assert len(list((run / "ijb_demo").glob("demo_features_*.npy"))) == 1
     # an explicit --network wins over the log
     assert script.main(argv + ["--network", "r50"]) == 1
-    assert "does not match --network 'r50'" in error_line(capsys)
+    line = error_line(capsys)
+    assert "does not match --network 'r50'" in line and "looks like network 'r18_lite'" in line
 
 
 def test_feature_cache_key_covers_model_content_network_and_flip(tmp_path):

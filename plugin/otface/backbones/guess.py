@@ -13,7 +13,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-__all__ = ["guess_network"]
+__all__ = ["guess_network", "network_hint"]
 
 Shapes = Dict[str, Tuple[int, ...]]
 
@@ -101,3 +101,17 @@ def guess_network(state: Mapping[str, torch.Tensor]) -> Optional[str]:
         if score > best_score:
             best, best_score = name, score
     return f"nearest: {best}" if best is not None and best_score >= _NEAR else None
+
+
+def network_hint(state: Mapping[str, torch.Tensor]) -> str:
+    """What :func:`guess_network` makes of ``state``, as a phrase for an error message:
+    ``"it looks like network 'r50' with embedding_size 512"``, ``"it is closest to network
+    'r50', but not equal"`` or ``"it matches none of this project's networks"``."""
+    looks = guess_network(state)
+    if looks is None:
+        return "it matches none of this project's networks"
+    if looks.startswith("nearest: "):
+        return f"it is closest to network {looks[len('nearest: ') :]!r}, but not equal"
+    features = state.get("features.weight")
+    size = f" with embedding_size {tuple(features.shape)[0]}" if features is not None else ""
+    return f"it looks like network {looks!r}{size}"

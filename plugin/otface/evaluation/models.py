@@ -149,14 +149,17 @@ def load_state_into(
     """Load ``state`` into ``backbone`` strictly, explaining any key or shape mismatch.
 
     Raises:
-        ValueError: naming ``network``, the source, the number of differing keys and the first
-            few of them, when ``state`` was not written by this architecture.
+        ValueError: naming ``network``, the source, the number of differing keys, the first
+            few of them and the network ``state`` looks like, when it was not written by this
+            architecture.
     """
     diffs = state_differences(state_shapes(backbone), state_shapes(state))
     if diffs:
+        from otface.backbones.guess import network_hint
+
         raise ValueError(
             f"{source} does not match --network {network!r}: {len(diffs)} differing keys "
-            f"(e.g. {'; '.join(diffs[:3])}). Was the model trained with another network?"
+            f"(e.g. {'; '.join(diffs[:3])}); {network_hint(state)}"
         )
     backbone.load_state_dict(state, strict=True)
     return backbone
