@@ -62,6 +62,7 @@ from otface.evaluation.ijb_rerank import (
 )
 from otface.evaluation.metrics import TAR_METHODS
 from otface.evaluation.models import (
+    TorchEmbedder,
     open_embedder,
     resolve_device,
     resolve_model_path,
@@ -169,6 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 cache_file=cache_file,
                 local_cache_file=out_dir
                 / f"{target.lower()}_local_{key}_{grid}_faceness{int(args.faceness)}.npy",
+                # An ONNX model's local features come from its _local.onnx: stage 1 keeps to
+                # the model file itself, as without --rerank.
+                stage1_embedder=None if isinstance(embedder, TorchEmbedder) else embedder,
             )
             ot_device = resolve_device(args.device)
         name = model_file.parent.name if model_file.stem == "model" else model_file.stem

@@ -269,7 +269,7 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch, tiny_demo):
     work.mkdir()
     torch.manual_seed(0)
     torch.save(get_model("r18_lite").state_dict(), work / "model.pt")
-    onnx_path = export_model(work, network="r18_lite", package=False).onnx_path
+    onnx_path = export_model(work, network="r18_lite", package=False, local_features=True).onnx_path
     script = load_eval_script("ijb")
     common = ["--data", str(data / "ijb"), "--target", "demo", "--num-workers", "2"]
     pt_args = ["--model", str(work / "model.pt"), "--network", "r18_lite", "--device", "cpu"]
@@ -279,6 +279,11 @@ def test_demo_end_to_end_pt_and_onnx(tmp_path, monkeypatch, tiny_demo):
     pt_scores = np.load(tmp_path / "pt" / "demo_scores.npy")
     ox_scores = np.load(tmp_path / "ox" / "demo_scores.npy")
     np.testing.assert_allclose(pt_scores, ox_scores, atol=1e-4)
+    # Re-scoring an ONNX model reads model_local.onnx; stage 1 stays model.onnx's own.
+    rerank = ["--rerank", "ot", "--output", str(tmp_path / "ox_rr")]
+    assert script.main(ox_args[:2] + common + rerank) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "ox_rr" / "demo_scores.npy"), ox_scores)
+    assert np.load(tmp_path / "ox_rr" / "demo_scores_rerank_ot.npy").shape == ox_scores.shape
     pt_table = _table_values(tmp_path / "pt" / "demo_tar_at_far.txt")
     np.testing.assert_allclose(pt_table, _table_values(tmp_path / "ox" / "demo_tar_at_far.txt"))
     labels = np.loadtxt(data / "ijb" / "meta" / "demo_template_pair_label.txt", dtype=int)[:, 2]

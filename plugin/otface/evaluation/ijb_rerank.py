@@ -36,6 +36,7 @@ from otface.evaluation.ijb import (
     pool_template_features,
     read_feature_cache,
     results_from_scores,
+    template_features,
     write_feature_cache,
 )
 from otface.evaluation.ijb_1n import IdentificationResult, identification_result, template_rows
@@ -82,24 +83,24 @@ class LocalPool:
         weight = 1.0 / per_group[group]
         if faceness:
             weight = weight * np.asarray(meta.faceness, np.float64)
-        self.weight = weight.astype(np.float32)
-        self.templates, self.row = np.unique(np.asarray(meta.templates), return_inverse=True)
-        self.row = self.row.reshape(-1)
-        self._sum: Optional[np.ndarray] = None
+        self.weight = torch.from_numpy(weight.astype(np.float32))
+        templates, row = np.unique(np.asarray(meta.templates), return_inverse=True)
+        self.templates, self.row = templates, torch.from_numpy(row.reshape(-1).astype(np.int64))
+        self._sum: Optional[torch.Tensor] = None
 
     def add(self, faces: np.ndarray, points: np.ndarray) -> None:
         """Adds ``points`` ``(B, P, C)``, the local features of faces ``faces`` ``(B,)``."""
+        faces_t = torch.from_numpy(np.asarray(faces, np.int64))
+        pts = torch.from_numpy(np.asarray(points, np.float32))
         if self._sum is None:
-            shape = (len(self.templates), points.shape[1], points.shape[2])
-            self._sum = np.zeros(shape, np.float32)
-        np.add.at(self._sum, self.row[faces], points * self.weight[faces, None, None])
+            self._sum = torch.zeros((len(self.templates),) + tuple(pts.shape[1:]))
+        self._sum.index_add_(0, self.row[faces_t], pts * self.weight[faces_t, None, None])
 
     def result(self) -> TemplateLocal:
         if self._sum is None:
             raise ValueError("no local features were added")
-        norms = np.linalg.norm(self._sum, axis=-1, keepdims=True)
-        local = (self._sum / np.maximum(norms, 1e-12)).astype(np.float16)
-        return TemplateLocal(self.templates, local)
+        local = torch.nn.functional.normalize(self._sum, dim=-1, eps=1e-12)
+        return TemplateLocal(self.templates, local.to(torch.float16).numpy())
 
 
 def template_features_with_local(
@@ -110,14 +111,28 @@ def template_features_with_local(
     options: Optional[FeatureOptions] = None,
     cache_file: Optional[PathLike] = None,
     local_cache_file: Optional[PathLike] = None,
+    stage1_embedder=None,
 ) -> Tuple[IJBMeta, TemplateFeatures, TemplateLocal]:
     """:func:`otface.evaluation.ijb.template_features` plus the template-level local features.
 
     One pass over the faces gives both (``local_embedder`` returns embeddings and local
     features); with both caches present nothing is extracted. The embedding cache is the one
-    stage 1 reads and writes, so stage 1 is the same with and without re-scoring.
+    stage 1 reads and writes, so stage 1 is the same with and without re-scoring. Where the
+    local features come from another model file than the embeddings (an ONNX model's
+    ``_local.onnx``), pass the embeddings' own embedder as ``stage1_embedder``: stage 1 is then
+    extracted by it, as without re-scoring, and the local pass keeps only local features.
     """
     options = options or FeatureOptions()
+    if stage1_embedder is not None:
+        meta, pooled = template_features(
+            stage1_embedder, data_dir, target, options=options, cache_file=cache_file
+        )
+        local = None
+        if local_cache_file is not None and Path(local_cache_file).is_file():
+            local = _read_local_cache(Path(local_cache_file), meta)
+        if local is None:
+            local = _extract_local(local_embedder, meta, options, local_cache_file)[1]
+        return meta, pooled, local
     meta = read_ijb_meta(data_dir, target)
     n = len(meta.image_names)
     feats = read_feature_cache(Path(cache_file), n) if cache_file is not None else None
@@ -125,21 +140,30 @@ def template_features_with_local(
     if local_cache_file is not None and Path(local_cache_file).is_file():
         local = _read_local_cache(Path(local_cache_file), meta)
     if feats is None or local is None:
-        pool = LocalPool(meta, faceness=options.faceness)
-        feats = extract_features(
-            local_embedder,
-            meta,
-            flip=options.flip,
-            batch_size=options.batch_size,
-            num_workers=options.num_workers,
-            local_pool=pool,
-        )
-        local = pool.result()
+        feats, local = _extract_local(local_embedder, meta, options, local_cache_file)
         if cache_file is not None:
             write_feature_cache(Path(cache_file), feats)
-        if local_cache_file is not None:
-            write_feature_cache(Path(local_cache_file), local.local)
     return meta, pool_template_features(meta, feats, faceness=options.faceness), local
+
+
+def _extract_local(
+    local_embedder, meta: IJBMeta, options: FeatureOptions, local_cache_file
+) -> Tuple[np.ndarray, TemplateLocal]:
+    """One pass over ``meta``'s faces: raw image features and pooled local features (cached
+    in ``local_cache_file`` when given)."""
+    pool = LocalPool(meta, faceness=options.faceness)
+    feats = extract_features(
+        local_embedder,
+        meta,
+        flip=options.flip,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        local_pool=pool,
+    )
+    local = pool.result()
+    if local_cache_file is not None:
+        write_feature_cache(Path(local_cache_file), local.local)
+    return feats, local
 
 
 def _read_local_cache(path: Path, meta: IJBMeta) -> Optional[TemplateLocal]:
