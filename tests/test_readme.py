@@ -55,13 +55,81 @@ def _written_by(where: str) -> set[str]:
     return set(re.findall(r"^<!-- file: (\S+) -->$", text, flags=re.M))
 
 
+# Every target's --help, all in one Python process (importing torch once, not once per
+# target): each runs as `python TARGET --help` would, its output captured.
+_ALL_HELP = r"""
+import contextlib, io, json, runpy, sys
+out = {}
+for target in json.loads(sys.argv[1]):
+    buf, saved = io.StringIO(), (list(sys.argv), list(sys.path))
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            if target[0] == "-m":
+                sys.argv = [target[1], *target[2:], "--help"]
+                runpy.run_module(target[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = [target[0], *target[1:], "--help"]
+                sys.path.insert(0, target[0].rsplit("/", 1)[0] if "/" in target[0] else ".")
+                runpy.run_path(target[0], run_name="__main__")
+        except SystemExit:
+            pass
+        except Exception as exc:
+            print(f"{type(exc).__name__}: {exc}")
+    sys.argv, sys.path[:] = saved
+    out[json.dumps(target)] = buf.getvalue()
+print("\n" + json.dumps(out))
+"""
+
+
 @functools.lru_cache(maxsize=None)
-def _help(target: tuple[str, ...]) -> str:
+def _all_help() -> dict:
+    import json
+
+    targets = sorted({t for _, cmd in ALL for t in [_target_of(cmd)] if t is not None})
     env = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"))
     done = subprocess.run(
-        [sys.executable, *target, "--help"], capture_output=True, text=True, cwd=ROOT, env=env
+        [sys.executable, "-c", _ALL_HELP, json.dumps(targets)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
-    return done.stdout + done.stderr
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {tuple(json.loads(k)): v for k, v in found.items()}
+
+
+def _help(target: tuple[str, ...]) -> str:
+    return _all_help()[target]
+
+
+def _target_of(command: str):
+    """What ``--help`` is asked of for ``command``: ``("-m", module[, sub-command])`` or
+    ``(script,)``; None for commands that are not ours."""
+    words = shlex.split(command)
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+        words = words[1:]
+    if not words:
+        return None
+    program = os.path.basename(words[0])
+    if program == "torchrun":
+        words = [sys.executable] + words[
+            next(i for i, w in enumerate(words) if w.endswith(".py")) :
+        ]
+        program = "python"
+    if not program.startswith("python") or len(words) < 2:
+        return None
+    args = words[1:]
+    if args[:1] == ["-m"]:
+        if not args[1].startswith("otface"):
+            return None
+        rest = args[2:]
+        if rest and re.fullmatch(r"[a-z][a-z-]*", rest[0]):
+            return ("-m", args[1], rest[0])
+        return ("-m", args[1])
+    if Path(args[0]).name in OVERLAY or not (ROOT / args[0]).is_file():
+        return None
+    return (args[0],)
 
 
 def _makefile_targets() -> set[str]:
