@@ -139,7 +139,12 @@ def test_generate_is_deterministic_and_seed_dependent(tiny, tmp_path):
     again = _files(demo.generate_demo(tmp_path / "same", seed=3, **TINY))
     assert again == _files(tiny)
     other = _files(demo.generate_demo(tmp_path / "other", seed=4, **TINY))
-    assert other.keys() == again.keys()
+
+    # The same files, but for the occluded probes' images: which templates are probes is drawn.
+    def fixed(files):
+        return {k for k in files if "/occ_" not in k}
+
+    assert fixed(other) == fixed(again)
     for name in ["train.rec", "demo_lfw.bin", "ijb/loose_crop/1.jpg"]:
         assert other[name] != again[name], name
     assert other["ijb/meta/demo_name_5pts_score.txt"] != again["ijb/meta/demo_name_5pts_score.txt"]
