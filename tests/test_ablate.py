@@ -236,7 +236,8 @@ def test_cli_end_to_end_on_tiny_data(tmp_path, capsys, tiny_demo):
     assert "run 1/2: demo_arcface seed 2048" in first and "run 2/2: demo_otface" in first
     assert "Δ vs demo_arcface" in first and "TAR@1e-3" in first
     result = read_result(out / "demo_otface" / "seed2048")
-    assert set(result.verification) == {"demo_lfw", "demo_hard", "demo_mask", "demo_crop"} and result.ijb_target == "demo"
+    assert set(result.verification) == {"demo_lfw", "demo_hard", "demo_mask", "demo_crop"}
+    assert result.ijb_target == "demo"
     assert result.curve["demo_lfw"][-1][0] == 2  # verified at the last of 2 steps
     assert main(argv) == 0  # again: both runs are skipped
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2

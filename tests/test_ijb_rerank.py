@@ -8,9 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from otface.evaluation.ijb import TemplateFeatures, verify_templates
+from otface.evaluation.ijb_1n import identification_result
 from otface.evaluation.ijb_meta import IJBMeta
-from otface.evaluation.ijb_rerank import LocalPool
-from otface.evaluation.rerank import local_points, mirror_points
+from otface.evaluation.ijb_rerank import (
+    LocalPool,
+    TemplateLocal,
+    rerank_identification,
+    rerank_verification,
+)
+from otface.evaluation.rerank import RerankOptions, local_points, mirror_points
 
 
 def _meta(templates, medias, faceness):
@@ -59,3 +66,36 @@ def test_mirror_points_lines_up_the_mirror_images_patches():
     )
     tokens = np.zeros((1, 5, 3))  # not a square grid (a ViT with a class token): unchanged
     assert mirror_points(tokens) is tokens
+
+
+def test_alpha_zero_reproduces_stage_one_exactly_in_both_protocols():
+    rng = np.random.default_rng(1)
+    templates = np.arange(1, 13)
+    feats = rng.normal(size=(12, 8)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    pooled = TemplateFeatures(templates, feats)
+    local = TemplateLocal(templates, rng.normal(size=(12, 4, 8)).astype(np.float16))
+    pairs = np.array([[a, b] for a in range(1, 13) for b in range(a + 1, 13)])
+    meta = _meta(list(templates), list(templates), [1.0] * 12)._replace(
+        pair_templates=pairs, pair_labels=(pairs[:, 0] % 3 == pairs[:, 1] % 3).astype(np.int64)
+    )
+    stage1 = verify_templates(meta, pooled, "t")
+    for alpha, same in ((0.0, True), (0.5, False)):
+        stage2, _ = rerank_verification(meta, pooled, local, stage1, RerankOptions(alpha=alpha))
+        assert np.array_equal(stage2.scores, stage1.scores) == same
+        if same:
+            np.testing.assert_array_equal(stage2.tars, stage1.tars)
+    sim = feats[:6] @ feats[6:].T
+    ident = identification_result(
+        sim,
+        np.array([0, 1, 2, -1, 4, 5]),
+        "t",
+        probe_templates=templates[:6],
+        gallery_templates=templates[6:],
+    )
+    zero, _ = rerank_identification(ident, local, RerankOptions(alpha=0.0, k=3))
+    np.testing.assert_array_equal(zero.similarity, ident.similarity)
+    np.testing.assert_array_equal(zero.cmc, ident.cmc)
+    np.testing.assert_array_equal(zero.tpirs, ident.tpirs)
+    moved, _ = rerank_identification(ident, local, RerankOptions(alpha=0.5, k=3))
+    assert not np.array_equal(moved.similarity, ident.similarity)
