@@ -18,6 +18,7 @@ from otface.console_log import ConsoleHandler
 __all__ = [
     "OutputWriteError",
     "SafeSummaryWriter",
+    "close_log_file",
     "init_logging",
     "MetricMeter",
     "StepLogger",
@@ -139,6 +140,16 @@ def init_logging(rank: int, output: str) -> logging.Logger:
     _FAILED_WRITE.clear()
     threading.excepthook = _thread_excepthook
     return root
+
+
+def close_log_file() -> None:
+    """Stop writing ``training.log`` (the console handlers stay): before a failed start
+    removes what it wrote."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from otface.train.guard import (
     TooManySkippedSteps,
     first_nonfinite,
 )
+from otface.train.identity import new_run_id, share, stamp_model
 from otface.train.log import SafeSummaryWriter, StepLogger, raise_write_failure
 from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.model import (
@@ -51,11 +53,12 @@ from otface.train.model import (
 from otface.train.optim import GRAD_CLIP_NORM as GRAD_CLIP_NORM  # re-exported for benchmarks
 from otface.train.optim import build_grad_scaler, build_optimizer
 from otface.train.prefetch import DevicePrefetcher
-from otface.train.resume import ResumeMixin
+from otface.train.resume import SHAPE_KEYS, ResumeMixin, resume_run_id
 from otface.train.rng import capture_rng_state, seed_everything
 from otface.train.signals import RUN, signals_deferred
 from otface.train.step import StepMixin
 from otface.train.wandb_log import WandbLogger, redact
+from otface.train.workers import dead_worker_error
 
 __all__ = [
     "Trainer",
@@ -158,6 +161,8 @@ class Trainer(StepMixin, ResumeMixin):
         self.start_batch = 0
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step: int | None = None
+        # This run's id (otface.train.identity): set by fit for a fresh start, or by resume.
+        self.run_id: str | None = None
         # The step this process started from (after a resume): its first step is logged too.
         self.log_start_step = 0
         self._resumed_rng: dict | None = None
@@ -177,6 +182,9 @@ class Trainer(StepMixin, ResumeMixin):
             "state_grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
             "rng_state": capture_rng_state(),
             "skipped_steps": self.skips.total,
+            "run_id": self.run_id,
+            # What fixes the tensors' shapes: a resume compares it before reading them.
+            "run_config": {key: self.cfg[key] for key in SHAPE_KEYS},
             # Elastic resume: the layout of the class centres, what epoch_step counts, and
             # where the global step sits on the schedule.
             "world_size": self.env.world_size,
@@ -206,6 +214,7 @@ class Trainer(StepMixin, ResumeMixin):
         path = model_path(self.cfg.output)
         state = self.backbone.state_dict()
         _refuse_nonfinite(state, f"{path} at global step {self.global_step}")
+        stamp_model(state, run_id=self.run_id, global_step=self.global_step)
         with signals_deferred():
             atomic_save(state, path)
         return path
@@ -228,15 +237,17 @@ class Trainer(StepMixin, ResumeMixin):
             )
 
 
-def _tensorboard_dir(cfg) -> str:
-    """``output/tensorboard/<start time>``: one sub-folder per run, so that TensorBoard shows
-    runs apart; a resumed run continues the newest one."""
+def _tensorboard_dir(cfg, run_id: str) -> str:
+    """``output/tensorboard/<run id>``: one sub-folder per run, so that TensorBoard shows
+    runs apart; a resumed run continues its own (or, for a run from before run ids, the
+    newest one)."""
     root = os.path.join(cfg.output, "tensorboard")
-    if cfg.resume and os.path.isdir(root):
+    own = os.path.join(root, run_id)
+    if cfg.resume and not os.path.isdir(own) and os.path.isdir(root):
         runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if runs:
             return os.path.join(root, runs[-1])
-    return os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
+    return own
 
 
 def _warn_earlier_checkpoint(cfg, env: DistEnv) -> None:
@@ -265,16 +276,22 @@ def _refuse_nonfinite(tensors, what: str) -> None:
         )
 
 
-def _log_config(cfg, env: DistEnv, total_step: int) -> None:
-    """A header line for this run, a one-line summary on screen, and every key in the log."""
+def _log_header(cfg, env: DistEnv, run_id: str) -> None:
+    """The line that opens this start's part of the log, naming its run (a resume names the
+    run it continues: :func:`otface.train.identity.log_run_id` reads it back)."""
     logging.info(
-        "==== run started %s: %s (resume = %s, %d rank%s) ====",
+        "==== run started %s: %s (run %s, resume = %s, %d rank%s) ====",
         time.strftime("%Y-%m-%d %H:%M:%S"),
         " ".join(sys.argv) or "(library call)",
+        run_id,
         cfg.resume,
         env.world_size,
         "" if env.world_size == 1 else "s",
     )
+
+
+def _log_config(cfg, total_step: int) -> None:
+    """A one-line summary on screen, and every key in the log."""
     loss = cfg.loss
     if loss == "otface":
         loss += f" (lambda_ot {cfg.otface.lambda_ot:g}, {cfg.otface.distance})"
@@ -297,19 +314,28 @@ def fit(
     *,
     backbone_factory: BackboneFactory | None = None,
     dataset=None,
+    on_first_step: Callable[[], None] | None = None,
 ) -> Trainer:
     """Run the whole training job of ``cfg`` on this rank.
 
     ``backbone_factory(cfg, device)`` builds the network (default :func:`build_backbone`).
     ``dataset`` is what :func:`prepare_data` returned, when the caller ran it.
+    ``on_first_step()`` is called once, after this start's first training step.
+
+    Raises:
+        DataLoaderWorkerDied: a DataLoader worker process died (one line: which, how).
     """
     seed_everything(cfg.seed)
     if dataset is None:
         dataset = prepare_data(cfg)
     loader = build_loader(cfg, env, dataset)
-    for stale in remove_stale_temp_files(cfg.output, rank=env.rank):
-        logging.warning("removed %s, left by an interrupted save", stale)
     trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
+    trainer.run_id = resume_run_id(cfg.output, env) if cfg.resume else None
+    if trainer.run_id is None:  # a fresh start, or a folder where nothing names a run
+        trainer.run_id = share(new_run_id(), distributed=env.distributed)
+    if env.rank == 0:
+        _log_header(cfg, env, trainer.run_id)
+    remove_stale_temp_files(cfg.output, rank=env.rank)  # (warns naming them)
     if cfg.resume:
         trainer.resume()
     else:
@@ -329,8 +355,8 @@ def fit(
     verification = None
     wandb_run = None
     if env.rank == 0:
-        writer = SafeSummaryWriter(_tensorboard_dir(cfg))
-        _log_config(cfg, env, trainer.total_step)
+        writer = SafeSummaryWriter(_tensorboard_dir(cfg, trainer.run_id))
+        _log_config(cfg, trainer.total_step)
         for note in [*getattr(dataset, "size_notes", []), *trainer.init_notes]:
             logging.info("%s", note)
         wandb_run = WandbLogger.start(cfg, rank=env.rank)
@@ -372,6 +398,9 @@ def fit(
                 started = time.perf_counter()
                 out = trainer.train_step(img, labels)
                 step = trainer.global_step
+                if on_first_step is not None:
+                    on_first_step()
+                    on_first_step = None
                 if compiling:
                     # The compilation happens in the first step: say what it cost, once (the
                     # loss read waits for the step, as the first log line would).
@@ -430,6 +459,11 @@ def fit(
                 model_path(cfg.output),
             )
         finished = True
+    except RuntimeError as err:
+        died = dead_worker_error(err, loader, num_workers=int(cfg.get("num_workers", 0)))
+        if died is None:
+            raise
+        raise died from None
     finally:
         if writer is not None:
             writer.close()
