@@ -116,9 +116,16 @@ def test_the_run_id_is_in_the_log_checkpoints_and_model_and_kept_by_a_resume(
     restore()
     run_id = log_run_id(os.path.join(out, "training.log"))
     assert _run_ids(out) == {run_id}
+    stale = os.path.join(out, ".checkpoint_gpu_0.pt.abcd1234.tmp")  # left by a killed save
+    open(stale, "wb").write(b"x")
     assert run.main(path, resume=True) == 0
+    log = open(os.path.join(out, "training.log")).read()
     assert log_run_id(os.path.join(out, "training.log")) == run_id
     assert _run_ids(out) == {run_id}
+    # This start's lines come after its header, and the temp file is named once.
+    this_start = log.rsplit("==== run started", 1)[1]
+    assert "resumed from" in this_start and "abcd1234" in this_start
+    assert log.count("abcd1234") == 1 and not os.path.exists(stale)
     record = model_metadata(torch.load(os.path.join(out, "model.pt")))
     assert record == {"run_id": run_id, "global_step": 16}
     # model.pt stays a plain state_dict: the network loads it strictly.
@@ -321,3 +328,75 @@ def _cmdline(pid: int) -> str:
         return open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
     except OSError:
         return ""
+
+
+# -- §4: smaller things ----------------------------------------------------------------------------
+
+
+def test_a_full_disk_before_any_checkpoint_says_none_was_written(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from otface.train import log as train_log
+
+    path, out = _config(tmp_path, num_image=64, num_epoch=1, save_every=0)
+    original = loop.Trainer.train_step
+
+    def fill_the_disk(self, img, labels):
+        result = original(self, img, labels)
+        if self.global_step == 2:
+            err = OSError(errno.ENOSPC, "No space left on device")
+            train_log._record_failure(os.path.join(out, "training.log"), err)
+        return result
+
+    monkeypatch.setattr(loop.Trainer, "train_step", fill_the_disk)
+    assert run.main(path) == 1
+    line = error_line(capsys)
+    assert "No space left on device" in line and "training stopped" in line, line
+    assert "this run wrote no checkpoint" in line and "already written" not in line, line
+
+
+def test_a_diverged_run_stops_before_its_next_periodic_checkpoint(tmp_path, monkeypatch, capsys):
+    path, out = _config(
+        tmp_path,
+        num_image=64,
+        num_epoch=1,
+        save_every=2,
+        extra="config.max_skipped_fraction = 0.2\n",
+    )
+    original = loop.Trainer.train_step
+
+    def diverge(self, img, labels):  # every batch from step 3 on is NaN: its step is skipped
+        if self.global_step >= 2:
+            img = torch.full_like(img, float("nan"))
+        return original(self, img, labels)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", diverge)
+    assert run.main(path) == 1
+    assert "max_skipped_fraction" in error_line(capsys)
+    # Steps 3 and 4 were skipped (2 of 4): the save at step 4 is not made, nor any later one.
+    assert torch.load(checkpoint_path(out, 0), weights_only=False)["global_step"] == 2
+    assert not os.path.exists(os.path.join(out, "model.pt"))
+
+
+def test_a_warning_from_one_place_is_logged_once_per_run(tmp_path):
+    import warnings
+
+    from otface.train.log import close_log_file, init_logging
+
+    init_logging(0, str(tmp_path))
+    try:
+        for _ in range(5):
+            with warnings.catch_warnings():  # what clears Python's own once-per-place registry
+                warnings.simplefilter("default")
+            warnings.warn("autocast(args...) is deprecated", FutureWarning, stacklevel=1)
+    finally:
+        close_log_file()
+    log = (tmp_path / "training.log").read_text()
+    assert log.count("is deprecated") == 1, log
+
+
+def test_a_freeze_covering_the_whole_run_is_warned_about(tmp_path):
+    path, _ = _config(tmp_path, num_image=64, num_epoch=1, extra="config.freeze_steps = 200\n")
+    env = loop.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"freeze_steps = 200 covers the whole run of 8 steps"):
+        loop.Trainer(load_config(path), env)

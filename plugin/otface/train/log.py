@@ -51,10 +51,8 @@ def raise_write_failure() -> None:
     path, err = _FAILED_WRITE.pop()
     code = errno.errorcode.get(err.errno or 0, "")
     why = f"{err.strerror} ({code})" if err.strerror else str(err)
-    raise OutputWriteError(
-        f"cannot write {path}: {why}; training stopped, the checkpoints already written are "
-        "untouched"
-    )
+    # The caller adds which checkpoints this run wrote (none, or the last one and its step).
+    raise OutputWriteError(f"cannot write {path}: {why}; training stopped")
 
 
 class _LogFileHandler(logging.FileHandler):
@@ -137,6 +135,7 @@ def init_logging(rank: int, output: str) -> logging.Logger:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Python warnings go to the log as one line in words (no source line), each once per place.
     warnings.showwarning = _log_warning
+    _WARNED_PLACES.clear()
     _FAILED_WRITE.clear()
     threading.excepthook = _thread_excepthook
     return root
@@ -152,8 +151,21 @@ def close_log_file() -> None:
             handler.close()
 
 
+# Places (file, line, category) whose Python warning this run has logged. Python's own
+# once-per-place registry is cleared whenever any code changes the warning filters (a
+# `warnings.catch_warnings()` in a library's forward does, on every step), so a deprecation
+# warning of a backbone's forward would otherwise be logged on every step.
+_WARNED_PLACES: set[tuple[str, int, str]] = set()
+
+
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+    place = (str(filename), int(lineno or 0), category.__name__)
+    if place in _WARNED_PLACES:
+        return
+    _WARNED_PLACES.add(place)
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (logged once per run)", category.__name__, message
+    )
 
 
 class MetricMeter:

@@ -139,6 +139,14 @@ class Trainer(StepMixin, ResumeMixin):
         self.steps_per_epoch = cfg.num_image // self.total_batch_size
         self.warmup_step = int(self.steps_per_epoch * cfg.warmup_epoch)
         self.total_step = self.steps_per_epoch * cfg.num_epoch
+        if self.freezer.active and self.freezer.steps >= self.total_step and not cfg.resume:
+            what = "the backbone" if self.freezer.stages == "all" else "the frozen stages"
+            warnings.warn(
+                f"freeze_steps = {self.freezer.steps} covers the whole run of "
+                f"{self.total_step} steps: {what} will not train at all; set freeze_steps "
+                f"below {self.total_step} (e.g. {max(1, self.total_step // 4)})",
+                stacklevel=2,
+            )
         self.schedule = ScheduleMap(self.warmup_step, self.total_step)
         self.schedule_batch_size = self.total_batch_size  # the global batch it is laid out for
         self.lr_scheduler = build_lr_scheduler(
@@ -329,12 +337,13 @@ def fit(
     if dataset is None:
         dataset = prepare_data(cfg)
     loader = build_loader(cfg, env, dataset)
-    trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
-    trainer.run_id = resume_run_id(cfg.output, env) if cfg.resume else None
-    if trainer.run_id is None:  # a fresh start, or a folder where nothing names a run
-        trainer.run_id = share(new_run_id(), distributed=env.distributed)
+    run_id = resume_run_id(cfg.output, env) if cfg.resume else None
+    if run_id is None:  # a fresh start, or a folder where nothing names a run
+        run_id = share(new_run_id(), distributed=env.distributed)
     if env.rank == 0:
-        _log_header(cfg, env, trainer.run_id)
+        _log_header(cfg, env, run_id)  # first: what building the model warns comes after it
+    trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
+    trainer.run_id = run_id
     remove_stale_temp_files(cfg.output, rank=env.rank)  # (warns naming them)
     if cfg.resume:
         trainer.resume()
@@ -438,6 +447,8 @@ def fit(
                     and step % cfg.gradient_acc == 0
                     and batch_idx + 1 < trainer.steps_per_epoch
                 ):
+                    # A run past max_skipped_fraction has diverged: stop before saving it.
+                    trainer.check_skipped_fraction()
                     trainer.save_state(epoch=epoch, epoch_step=batch_idx + 1)
             trainer.check_skipped_fraction()  # every rank: they count the same skips
             if cfg.save_all_states or cfg.save_every_steps:

@@ -112,12 +112,15 @@ def main(
         CheckpointError,
         TooManySkippedSteps,
         NonFiniteState,
-        OutputWriteError,
         TooManyBadImages,
         OSError,
     ) as err:
         _undo_start(claim, trained)
         _report_error(str(err))
+        return 1
+    except OutputWriteError as err:  # a full disk under the log or TensorBoard's events
+        _undo_start(claim, trained)
+        _report_error(f"{err}; {_how_to_continue(cfg, config_path, env)}")
         return 1
     except DataLoaderWorkerDied as err:
         _report_error(f"{err}{_at_step()}; {_how_to_continue(cfg, config_path, env)}")
