@@ -356,13 +356,8 @@ def test_a_full_disk_before_any_checkpoint_says_none_was_written(tmp_path, monke
 
 
 def test_a_diverged_run_stops_before_its_next_periodic_checkpoint(tmp_path, monkeypatch, capsys):
-    path, out = _config(
-        tmp_path,
-        num_image=64,
-        num_epoch=1,
-        save_every=2,
-        extra="config.max_skipped_fraction = 0.2\n",
-    )
+    extra = "config.max_skipped_fraction = 0.2\n"
+    path, out = _config(tmp_path, num_image=64, num_epoch=1, save_every=2, extra=extra)
     original = loop.Trainer.train_step
 
     def diverge(self, img, labels):  # every batch from step 3 on is NaN: its step is skipped
