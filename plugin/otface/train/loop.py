@@ -123,9 +123,6 @@ class Trainer(StepMixin, ResumeMixin):
                     cfg, self.criterion.partial_fc, rank=env.rank, world_size=env.world_size
                 )
             )
-        self.freezer = Freezer(cfg, self.backbone)
-        if self.freezer.active:
-            self.init_notes.append(self.freezer.describe())
         if float(cfg.get("backbone_lr_mult", 1.0)) != 1.0:
             self.init_notes.append(
                 f"backbone_lr_mult: the backbone learns at {cfg.backbone_lr_mult:g} x lr; the "
@@ -139,12 +136,15 @@ class Trainer(StepMixin, ResumeMixin):
         self.steps_per_epoch = cfg.num_image // self.total_batch_size
         self.warmup_step = int(self.steps_per_epoch * cfg.warmup_epoch)
         self.total_step = self.steps_per_epoch * cfg.num_epoch
+        self.freezer = Freezer(cfg, self.backbone, total_steps=self.total_step)
+        if self.freezer.active:
+            self.init_notes.append(self.freezer.describe())
         if self.freezer.active and self.freezer.steps >= self.total_step and not cfg.resume:
             what = "the backbone" if self.freezer.stages == "all" else "the frozen stages"
             warnings.warn(
-                f"freeze_steps = {self.freezer.steps} covers the whole run of "
+                f"freeze_steps = {cfg.freeze_steps} covers the whole run of "
                 f"{self.total_step} steps: {what} will not train at all; set freeze_steps "
-                f"below {self.total_step} (e.g. {max(1, self.total_step // 4)})",
+                f"below {self.total_step}, or to a fraction of the run (e.g. 0.25)",
                 stacklevel=2,
             )
         self.schedule = ScheduleMap(self.warmup_step, self.total_step)

@@ -199,6 +199,8 @@ def resume_command(config_path: str, env) -> str:
 def _how_to_continue(cfg, config_path: str, env) -> str:
     """This run's last checkpoint and the command that resumes from it, or why there is
     nothing to resume."""
+    if RUN.last_checkpoint is None and cfg.resume:  # stopped before it resumed: nothing changed
+        return f"its checkpoints are as they were; to continue: {resume_command(config_path, env)}"
     where = _this_runs_checkpoint(cfg.output)
     if RUN.last_checkpoint is not None:
         return f"{where}; to continue: {resume_command(config_path, env)}"
