@@ -395,3 +395,36 @@ def test_a_freeze_covering_the_whole_run_is_warned_about(tmp_path):
     env = loop.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     with pytest.warns(UserWarning, match=r"freeze_steps = 200 covers the whole run of 8 steps"):
         loop.Trainer(load_config(path), env)
+
+
+def test_a_folder_holds_a_run_only_once_a_run_has_trained(tmp_path):
+    from otface.train.claim import holds_run
+
+    assert holds_run(str(tmp_path / "absent")) == []
+    log = tmp_path / "training.log"
+    log.write_text("Training: ...-==== run started ...: train.py configs/x (run 1-2-3, ...) ====\n")
+    assert holds_run(str(tmp_path)) == []  # a start that never reached its first step
+    with log.open("a") as f:
+        f.write("Training: ...-Speed 1.0 samples/sec   Loss 1.0   Epoch: 0   Global Step: 1\n")
+    assert holds_run(str(tmp_path)) == ["training.log"]
+    (tmp_path / "checkpoint_gpu_0.prev.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint_gpu_0.prev.pt.sha256").write_text("x")
+    assert holds_run(str(tmp_path)) == ["checkpoint_gpu_0.prev.pt", "training.log"]
+
+
+def test_a_dead_worker_is_named_with_its_signal_and_cause():
+    from types import SimpleNamespace
+
+    from otface.train.workers import dead_worker_error
+
+    workers = [SimpleNamespace(pid=11, exitcode=None), SimpleNamespace(pid=12, exitcode=-9)]
+    loader = SimpleNamespace(_iterator=SimpleNamespace(_workers=workers))
+    err = RuntimeError("DataLoader worker (pid(s) 12) exited unexpectedly")
+    message = str(dead_worker_error(err, loader, num_workers=2))
+    assert message.startswith("DataLoader worker pid 12 was killed by SIGKILL: most likely")
+    assert "num_workers = 2" in message
+    # Without the processes (not persistent), torch's own words name the signal.
+    err = RuntimeError("DataLoader worker (pid 13) is killed by signal: Segmentation fault. ")
+    message = str(dead_worker_error(err, None, num_workers=4))
+    assert message == "DataLoader worker pid 13 was killed by SIGSEGV"
+    assert dead_worker_error(RuntimeError("CUDA out of memory"), loader, num_workers=2) is None

@@ -19,12 +19,12 @@ import time
 import torch
 
 from otface.config import ConfigError
+from otface.train.identity import LOG_NAME
 
 __all__ = ["EXISTING_RUN", "OutputClaim", "claim_output", "holds_run"]
 
 EXISTING_RUN = ("refuse", "overwrite", "move-aside")
 
-LOG_NAME = "training.log"
 _TENSORBOARD = "tensorboard"
 _ASIDE = ".replaced"
 # A run's own files. Checkpoints with their rotation partners, sidecars and quarantined copies;
