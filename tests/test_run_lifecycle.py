@@ -428,3 +428,21 @@ def test_a_dead_worker_is_named_with_its_signal_and_cause():
     message = str(dead_worker_error(err, None, num_workers=4))
     assert message == "DataLoader worker pid 13 was killed by SIGSEGV"
     assert dead_worker_error(RuntimeError("CUDA out of memory"), loader, num_workers=2) is None
+
+
+def test_an_overwrite_killed_before_its_first_step_gives_the_old_run_back(tmp_path, capsys):
+    path, out = _config(tmp_path, num_image=16, num_epoch=1)
+    aside = os.path.join(out, ".replaced")
+    os.makedirs(os.path.join(aside, "tensorboard", "old-run"))
+    old_log = "Training: x-==== run started (run old-run, ...) ====\nTraining: Global Step: 1\n"
+    open(os.path.join(aside, "training.log"), "w").write(old_log)
+    open(os.path.join(aside, "checkpoint_gpu_0.pt"), "wb").write(b"the old run's")
+    # What the killed start had written in their place: a log with no step, its events folder.
+    open(os.path.join(out, "training.log"), "w").write("Training: x-==== run started ====\n")
+    os.makedirs(os.path.join(out, "tensorboard", "new-run"))
+    assert run.main(path) == 2  # the old run is back, so a plain start is refused again
+    assert "already holds a run" in error_line(capsys)
+    assert not os.path.exists(aside)
+    assert open(os.path.join(out, "training.log")).read() == old_log
+    assert os.listdir(os.path.join(out, "tensorboard")) == ["old-run"]
+    assert open(checkpoint_path(out, 0), "rb").read() == b"the old run's"

@@ -6,7 +6,9 @@ or a ``training.log`` with a step line. ``--overwrite`` sets the old run's files
 ``output/.replaced`` when it starts and deletes them after the new run's first step; a start
 that fails before that step puts them back and removes what it wrote itself (its log lines,
 its TensorBoard files, the folder when it made it), so that the folder is as it was and the
-corrected command runs without a flag.
+corrected command runs without a flag. One killed outright in that window leaves
+``output/.replaced``; the next start puts the old run back (or, if the new run had trained,
+finishes deleting it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import torch
 from otface.config import ConfigError
 from otface.train.identity import LOG_NAME
 
-__all__ = ["EXISTING_RUN", "OutputClaim", "claim_output", "holds_run"]
+__all__ = [
+    "EXISTING_RUN",
+    "OutputClaim",
+    "claim_output",
+    "holds_run",
+    "settle_interrupted_overwrite",
+]
 
 EXISTING_RUN = ("refuse", "overwrite", "move-aside")
 
@@ -177,6 +185,30 @@ def claim_output(cfg, env, existing: str) -> OutputClaim | None:
         claim.set_aside()
     _check_output_writable(output)
     return claim
+
+
+def settle_interrupted_overwrite(output: str) -> None:
+    """An ``--overwrite`` killed (SIGKILL, a power cut) before :meth:`OutputClaim.keep` or
+    :meth:`OutputClaim.undo` ran leaves ``output/.replaced``: if the new run never trained, the
+    old run is put back; if it did, the old run's files are deleted as planned. Rank 0 calls it
+    before anything looks at the folder."""
+    aside = os.path.join(output, _ASIDE)
+    if not os.path.isdir(aside):
+        return
+    if holds_run(output):
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    for name in os.listdir(aside):
+        target = os.path.join(output, name)
+        if os.path.isdir(target):  # what the interrupted start wrote in its place
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.unlink(target)
+        os.replace(os.path.join(aside, name), target)
+    _rmdir(aside)
+    print(
+        f"put back the run in {output} that an --overwrite killed before its first step set aside"
+    )
 
 
 def _check_output_writable(output: str) -> None:

@@ -15,7 +15,12 @@ import torch
 from otface.config import ConfigError, load_config
 from otface.data.loader import TooManyBadImages
 from otface.train.checkpoint import CheckpointError, checkpoint_path
-from otface.train.claim import EXISTING_RUN, OutputClaim, claim_output
+from otface.train.claim import (
+    EXISTING_RUN,
+    OutputClaim,
+    claim_output,
+    settle_interrupted_overwrite,
+)
 from otface.train.distributed import (
     dead_local_peers,
     init_distributed,
@@ -88,6 +93,8 @@ def main(
     try:
         env = init_distributed(timeout_s=float(cfg.collective_timeout_s))
         dataset = prepare_data(cfg)  # before anything is written: no empty log on bad data
+        if env.rank == 0:  # (the others wait in the next collective)
+            settle_interrupted_overwrite(cfg.output)
         if cfg.resume:
             finished = check_before_start(cfg, env)
             if finished is not None:
