@@ -240,9 +240,8 @@ def check_saved_config(cfg, rank: int = 0, *, run_id: str | None = None) -> None
                 raise ConfigError(
                     f"key {key!r}: the run in {cfg.output} was trained with {key} = "
                     f"{saved[key]!r} ({path}) but the config has {cfg[key]!r}; put "
-                    f"{key} = {saved[key]!r} back to resume it, or start a new run (another "
-                    f"output, or --overwrite) with init_backbone = {start_from} to start from "
-                    "its backbone"
+                    f"{key} = {saved[key]!r} back to resume it, or start a new run in another "
+                    f"output with init_backbone = {start_from} to start from its backbone"
                 )
         return
 
