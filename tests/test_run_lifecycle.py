@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from otface.config import load_config
 from otface.train import loop, run
 from otface.train.checkpoint import checkpoint_path, previous_checkpoint_path, save_checkpoint
 from otface.train.identity import log_run_id, model_metadata
+from otface.train.integrity import sidecar_run_id
 
 
 class _Killed(KeyboardInterrupt):
@@ -101,6 +103,37 @@ def test_overwrite_then_a_damaged_checkpoint_never_resumes_the_old_run(
     assert f"belongs to another run ({old_id}), not to run {new_id}" in line, line
     model = os.path.join(out, "model.pt")
     assert not os.path.exists(model) or open(model, "rb").read() != old_model
+
+
+@pytest.mark.slow
+def test_the_issue_sequence_with_a_real_kill(tmp_path):
+    # As a user would: run; --overwrite with another seed, kill -9 after its first save;
+    # truncate the newest checkpoint; --resume. One error line, exit 1, no model.pt.
+    path, out = _config(tmp_path, num_image=64, num_epoch=1, save_every=3)
+    assert run_train(path, timeout=300).returncode == 0
+    old_id = log_run_id(os.path.join(out, "training.log"))
+    path, _ = _config(tmp_path, num_image=8 * 400, num_epoch=1, save_every=3,
+                      extra="config.seed = 7\n")  # fmt: skip
+    newest = checkpoint_path(out, 0)
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN_PY, path, "--overwrite"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and sidecar_run_id(newest) in (None, old_id):
+        time.sleep(0.05)  # until the new run's first checkpoint is complete
+    proc.kill()
+    proc.wait()
+    new_id = log_run_id(os.path.join(out, "training.log"))
+    assert _run_ids(out) == {new_id} != {old_id}
+    os.truncate(newest, os.path.getsize(newest) // 2)
+    done = run_train(path, "--resume", timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and f"no usable checkpoint of run {new_id}" in errors[0], errors
+    assert not os.path.exists(os.path.join(out, "model.pt"))
 
 
 # -- run ids in every file -------------------------------------------------------------------------
