@@ -14,12 +14,16 @@ import warnings
 import torch
 
 from otface.console_log import ConsoleHandler
+from otface.train.wandb_log import redact
 
 __all__ = [
     "OutputWriteError",
     "SafeSummaryWriter",
     "close_log_file",
     "init_logging",
+    "log_config",
+    "log_run_header",
+    "tensorboard_dir",
     "MetricMeter",
     "StepLogger",
     "raise_write_failure",
@@ -166,6 +170,51 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
     logging.getLogger("py.warnings").warning(
         "%s: %s (logged once per run)", category.__name__, message
     )
+
+
+def tensorboard_dir(cfg, run_id: str) -> str:
+    """``output/tensorboard/<run id>``: one sub-folder per run, so that TensorBoard shows
+    runs apart; a resumed run continues its own (or, for a run from before run ids, the
+    newest one)."""
+    root = os.path.join(cfg.output, "tensorboard")
+    own = os.path.join(root, run_id)
+    if cfg.resume and not os.path.isdir(own) and os.path.isdir(root):
+        runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if runs:
+            return os.path.join(root, runs[-1])
+    return own
+
+
+def log_run_header(cfg, world_size: int, run_id: str) -> None:
+    """The line that opens this start's part of the log, naming its run (a resume names the
+    run it continues: :func:`otface.train.identity.log_run_id` reads it back)."""
+    logging.info(
+        "==== run started %s: %s (run %s, resume = %s, %d rank%s) ====",
+        time.strftime("%Y-%m-%d %H:%M:%S"),
+        " ".join(sys.argv) or "(library call)",
+        run_id,
+        cfg.resume,
+        world_size,
+        "" if world_size == 1 else "s",
+    )
+
+
+def log_config(cfg, total_step: int) -> None:
+    """A one-line summary on screen, and every key in the log."""
+    loss = cfg.loss
+    if loss == "otface":
+        loss += f" (lambda_ot {cfg.otface.lambda_ot:g}, {cfg.otface.distance})"
+    logging.info(
+        "%s, %s, batch %d per rank, %d steps, output %s (every config key: training.log)",
+        cfg.network,
+        loss,
+        cfg.batch_size,
+        total_step,
+        cfg.output,
+    )
+    for key, value in cfg.items():
+        shown = redact(key, value)
+        logging.info(": %s %s", key.ljust(25), shown, extra={"file_only": True})
 
 
 class MetricMeter:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import warnings
 from typing import Callable
@@ -39,7 +38,14 @@ from otface.train.guard import (
     first_nonfinite,
 )
 from otface.train.identity import new_run_id, share, stamp_model
-from otface.train.log import SafeSummaryWriter, StepLogger, raise_write_failure
+from otface.train.log import (
+    SafeSummaryWriter,
+    StepLogger,
+    log_config,
+    log_run_header,
+    raise_write_failure,
+    tensorboard_dir,
+)
 from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.model import (
     BackboneFactory,
@@ -57,7 +63,7 @@ from otface.train.resume import SHAPE_KEYS, ResumeMixin, resume_run_id
 from otface.train.rng import capture_rng_state, seed_everything
 from otface.train.signals import RUN, signals_deferred
 from otface.train.step import StepMixin
-from otface.train.wandb_log import WandbLogger, redact
+from otface.train.wandb_log import WandbLogger
 from otface.train.workers import dead_worker_error
 
 __all__ = [
@@ -245,19 +251,6 @@ class Trainer(StepMixin, ResumeMixin):
             )
 
 
-def _tensorboard_dir(cfg, run_id: str) -> str:
-    """``output/tensorboard/<run id>``: one sub-folder per run, so that TensorBoard shows
-    runs apart; a resumed run continues its own (or, for a run from before run ids, the
-    newest one)."""
-    root = os.path.join(cfg.output, "tensorboard")
-    own = os.path.join(root, run_id)
-    if cfg.resume and not os.path.isdir(own) and os.path.isdir(root):
-        runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if runs:
-            return os.path.join(root, runs[-1])
-    return own
-
-
 def _warn_earlier_checkpoint(cfg, env: DistEnv) -> None:
     """A fresh run (resume = False) in a folder that holds another run's checkpoint: say so
     before anything replaces it."""
@@ -282,38 +275,6 @@ def _refuse_nonfinite(tensors, what: str) -> None:
             f"not saving {what}: {name} holds NaN or Inf; the files already written are "
             "kept as they were. The run has diverged: lower the learning rate"
         )
-
-
-def _log_header(cfg, env: DistEnv, run_id: str) -> None:
-    """The line that opens this start's part of the log, naming its run (a resume names the
-    run it continues: :func:`otface.train.identity.log_run_id` reads it back)."""
-    logging.info(
-        "==== run started %s: %s (run %s, resume = %s, %d rank%s) ====",
-        time.strftime("%Y-%m-%d %H:%M:%S"),
-        " ".join(sys.argv) or "(library call)",
-        run_id,
-        cfg.resume,
-        env.world_size,
-        "" if env.world_size == 1 else "s",
-    )
-
-
-def _log_config(cfg, total_step: int) -> None:
-    """A one-line summary on screen, and every key in the log."""
-    loss = cfg.loss
-    if loss == "otface":
-        loss += f" (lambda_ot {cfg.otface.lambda_ot:g}, {cfg.otface.distance})"
-    logging.info(
-        "%s, %s, batch %d per rank, %d steps, output %s (every config key: training.log)",
-        cfg.network,
-        loss,
-        cfg.batch_size,
-        total_step,
-        cfg.output,
-    )
-    for key, value in cfg.items():
-        shown = redact(key, value)
-        logging.info(": %s %s", key.ljust(25), shown, extra={"file_only": True})
 
 
 def fit(
@@ -341,7 +302,8 @@ def fit(
     if run_id is None:  # a fresh start, or a folder where nothing names a run
         run_id = share(new_run_id(), distributed=env.distributed)
     if env.rank == 0:
-        _log_header(cfg, env, run_id)  # first: what building the model warns comes after it
+        # First: what building the model warns about comes after it.
+        log_run_header(cfg, env.world_size, run_id)
     trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
     trainer.run_id = run_id
     remove_stale_temp_files(cfg.output, rank=env.rank)  # (warns naming them)
@@ -364,8 +326,8 @@ def fit(
     verification = None
     wandb_run = None
     if env.rank == 0:
-        writer = SafeSummaryWriter(_tensorboard_dir(cfg, trainer.run_id))
-        _log_config(cfg, trainer.total_step)
+        writer = SafeSummaryWriter(tensorboard_dir(cfg, trainer.run_id))
+        log_config(cfg, trainer.total_step)
         for note in [*getattr(dataset, "size_notes", []), *trainer.init_notes]:
             logging.info("%s", note)
         wandb_run = WandbLogger.start(cfg, rank=env.rank)
