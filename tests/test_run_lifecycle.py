@@ -222,6 +222,26 @@ def test_a_resume_with_a_changed_shape_key_is_one_error_line(
     assert _files(out) == before  # nothing written
 
 
+@pytest.mark.slow
+def test_a_checkpoint_without_its_config_that_does_not_fit_is_one_error_line(
+    tmp_path, monkeypatch, capsys
+):
+    path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
+    restore = _stop_after_first_save(monkeypatch)
+    assert run.main(path) == 130
+    restore()
+    state = torch.load(checkpoint_path(out, 0), weights_only=False)
+    del state["run_config"]  # as written before checkpoints recorded it
+    os.unlink(checkpoint_path(out, 0))
+    save_checkpoint(state, out, 0)
+    path, _ = _config(tmp_path, num_image=64, num_epoch=2, extra="config.num_classes = 20\n")
+    capsys.readouterr()
+    assert run.main(path, resume=True) == 2
+    line = error_line(capsys)
+    assert "does not fit this config's network, num_classes, embedding_size" in line, line
+    assert "size mismatch" in line and "init_backbone" in line, line
+
+
 # -- §5: --resume, finished runs, failed starts ----------------------------------------------------
 
 
