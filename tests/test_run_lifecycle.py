@@ -26,15 +26,18 @@ class _Killed(KeyboardInterrupt):
     """Stands for a kill -9 right after a save: the files on disk are what a kill leaves."""
 
 
-def _stop_after_first_save(monkeypatch):
+def _killed_after_first_save(monkeypatch, path, *, existing="refuse") -> None:
+    """``run.main(path)``, stopped (exit 130) right after its first checkpoint is saved, as a
+    kill -9 there would leave the files."""
     original = loop.Trainer.save_state
 
     def save_then_die(self, **kwargs):
         original(self, **kwargs)
         raise _Killed()
 
-    monkeypatch.setattr(loop.Trainer, "save_state", save_then_die)
-    return lambda: monkeypatch.setattr(loop.Trainer, "save_state", original)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.Trainer, "save_state", save_then_die)
+        assert run.main(path, existing=existing) == 130
 
 
 def _files(folder) -> dict[str, bytes]:
@@ -74,9 +77,7 @@ def test_overwrite_then_a_damaged_checkpoint_never_resumes_the_old_run(
         save_every=3,
         extra="config.seed = 7\nconfig.lr = 0.1\n",
     )
-    restore = _stop_after_first_save(monkeypatch)
-    assert run.main(path, existing="overwrite") == 130
-    restore()
+    _killed_after_first_save(monkeypatch, path, existing="overwrite")
     new_id = log_run_id(os.path.join(out, "training.log"))
     assert new_id and new_id != old_id
     # Nothing of the old run is left: its checkpoints (with .prev), log and events are gone.
@@ -144,9 +145,7 @@ def test_the_run_id_is_in_the_log_checkpoints_and_model_and_kept_by_a_resume(
     tmp_path, monkeypatch, capsys
 ):
     path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
-    restore = _stop_after_first_save(monkeypatch)
-    assert run.main(path) == 130
-    restore()
+    _killed_after_first_save(monkeypatch, path)
     run_id = log_run_id(os.path.join(out, "training.log"))
     assert _run_ids(out) == {run_id}
     stale = os.path.join(out, ".checkpoint_gpu_0.pt.abcd1234.tmp")  # left by a killed save
@@ -169,9 +168,7 @@ def test_the_run_id_is_in_the_log_checkpoints_and_model_and_kept_by_a_resume(
 @pytest.mark.slow
 def test_a_checkpoint_from_before_run_ids_resumes_with_one_warning(tmp_path, monkeypatch):
     path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
-    restore = _stop_after_first_save(monkeypatch)
-    assert run.main(path) == 130
-    restore()
+    _killed_after_first_save(monkeypatch, path)
     # Make it look written by an older otface: no id in the checkpoint, its sidecar or the log.
     state = torch.load(checkpoint_path(out, 0), weights_only=False)
     for key in ("run_id", "run_config"):
@@ -202,9 +199,7 @@ def test_a_resume_with_a_changed_shape_key_is_one_error_line(
     tmp_path, monkeypatch, capsys, key, value
 ):
     path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
-    restore = _stop_after_first_save(monkeypatch)
-    assert run.main(path) == 130
-    restore()
+    _killed_after_first_save(monkeypatch, path)
     before = _files(out)
     old = {"network": "r18_lite", "num_classes": 16, "embedding_size": 512}[key]
     path, _ = _config(tmp_path, num_image=64, num_epoch=2, extra=f"config.{key} = {value!r}\n")
@@ -227,9 +222,7 @@ def test_a_checkpoint_without_its_config_that_does_not_fit_is_one_error_line(
     tmp_path, monkeypatch, capsys
 ):
     path, out = _config(tmp_path, num_image=64, num_epoch=2, save_every=3)
-    restore = _stop_after_first_save(monkeypatch)
-    assert run.main(path) == 130
-    restore()
+    _killed_after_first_save(monkeypatch, path)
     state = torch.load(checkpoint_path(out, 0), weights_only=False)
     del state["run_config"]  # as written before checkpoints recorded it
     os.unlink(checkpoint_path(out, 0))
