@@ -32,5 +32,11 @@ if __name__ == "__main__":
         dest="existing",
         help="rename an output folder that holds another run to OUTPUT.<date> first",
     )
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder from its last checkpoint "
+        "(the same as resume = True in the config)",
+    )
     args = parser.parse_args()
-    sys.exit(main(args.config, existing=args.existing or "refuse"))
+    sys.exit(main(args.config, existing=args.existing or "refuse", resume=args.resume))

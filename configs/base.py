@@ -89,6 +89,7 @@ config.init_backbone = None
 # with the same classes, resharded to this run's ranks. None: random centres.
 config.init_centres = None
 # Keep the backbone, or its first stages, fixed for the first N steps, then train it; 0: never.
+# A number below 1 is a fraction of the run (0.25: its first quarter), whatever its length.
 config.freeze_steps = 0
 # What freeze_steps holds fixed: "all" (the backbone) or k (an IResNet's stem and its first k
 # residual stages; 0: the stem only).

@@ -328,3 +328,65 @@ def test_damaged_sidecar_does_not_condemn_a_good_checkpoint(tmp_path, caplog, da
     assert path.endswith("checkpoint_gpu_0.pt") and ckpt["global_step"] == 2
     assert "damaged" in caplog.text and "without verification" in caplog.text
     assert not list(tmp_path.glob("*.corrupt*"))
+
+
+# -- run ids ---------------------------------------------------------------------------------------
+def _run_state(step: int, run_id: str | None) -> dict:
+    state = _state(step)
+    if run_id is not None:
+        state["run_id"] = run_id
+    return state
+
+
+def test_the_run_id_is_in_the_checkpoint_and_its_sidecar(tmp_path):
+    save_checkpoint(_run_state(4, "run-a"), str(tmp_path), 0)
+    path = str(tmp_path / "checkpoint_gpu_0.pt")
+    assert integrity.sidecar_run_id(path) == "run-a"
+    assert torch.load(path, weights_only=False)["run_id"] == "run-a"
+    # The id is covered by the sidecar's own check: an edited id makes it damaged.
+    sidecar = tmp_path / "checkpoint_gpu_0.pt.sha256"
+    sidecar.write_text(sidecar.read_text().replace("run-a", "run-b"))
+    assert integrity.sidecar_run_id(path) is None
+
+
+def test_another_runs_checkpoint_is_never_a_fallback(tmp_path, caplog):
+    out = str(tmp_path)
+    save_checkpoint(_run_state(8, "old-run"), out, 0)  # the replaced run's, now .prev
+    save_checkpoint(_run_state(2, "new-run"), out, 0)
+    loaded = load_latest_checkpoint(out, 0, run_id="new-run")
+    assert loaded.state["global_step"] == 2
+    newest = tmp_path / "checkpoint_gpu_0.pt"
+    os.truncate(newest, newest.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as err:
+        load_latest_checkpoint(out, 0, run_id="new-run")
+    message = str(err.value)
+    assert "no usable checkpoint of run new-run" in message
+    assert "corrupt" in message
+    assert "checkpoint_gpu_0.prev.pt: belongs to another run (old-run)" in message
+    assert "at global step 8" in message
+    assert "resuming from" not in caplog.text
+
+
+def test_the_run_id_of_the_file_itself_is_checked_without_a_sidecar(tmp_path):
+    out = str(tmp_path)
+    save_checkpoint(_run_state(8, "old-run"), out, 0)
+    os.unlink(tmp_path / "checkpoint_gpu_0.pt.sha256")  # e.g. copied in without it
+    with pytest.raises(CheckpointError, match=r"belongs to another run \(old-run\)"):
+        load_latest_checkpoint(out, 0, run_id="new-run")
+
+
+def test_a_checkpoint_from_before_run_ids_is_taken(tmp_path):
+    save_checkpoint(_run_state(8, None), str(tmp_path), 0)
+    assert integrity.sidecar_run_id(str(tmp_path / "checkpoint_gpu_0.pt")) is None
+    loaded = load_latest_checkpoint(str(tmp_path), 0, run_id="new-run")
+    assert loaded.state["global_step"] == 8
+
+
+def test_a_damaged_sidecar_is_warned_about_once(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    save_checkpoint(_run_state(3, "run-a"), str(tmp_path), 0)
+    (tmp_path / "checkpoint_gpu_0.pt.sha256").write_text("not a checksum\n")
+    loaded = load_latest_checkpoint(str(tmp_path), 0)
+    assert loaded.state["global_step"] == 3
+    warnings = _warnings(caplog).splitlines()
+    assert len(warnings) == 1 and "is damaged" in warnings[0], warnings

@@ -117,7 +117,12 @@ def test_walkthrough_runs_as_written(tmp_path):
     log = (work / "work_dirs" / "my_faces_otface" / "training.log").read_text()
     assert "init_backbone: mbf weights from pretrained/model.pt (state_dict)" in log
     assert "num_classes = 'auto'" in log and "num_image = 'auto'" in log
-    assert "held fixed for steps 1..200" in log
+    frozen = re.search(r"held fixed for steps 1\.\.(\d+) \(0\.25 of (\d+)\)", log)
+    assert frozen and 0 < int(frozen[1]) < int(frozen[2]), log
+    # ... and the backbone trained after it: the fine-tuned weights differ from the start.
+    start = torch.load(work / "pretrained" / "model.pt")
+    tuned = torch.load(work / "work_dirs" / "my_faces_otface" / "model.pt")
+    assert any(not torch.equal(start[k], tuned[k]) for k in start if start[k].is_floating_point())
     for out in (before, after):
         assert re.search(r"my_pairs\b.*\d+\.\d+", out), out
     assert (work / "work_dirs" / "my_faces_otface" / "model.onnx").is_file()

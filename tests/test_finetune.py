@@ -302,3 +302,21 @@ def test_init_centres_needs_the_same_classes(source_run, tmp_path):
     cfg.init_centres = os.path.join(out, "model.pt")
     with pytest.raises(ConfigError, match="holds no class centres"):
         load_init_centres(cfg, fc, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("value, steps", [(0.25, 2), (0.01, 1), (3, 3)])
+def test_freeze_steps_below_one_is_a_fraction_of_the_run(tmp_path, value, steps):
+    path, _ = _config(tmp_path, "ft", num_image=64, extra=f"config.freeze_steps = {value}\n")
+    trainer = loop.Trainer(load_config(path), _env())
+    total = trainer.total_step
+    assert trainer.freezer.steps == steps
+    assert trainer.freezer.describe().endswith(
+        f"1..{steps} ({value:g} of {total})" if value < 1 else f"1..{steps}"
+    )
+
+
+@pytest.mark.parametrize("value", [1.5, -1, "a quarter"])
+def test_freeze_steps_must_be_whole_steps_or_a_fraction(tmp_path, value):
+    path, _ = _config(tmp_path, "ft", extra=f"config.freeze_steps = {value!r}\n")
+    with pytest.raises(ConfigError, match="freeze_steps"):
+        load_config(path)

@@ -76,7 +76,9 @@ def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
     assert "because another rank of the job died" in errors[0]
     # Rank 0 saved at step 2 before rank 1 died in step 4: the line names that checkpoint.
     assert str(output / "checkpoint_gpu_0.pt") in errors[0], errors[0]
-    assert "resume = True" in errors[0]
+    assert errors[0].endswith(
+        f"; to continue: torchrun --nproc_per_node=2 train.py {path} --resume"
+    )
     log = (output / "training.log").read_text()
     assert errors[0] in log
 

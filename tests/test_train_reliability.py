@@ -23,6 +23,7 @@ from otface.train import loop, run
 from otface.train.checkpoint import checkpoint_path, previous_checkpoint_path, save_checkpoint
 from otface.train.distributed import DistEnv, shutdown_distributed
 from otface.train.guard import TooManySkippedSteps
+from otface.train.identity import log_run_id
 from otface.train.signals import Terminated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -388,14 +389,16 @@ def test_sigterm_reports_the_last_complete_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_interrupt_of_a_new_run_never_offers_an_older_runs_checkpoint(tmp_path):
-    # A finished run leaves its checkpoint; a new run in the same folder (resume = False) is
-    # stopped before it writes one: the message must say so, and not offer the old file.
+    # A finished run leaves its checkpoint; a new run replaces it (--overwrite) and is stopped
+    # after its first step but before it writes a checkpoint: the message must say so, and the
+    # old run's checkpoint is gone rather than offered.
     path, out = _config(tmp_path, num_image=64, num_epoch=1, save_every=0)
     assert run.main(path) == 0
     old = checkpoint_path(out, 0)
     assert os.path.isfile(old)
     path2, _ = _config(tmp_path, num_image=8 * 400, num_epoch=1, save_every=0, name="job")
     log = os.path.join(out, "training.log")
+    old_run = log_run_id(log)
     proc = start_train(
         path2,
         "--overwrite",  # else refused: the folder holds a run
@@ -406,9 +409,10 @@ def test_interrupt_of_a_new_run_never_offers_an_older_runs_checkpoint(tmp_path):
     )
     deadline = time.time() + 120
 
-    def training_again():  # the new run's log lines come after its warning
+    def training_again():  # the new run's log (the old one was replaced) has a step line
         text = _read(log)
-        return "already holds" in text and "Global Step:" in text.rsplit("already holds", 1)[1]
+        new_run = log_run_id(log) not in (None, old_run)
+        return new_run and "Global Step:" in text and not os.path.exists(out + "/.replaced")
 
     while time.time() < deadline and proc.poll() is None and not training_again():
         time.sleep(0.2)
@@ -416,9 +420,9 @@ def test_interrupt_of_a_new_run_never_offers_an_older_runs_checkpoint(tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-2000:]
     line = next(x for x in output.splitlines() if "interrupted (SIGTERM)" in x)
-    assert "this run wrote no checkpoint" in line and "an earlier run's" in line, line
-    assert "last complete checkpoint" not in line
-    assert "already holds" in output  # warned at the start, before anything was replaced
+    assert "this run wrote no checkpoint" in line and "cannot be resumed" in line, line
+    assert "last complete checkpoint" not in line and "--resume" not in line
+    assert not os.path.exists(old)
 
 
 def _read(path):
@@ -434,7 +438,7 @@ def _read(path):
     [
         ("missing_rec", "no such folder"),
         ("output_is_a_file", "the folder cannot be written"),
-        ("resume_without_checkpoint", "does not exist"),
+        ("resume_without_checkpoint", "holds no checkpoint"),
         ("too_few_identities", "identities"),
         ("num_image_below_batch", "smaller than one global batch"),
     ],
@@ -459,8 +463,8 @@ def test_bad_setup_is_one_error_line(tmp_path, case, expected):
     assert done.returncode in (1, 2), done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert lines[-1].startswith("error: ") and expected in lines[-1], lines
-    if case == "missing_rec":  # nothing written before the data is known to be usable
-        assert not os.path.exists(os.path.join(out, "training.log"))
+    if case in ("missing_rec", "resume_without_checkpoint"):  # nothing written
+        assert not os.path.exists(out)
 
 
 # -- gradient accumulation ---------------------------------------------------------------------
@@ -756,13 +760,14 @@ def test_each_run_has_a_log_header_and_its_own_tensorboard_folder(tmp_path, caps
     screen = capsys.readouterr().out
     assert "every config key: training.log" in screen
     assert ": network " not in screen  # the full dump stays in the log
-    time.sleep(1.1)  # a new start time, a new TensorBoard folder
+    first = log_run_id(os.path.join(out, "training.log"))
+    # --overwrite: a new log and a new TensorBoard folder; none of the old run's files stay.
     assert run.main(path, existing="overwrite") == 0
     log = open(os.path.join(out, "training.log")).read()
-    assert log.count("==== run started") == 2 and ": network " in log
-    runs = sorted(os.listdir(os.path.join(out, "tensorboard")))
-    assert len(runs) == 2
-    for name in runs:
-        assert any(
-            f.startswith("events.out") for f in os.listdir(os.path.join(out, "tensorboard", name))
-        )
+    assert log.count("==== run started") == 1 and ": network " in log
+    second = log_run_id(os.path.join(out, "training.log"))
+    assert second != first
+    runs = os.listdir(os.path.join(out, "tensorboard"))
+    assert runs == [second]
+    events = os.listdir(os.path.join(out, "tensorboard", second))
+    assert len(events) == 1 and events[0].startswith("events.out")

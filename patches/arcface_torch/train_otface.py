@@ -23,4 +23,10 @@ except ImportError as err:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="arcface_torch training with the OTFace loss")
     parser.add_argument("config", help="job config, e.g. configs/ms1mv3_r100_otface")
-    sys.exit(main(parser.parse_args().config, tree=TREE))
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder (the same as resume = True in the config)",
+    )
+    args = parser.parse_args()
+    sys.exit(main(args.config, tree=TREE, resume=args.resume))

@@ -120,7 +120,10 @@ _SCHEMA: dict[str, _Spec] = {
     ),
     "init_backbone": _Spec((str,), nullable=True),
     "init_centres": _Spec((str,), nullable=True),
-    "freeze_steps": _NONNEG_INT,
+    "freeze_steps": _num(
+        "an integer >= 0 (steps) or a fraction of the run's steps in (0, 1)",
+        lambda v: (isinstance(v, int) and v >= 0) or 0 < v < 1,
+    ),
     "freeze_stages": _Spec(
         (str, int),
         check=lambda v: v == "all" or (isinstance(v, int) and v >= 0),

@@ -34,6 +34,7 @@ from otface.train.checkpoint import (
     save_verified,
 )
 from otface.train.elastic import find_saved_runs
+from otface.train.identity import folder_run_id
 from otface.train.reshard import FC_KEY, fc_param_id, gather_fc_rows, with_fc_shard
 
 __all__ = ["FULL_STATE_NAME", "main", "merge", "split"]
@@ -100,10 +101,12 @@ def _apply(reference: dict, differences: dict[str, list]) -> dict:
 
 def _load_run(output: str) -> tuple[list[dict[str, Any]], list[str]]:
     problems = []
-    for step, world_size in find_saved_runs(output):
+    run_id = folder_run_id(output)  # every file of one run, never a stray one of another
+    for step, world_size in find_saved_runs(output, run_id=run_id):
         try:
             loaded = [
-                load_latest_checkpoint(output, r, global_step=step) for r in range(world_size)
+                load_latest_checkpoint(output, r, global_step=step, run_id=run_id)
+                for r in range(world_size)
             ]
         except CheckpointError as err:
             problems.append(str(err))

@@ -148,12 +148,14 @@ def tree_backbone_factory(tree: str | os.PathLike):
     return factory
 
 
-def main(config_path: str, *, tree: str | os.PathLike) -> int:
-    """Train ``config_path`` of the checkout ``tree``; returns a process exit code."""
+def main(config_path: str, *, tree: str | os.PathLike, resume: bool = False) -> int:
+    """Train ``config_path`` of the checkout ``tree`` (continuing the run in its output folder
+    when ``resume``); returns a process exit code."""
     from otface.train.run import main as train_main
 
     return train_main(
         config_path,
         load=lambda path: load_tree_config(path, tree=tree),
         backbone_factory=tree_backbone_factory(tree),
+        resume=resume,
     )

@@ -3,9 +3,10 @@
 __all__ = ["main"]
 
 
-def main(config_path: str, *, existing: str = "refuse") -> int:
+def main(config_path: str, *, existing: str = "refuse", resume: bool = False) -> int:
     """Train with the config at ``config_path``; returns a process exit code. ``existing``:
-    what to do with an earlier run in the output folder (:func:`otface.train.run.main`).
+    what to do with an earlier run in the output folder; ``resume``: continue the run there
+    (:func:`otface.train.run.main`).
 
     For the command line: once training has ended, a SIGTERM (torchrun's, sent to every rank
     when one of them fails) no longer kills the process, so that it exits with the code it
@@ -16,7 +17,7 @@ def main(config_path: str, *, existing: str = "refuse") -> int:
 
     from otface.train.run import main as _main
 
-    code = _main(config_path, existing=existing)
+    code = _main(config_path, existing=existing, resume=resume)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return code

@@ -51,6 +51,7 @@ from otface.train.integrity import (
     durable_replace,
     load_verified,
     save_verified,
+    sidecar_run_id,
     unlink_quietly,
     verify,
     warn_unverified,
@@ -70,6 +71,7 @@ __all__ = [
     "model_path",
     "previous_checkpoint_path",
     "load_verified",
+    "read_header",
     "remove_stale_temp_files",
     "save_checkpoint",
     "save_verified",
@@ -152,7 +154,7 @@ def save_checkpoint(state: dict[str, Any], output: str, rank: int) -> str:
         # With no newest (first save, or the last one was interrupted or quarantined) the
         # previous checkpoint is the good one and stays; a stale .pt.sha256 is replaced.
         step = checksum_path(newest)
-        write_checksum(newest, digest)
+        write_checksum(newest, digest, run_id=state.get("run_id"))
         step = newest
         durable_replace(tmp, newest)
     except BaseException as err:
@@ -203,6 +205,7 @@ def load_latest_checkpoint(
     *,
     map_location: Any = "cpu",
     global_step: int | None = None,
+    run_id: str | None = None,
 ) -> LoadedCheckpoint:
     """Load the newest usable checkpoint of ``rank``: ``.pt``, else ``.prev.pt``.
 
@@ -216,6 +219,9 @@ def load_latest_checkpoint(
         map_location: passed to ``torch.load``.
         global_step: if given, accept only a checkpoint at this step (for ranks that must agree
             on the step they resume from); others are skipped but left in place.
+        run_id: if given, accept only a checkpoint of this run (or one written before run ids,
+            which names none): another run's file is skipped, never a fallback, and named
+            with its run in the error.
 
     Returns:
         ``(state, path)``: the checkpoint dict and the file it came from.
@@ -231,6 +237,12 @@ def load_latest_checkpoint(
         if not os.path.isfile(path):
             tried.append(f"{path}: does not exist")
             continue
+        other = _other_run(sidecar_run_id(path), run_id)
+        if other:  # known from the sidecar: its tensors are not read
+            header = read_header(path)
+            at = f" at global step {header['global_step']}" if header else ""
+            tried.append(f"{path}: {other}{at}")
+            continue
         try:
             verified = verify(path, partner)
         except ValueError as err:
@@ -240,13 +252,18 @@ def load_latest_checkpoint(
             if index == 0:
                 _quarantine(path)
             continue
-        if not verified:
+        if not verified and not os.path.exists(checksum_path(path)):
+            # (A damaged sidecar has been warned about by verify.)
             warn_unverified(path, origin=" (written by arcface_torch or an older otface)")
         try:
             ckpt = load_checkpoint(path, map_location=map_location)
         except CheckpointError as err:
             logger.warning("checkpoint %s; %s", err, _NEXT[index])
             tried.append(str(err))
+            continue
+        other = _other_run(ckpt.get("run_id"), run_id)
+        if other:
+            tried.append(f"{path}: {other} at global step {ckpt['global_step']}")
             continue
         if global_step is not None and int(ckpt["global_step"]) != global_step:
             tried.append(f"{path}: at global_step {ckpt['global_step']}, not {global_step}")
@@ -260,9 +277,31 @@ def load_latest_checkpoint(
             "; checkpoints are written when save_all_states = True (at the end of each epoch, "
             "and every save_every_steps steps)"
         )
+    whose = f" of run {run_id}" if run_id else ""
     raise CheckpointError(
-        f"no usable checkpoint for rank {rank} in {output}: {'; '.join(tried)}{hint}"
+        f"no usable checkpoint{whose} for rank {rank} in {output}: {'; '.join(tried)}{hint}"
     )
+
+
+def read_header(path: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` with its tensors memory-mapped (nothing read); ``None`` if it
+    cannot be opened (missing, truncated: :func:`load_latest_checkpoint` says why when it
+    tries it)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
+        return None
+    return state if isinstance(state, dict) and "global_step" in state else None
+
+
+def _other_run(found: Any, expected: str | None) -> str:
+    """Why a checkpoint of run ``found`` is not one of run ``expected`` (``""`` when it may be
+    used: the same run, no run expected, or a file that names none)."""
+    if not expected or not found or str(found) == expected:
+        return ""
+    return f"belongs to another run ({found}), not to run {expected}, so it is not used"
 
 
 def remove_stale_temp_files(output: str, *, rank: int | None = None) -> list[str]:

@@ -28,14 +28,13 @@ import logging
 import os
 from typing import Any, NamedTuple
 
-import torch
-
 from otface.dist import is_distributed
 from otface.train.checkpoint import (
     CheckpointError,
     checkpoint_path,
     load_latest_checkpoint,
     previous_checkpoint_path,
+    read_header,
 )
 from otface.train.lr import ScheduleMap
 from otface.train.reshard import gather_fc_rows, with_fc_shard
@@ -76,16 +75,6 @@ def _share(obj: Any) -> list[Any]:
     return out
 
 
-def _header(path: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` with its tensors memory-mapped (nothing read); ``None`` if it
-    cannot be opened (missing, truncated: :func:`load_latest_checkpoint` says why later)."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
-        return None
-    return state if isinstance(state, dict) and "global_step" in state else None
-
-
 def _count_rank_files(output: str) -> int:
     n = 0
     while any(
@@ -95,15 +84,18 @@ def _count_rank_files(output: str) -> int:
     return n
 
 
-def find_saved_runs(output: str) -> list[tuple[int, int]]:
-    """``(global_step, world size)`` of rank 0's newest and previous checkpoints, newest first.
+def find_saved_runs(output: str, *, run_id: str | None = None) -> list[tuple[int, int]]:
+    """``(global_step, world size)`` of rank 0's newest and previous checkpoints, newest first;
+    with ``run_id``, only those of that run (or written before run ids).
 
     Call on one rank and share the answer: a world size missing from a file is the number of
     ranks with checkpoint files in ``output``.
     """
     found = []
     for path in (checkpoint_path(output, 0), previous_checkpoint_path(output, 0)):
-        state = _header(path)
+        state = read_header(path)
+        if state is not None and run_id and state.get("run_id") not in (None, run_id):
+            continue
         if state is not None:
             world_size = state.get("world_size") or _count_rank_files(output)
             found.append((int(state["global_step"]), int(world_size)))
@@ -111,13 +103,19 @@ def find_saved_runs(output: str) -> list[tuple[int, int]]:
 
 
 def _rebuild(
-    output: str, step: int, source: int, rank: int, world_size: int, num_classes: int
+    output: str,
+    step: int,
+    source: int,
+    rank: int,
+    world_size: int,
+    num_classes: int,
+    run_id: str | None,
 ) -> Resharded:
     cache: dict[int, tuple[dict[str, Any], str]] = {}
 
     def load(s: int) -> tuple[dict[str, Any], str]:
         if s not in cache:
-            cache[s] = tuple(load_latest_checkpoint(output, s, global_step=step))
+            cache[s] = tuple(load_latest_checkpoint(output, s, global_step=step, run_id=run_id))
         return cache[s]
 
     base, path = load(rank if rank < source else 0)
@@ -134,11 +132,13 @@ def load_resharded(
     world_size: int,
     num_classes: int,
     candidates: list[tuple[int, int]],
+    run_id: str | None = None,
 ) -> Resharded:
     """This rank's checkpoint rebuilt from the files of a run on another number of ranks.
 
     Tries each ``(global_step, source world size)`` of ``candidates`` in turn (all ranks
-    together) until every rank finds every file it needs at that step, verified.
+    together) until every rank finds every file it needs at that step, verified (and of run
+    ``run_id`` when given).
 
     Raises:
         CheckpointError: no candidate step has all the files (the message names each rank's
@@ -148,7 +148,7 @@ def load_resharded(
     for step, source in candidates:
         result, problem = None, None
         try:
-            result = _rebuild(output, step, source, rank, world_size, num_classes)
+            result = _rebuild(output, step, source, rank, world_size, num_classes, run_id)
         except CheckpointError as err:
             problem = str(err)
         problems = [(r, p) for r, p in enumerate(_share(problem)) if p]

@@ -12,10 +12,11 @@ Config keys (``configs/base.py``):
 - ``init_centres``: Partial FC's class centres from a ``full_state.pt`` (``python -m
   otface.full_state merge``) of a run with the same classes; each rank takes its shard of them
   (:func:`otface.partial_fc.shard_range`), so any number of ranks can start from it.
-- ``freeze_steps``, ``freeze_stages``, ``freeze_bn``: for the first ``freeze_steps`` steps the
-  frozen part keeps its weights exactly (its gradients are computed, as DDP needs one fixed set
-  of parameters, and dropped before the optimiser step: no update, no weight decay, no
-  momentum) and, with ``freeze_bn``, its BatchNorm runs in eval mode (running statistics kept).
+- ``freeze_steps``, ``freeze_stages``, ``freeze_bn``: for the first ``freeze_steps`` steps (a
+  number below 1 is that fraction of the run's steps, rounded, at least 1) the frozen part keeps
+  its weights exactly (its gradients are computed, as DDP needs one fixed set of parameters, and
+  dropped before the optimiser step: no update, no weight decay, no momentum) and, with
+  ``freeze_bn``, its BatchNorm runs in eval mode (running statistics kept).
 - ``backbone_lr_mult`` is applied where the optimiser is built (:mod:`otface.train.optim`).
 """
 
@@ -201,10 +202,14 @@ def _frozen_modules(backbone: nn.Module, stages, network: str) -> list[nn.Module
 
 
 class Freezer:
-    """Config ``freeze_steps`` / ``freeze_stages`` / ``freeze_bn`` for one trainer."""
+    """Config ``freeze_steps`` / ``freeze_stages`` / ``freeze_bn`` for one trainer of
+    ``total_steps`` steps."""
 
-    def __init__(self, cfg, backbone: nn.Module) -> None:
-        self.steps = int(cfg.get("freeze_steps", 0))
+    def __init__(self, cfg, backbone: nn.Module, *, total_steps: int) -> None:
+        steps = cfg.get("freeze_steps", 0)
+        self.fraction = float(steps) if 0 < steps < 1 else None
+        self.steps = max(1, round(steps * total_steps)) if self.fraction else int(steps)
+        self.total_steps = total_steps
         self.stages = cfg.get("freeze_stages", "all")
         self.bn_eval = bool(cfg.get("freeze_bn", True))
         modules = _frozen_modules(backbone, self.stages, cfg.network) if self.steps else []
@@ -232,9 +237,10 @@ class Freezer:
             )
         )
         bn = ", its BatchNorm in eval mode" if self.bn_eval else ""
+        share = f" ({self.fraction:g} of {self.total_steps})" if self.fraction else ""
         return (
             f"freeze_steps: {what} ({sum(p.numel() for p in self.params):,} parameters{bn}) "
-            f"held fixed for steps 1..{self.steps}"
+            f"held fixed for steps 1..{self.steps}{share}"
         )
 
     def frozen(self, step: int) -> bool:

@@ -4,8 +4,10 @@ Every file is written to a temporary ``.NAME.XXXXXXXX.tmp`` beside it, fsynced a
 the old one, so a kill never leaves a truncated file under a real name. The SHA-256 and size of
 the bytes are computed while ``torch.save`` writes them (no re-read of a multi-GB Partial-FC
 shard) and can be stored in a sidecar ``NAME.sha256`` (one line, ``<hex digest>  <size in
-bytes>  <check>``, where ``<check>`` is the first 16 hex digits of the SHA-256 of the line's
-first two fields); the file itself is unchanged for readers that know nothing of sidecars.
+bytes>  <check>``, or ``<hex digest>  <size in bytes>  <check>  <run id>`` for a training
+checkpoint, where ``<check>`` is the first 16 hex digits of the SHA-256 of the other fields
+joined by two spaces); the file itself is unchanged for readers that know nothing of
+sidecars.
 
 The sidecar vouches for itself: a sidecar whose own check fails, or that cannot be parsed, is
 damaged, and says nothing about its file, which then loads with a warning that it could not be
@@ -41,6 +43,7 @@ __all__ = [
     "durable_replace",
     "load_verified",
     "save_verified",
+    "sidecar_run_id",
     "unlink_quietly",
     "verify",
     "warn_unverified",
@@ -192,10 +195,12 @@ def _self_check(record: str) -> str:
     return hashlib.sha256(record.encode("ascii")).hexdigest()[:16]
 
 
-def write_checksum(path: str, digest: FileDigest) -> None:
-    """Atomically publish the sidecar of ``path`` (with its own check)."""
-    record = f"{digest.sha256}  {digest.size_bytes}"
-    line = f"{record}  {_self_check(record)}\n".encode("ascii")
+def write_checksum(path: str, digest: FileDigest, *, run_id: str | None = None) -> None:
+    """Atomically publish the sidecar of ``path`` (with its own check), naming ``run_id``
+    when given (:mod:`otface.train.identity`)."""
+    fields = [digest.sha256, str(digest.size_bytes)]
+    check = _self_check("  ".join([*fields, run_id] if run_id else fields))
+    line = ("  ".join([*fields, check, *([run_id] if run_id else [])]) + "\n").encode("ascii")
     sidecar = checksum_path(path)
     tmp, _ = write_temp(sidecar, lambda f: f.write(line))
     try:
@@ -240,8 +245,8 @@ def load_verified(path: str, *, map_location: Any = "cpu") -> Any:
         verified = verify(path, path)
     except ValueError as err:
         raise CheckpointError(f"{path}: corrupt, {err}") from None
-    if not verified:
-        warn_unverified(path)
+    if not verified and not os.path.exists(checksum_path(path)):
+        warn_unverified(path)  # (a damaged sidecar has been warned about by verify)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
@@ -259,6 +264,23 @@ def _read_checksum(path: str) -> FileDigest | None:
         DamagedSidecar: the sidecar fails its own check, or cannot be parsed.
         ValueError: the sidecar cannot be read.
     """
+    fields = _sidecar_fields(path)
+    return None if fields is None else FileDigest(fields[0], int(fields[1]))
+
+
+def sidecar_run_id(path: str) -> str | None:
+    """The run id recorded in ``path``'s sidecar; ``None`` when it has no sidecar, a sidecar
+    without an id (older otface) or a damaged one."""
+    try:
+        fields = _sidecar_fields(path)
+    except ValueError:
+        return None
+    return fields[3] if fields is not None and len(fields) == 4 else None
+
+
+def _sidecar_fields(path: str) -> list[str] | None:
+    """The checked fields of ``path``'s sidecar (digest, size, then the check and run id when
+    present); ``None`` when there is none. Raises as :func:`_read_checksum`."""
     sidecar = checksum_path(path)
     try:
         with open(sidecar, "rb") as f:
@@ -272,15 +294,15 @@ def _read_checksum(path: str) -> FileDigest | None:
     except UnicodeDecodeError:
         fields = []
     well_formed = (
-        len(fields) in (2, 3)
+        len(fields) in (2, 3, 4)
         and re.fullmatch(r"[0-9a-f]{64}", fields[0]) is not None
         and fields[1].isdigit()
     )
     if not well_formed:
         raise DamagedSidecar(f"checksum file {sidecar} is damaged (cannot be parsed)")
-    if len(fields) == 3 and fields[2] != _self_check(f"{fields[0]}  {fields[1]}"):
+    if len(fields) > 2 and fields[2] != _self_check("  ".join(fields[:2] + fields[3:])):
         raise DamagedSidecar(f"checksum file {sidecar} is damaged (its own check fails)")
-    return FileDigest(fields[0], int(fields[1]))
+    return fields
 
 
 def _file_digest(path: str) -> FileDigest:

@@ -14,11 +14,16 @@ import warnings
 import torch
 
 from otface.console_log import ConsoleHandler
+from otface.train.wandb_log import redact
 
 __all__ = [
     "OutputWriteError",
     "SafeSummaryWriter",
+    "close_log_file",
     "init_logging",
+    "log_config",
+    "log_run_header",
+    "tensorboard_dir",
     "MetricMeter",
     "StepLogger",
     "raise_write_failure",
@@ -50,10 +55,8 @@ def raise_write_failure() -> None:
     path, err = _FAILED_WRITE.pop()
     code = errno.errorcode.get(err.errno or 0, "")
     why = f"{err.strerror} ({code})" if err.strerror else str(err)
-    raise OutputWriteError(
-        f"cannot write {path}: {why}; training stopped, the checkpoints already written are "
-        "untouched"
-    )
+    # The caller adds which checkpoints this run wrote (none, or the last one and its step).
+    raise OutputWriteError(f"cannot write {path}: {why}; training stopped")
 
 
 class _LogFileHandler(logging.FileHandler):
@@ -136,13 +139,82 @@ def init_logging(rank: int, output: str) -> logging.Logger:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     # Python warnings go to the log as one line in words (no source line), each once per place.
     warnings.showwarning = _log_warning
+    _WARNED_PLACES.clear()
     _FAILED_WRITE.clear()
     threading.excepthook = _thread_excepthook
     return root
 
 
+def close_log_file() -> None:
+    """Stop writing ``training.log`` (the console handlers stay): before a failed start
+    removes what it wrote."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+
+
+# Places (file, line, category) whose Python warning this run has logged. Python's own
+# once-per-place registry is cleared whenever any code changes the warning filters (a
+# `warnings.catch_warnings()` in a library's forward does, on every step), so a deprecation
+# warning of a backbone's forward would otherwise be logged on every step.
+_WARNED_PLACES: set[tuple[str, int, str]] = set()
+
+
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+    place = (str(filename), int(lineno or 0), category.__name__)
+    if place in _WARNED_PLACES:
+        return
+    _WARNED_PLACES.add(place)
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (logged once per run)", category.__name__, message
+    )
+
+
+def tensorboard_dir(cfg, run_id: str) -> str:
+    """``output/tensorboard/<run id>``: one sub-folder per run, so that TensorBoard shows
+    runs apart; a resumed run continues its own (or, for a run from before run ids, the
+    newest one)."""
+    root = os.path.join(cfg.output, "tensorboard")
+    own = os.path.join(root, run_id)
+    if cfg.resume and not os.path.isdir(own) and os.path.isdir(root):
+        runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if runs:
+            return os.path.join(root, runs[-1])
+    return own
+
+
+def log_run_header(cfg, world_size: int, run_id: str) -> None:
+    """The line that opens this start's part of the log, naming its run (a resume names the
+    run it continues: :func:`otface.train.identity.log_run_id` reads it back)."""
+    logging.info(
+        "==== run started %s: %s (run %s, resume = %s, %d rank%s) ====",
+        time.strftime("%Y-%m-%d %H:%M:%S"),
+        " ".join(sys.argv) or "(library call)",
+        run_id,
+        cfg.resume,
+        world_size,
+        "" if world_size == 1 else "s",
+    )
+
+
+def log_config(cfg, total_step: int) -> None:
+    """A one-line summary on screen, and every key in the log."""
+    loss = cfg.loss
+    if loss == "otface":
+        loss += f" (lambda_ot {cfg.otface.lambda_ot:g}, {cfg.otface.distance})"
+    logging.info(
+        "%s, %s, batch %d per rank, %d steps, output %s (every config key: training.log)",
+        cfg.network,
+        loss,
+        cfg.batch_size,
+        total_step,
+        cfg.output,
+    )
+    for key, value in cfg.items():
+        shown = redact(key, value)
+        logging.info(": %s %s", key.ljust(25), shown, extra={"file_only": True})
 
 
 class MetricMeter:

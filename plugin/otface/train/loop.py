@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,7 +37,15 @@ from otface.train.guard import (
     TooManySkippedSteps,
     first_nonfinite,
 )
-from otface.train.log import SafeSummaryWriter, StepLogger, raise_write_failure
+from otface.train.identity import new_run_id, share, stamp_model
+from otface.train.log import (
+    SafeSummaryWriter,
+    StepLogger,
+    log_config,
+    log_run_header,
+    raise_write_failure,
+    tensorboard_dir,
+)
 from otface.train.lr import ScheduleMap, build_lr_scheduler
 from otface.train.model import (
     BackboneFactory,
@@ -51,11 +59,12 @@ from otface.train.model import (
 from otface.train.optim import GRAD_CLIP_NORM as GRAD_CLIP_NORM  # re-exported for benchmarks
 from otface.train.optim import build_grad_scaler, build_optimizer
 from otface.train.prefetch import DevicePrefetcher
-from otface.train.resume import ResumeMixin
+from otface.train.resume import SHAPE_KEYS, ResumeMixin, resume_run_id
 from otface.train.rng import capture_rng_state, seed_everything
 from otface.train.signals import RUN, signals_deferred
 from otface.train.step import StepMixin
-from otface.train.wandb_log import WandbLogger, redact
+from otface.train.wandb_log import WandbLogger
+from otface.train.workers import dead_worker_error
 
 __all__ = [
     "Trainer",
@@ -120,9 +129,6 @@ class Trainer(StepMixin, ResumeMixin):
                     cfg, self.criterion.partial_fc, rank=env.rank, world_size=env.world_size
                 )
             )
-        self.freezer = Freezer(cfg, self.backbone)
-        if self.freezer.active:
-            self.init_notes.append(self.freezer.describe())
         if float(cfg.get("backbone_lr_mult", 1.0)) != 1.0:
             self.init_notes.append(
                 f"backbone_lr_mult: the backbone learns at {cfg.backbone_lr_mult:g} x lr; the "
@@ -136,6 +142,17 @@ class Trainer(StepMixin, ResumeMixin):
         self.steps_per_epoch = cfg.num_image // self.total_batch_size
         self.warmup_step = int(self.steps_per_epoch * cfg.warmup_epoch)
         self.total_step = self.steps_per_epoch * cfg.num_epoch
+        self.freezer = Freezer(cfg, self.backbone, total_steps=self.total_step)
+        if self.freezer.active:
+            self.init_notes.append(self.freezer.describe())
+        if self.freezer.active and self.freezer.steps >= self.total_step and not cfg.resume:
+            what = "the backbone" if self.freezer.stages == "all" else "the frozen stages"
+            warnings.warn(
+                f"freeze_steps = {cfg.freeze_steps} covers the whole run of "
+                f"{self.total_step} steps: {what} will not train at all; set freeze_steps "
+                f"below {self.total_step}, or to a fraction of the run (e.g. 0.25)",
+                stacklevel=2,
+            )
         self.schedule = ScheduleMap(self.warmup_step, self.total_step)
         self.schedule_batch_size = self.total_batch_size  # the global batch it is laid out for
         self.lr_scheduler = build_lr_scheduler(
@@ -158,6 +175,8 @@ class Trainer(StepMixin, ResumeMixin):
         self.start_batch = 0
         self.last_checkpoint: str | None = None
         self.last_checkpoint_step: int | None = None
+        # This run's id (otface.train.identity): set by fit for a fresh start, or by resume.
+        self.run_id: str | None = None
         # The step this process started from (after a resume): its first step is logged too.
         self.log_start_step = 0
         self._resumed_rng: dict | None = None
@@ -177,6 +196,9 @@ class Trainer(StepMixin, ResumeMixin):
             "state_grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
             "rng_state": capture_rng_state(),
             "skipped_steps": self.skips.total,
+            "run_id": self.run_id,
+            # What fixes the tensors' shapes: a resume compares it before reading them.
+            "run_config": {key: self.cfg[key] for key in SHAPE_KEYS},
             # Elastic resume: the layout of the class centres, what epoch_step counts, and
             # where the global step sits on the schedule.
             "world_size": self.env.world_size,
@@ -206,6 +228,7 @@ class Trainer(StepMixin, ResumeMixin):
         path = model_path(self.cfg.output)
         state = self.backbone.state_dict()
         _refuse_nonfinite(state, f"{path} at global step {self.global_step}")
+        stamp_model(state, run_id=self.run_id, global_step=self.global_step)
         with signals_deferred():
             atomic_save(state, path)
         return path
@@ -226,17 +249,6 @@ class Trainer(StepMixin, ResumeMixin):
                 f"finished (model.pt not written at global step {self.global_step}); lower "
                 "the learning rate and check the data for NaN/Inf images"
             )
-
-
-def _tensorboard_dir(cfg) -> str:
-    """``output/tensorboard/<start time>``: one sub-folder per run, so that TensorBoard shows
-    runs apart; a resumed run continues the newest one."""
-    root = os.path.join(cfg.output, "tensorboard")
-    if cfg.resume and os.path.isdir(root):
-        runs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if runs:
-            return os.path.join(root, runs[-1])
-    return os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
 
 
 def _warn_earlier_checkpoint(cfg, env: DistEnv) -> None:
@@ -265,51 +277,36 @@ def _refuse_nonfinite(tensors, what: str) -> None:
         )
 
 
-def _log_config(cfg, env: DistEnv, total_step: int) -> None:
-    """A header line for this run, a one-line summary on screen, and every key in the log."""
-    logging.info(
-        "==== run started %s: %s (resume = %s, %d rank%s) ====",
-        time.strftime("%Y-%m-%d %H:%M:%S"),
-        " ".join(sys.argv) or "(library call)",
-        cfg.resume,
-        env.world_size,
-        "" if env.world_size == 1 else "s",
-    )
-    loss = cfg.loss
-    if loss == "otface":
-        loss += f" (lambda_ot {cfg.otface.lambda_ot:g}, {cfg.otface.distance})"
-    logging.info(
-        "%s, %s, batch %d per rank, %d steps, output %s (every config key: training.log)",
-        cfg.network,
-        loss,
-        cfg.batch_size,
-        total_step,
-        cfg.output,
-    )
-    for key, value in cfg.items():
-        shown = redact(key, value)
-        logging.info(": %s %s", key.ljust(25), shown, extra={"file_only": True})
-
-
 def fit(
     cfg,
     env: DistEnv,
     *,
     backbone_factory: BackboneFactory | None = None,
     dataset=None,
+    on_first_step: Callable[[], None] | None = None,
 ) -> Trainer:
     """Run the whole training job of ``cfg`` on this rank.
 
     ``backbone_factory(cfg, device)`` builds the network (default :func:`build_backbone`).
     ``dataset`` is what :func:`prepare_data` returned, when the caller ran it.
+    ``on_first_step()`` is called once, after this start's first training step.
+
+    Raises:
+        DataLoaderWorkerDied: a DataLoader worker process died (one line: which, how).
     """
     seed_everything(cfg.seed)
     if dataset is None:
         dataset = prepare_data(cfg)
     loader = build_loader(cfg, env, dataset)
-    for stale in remove_stale_temp_files(cfg.output, rank=env.rank):
-        logging.warning("removed %s, left by an interrupted save", stale)
+    run_id = resume_run_id(cfg.output, env) if cfg.resume else None
+    if run_id is None:  # a fresh start, or a folder where nothing names a run
+        run_id = share(new_run_id(), distributed=env.distributed)
+    if env.rank == 0:
+        # First: what building the model warns about comes after it.
+        log_run_header(cfg, env.world_size, run_id)
     trainer = Trainer(cfg, env, backbone_factory=backbone_factory)
+    trainer.run_id = run_id
+    remove_stale_temp_files(cfg.output, rank=env.rank)  # (warns naming them)
     if cfg.resume:
         trainer.resume()
     else:
@@ -329,8 +326,8 @@ def fit(
     verification = None
     wandb_run = None
     if env.rank == 0:
-        writer = SafeSummaryWriter(_tensorboard_dir(cfg))
-        _log_config(cfg, env, trainer.total_step)
+        writer = SafeSummaryWriter(tensorboard_dir(cfg, trainer.run_id))
+        log_config(cfg, trainer.total_step)
         for note in [*getattr(dataset, "size_notes", []), *trainer.init_notes]:
             logging.info("%s", note)
         wandb_run = WandbLogger.start(cfg, rank=env.rank)
@@ -372,6 +369,9 @@ def fit(
                 started = time.perf_counter()
                 out = trainer.train_step(img, labels)
                 step = trainer.global_step
+                if on_first_step is not None:
+                    on_first_step()
+                    on_first_step = None
                 if compiling:
                     # The compilation happens in the first step: say what it cost, once (the
                     # loss read waits for the step, as the first log line would).
@@ -409,6 +409,8 @@ def fit(
                     and step % cfg.gradient_acc == 0
                     and batch_idx + 1 < trainer.steps_per_epoch
                 ):
+                    # A run past max_skipped_fraction has diverged: stop before saving it.
+                    trainer.check_skipped_fraction()
                     trainer.save_state(epoch=epoch, epoch_step=batch_idx + 1)
             trainer.check_skipped_fraction()  # every rank: they count the same skips
             if cfg.save_all_states or cfg.save_every_steps:
@@ -430,6 +432,11 @@ def fit(
                 model_path(cfg.output),
             )
         finished = True
+    except RuntimeError as err:
+        died = dead_worker_error(err, loader, num_workers=int(cfg.get("num_workers", 0)))
+        if died is None:
+            raise
+        raise died from None
     finally:
         if writer is not None:
             writer.close()

@@ -5,15 +5,38 @@ optimiser, schedule, position in the data and RNG state."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, NamedTuple
 
-from otface.train.checkpoint import CheckpointError, load_latest_checkpoint
+import torch
+
+from otface.config import ConfigError
+from otface.train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    load_latest_checkpoint,
+    previous_checkpoint_path,
+    read_header,
+)
 from otface.train.distributed import DistEnv
 from otface.train.elastic import find_saved_runs, load_resharded, resume_position
+from otface.train.identity import folder_run_id, model_metadata, new_run_id, share
 from otface.train.lr import build_lr_scheduler
 from otface.train.rng import restore_rng_state
 
-__all__ = ["ResumeCheckpoint", "ResumeMixin", "load_resume_checkpoint"]
+__all__ = [
+    "SHAPE_KEYS",
+    "ResumeCheckpoint",
+    "ResumeMixin",
+    "check_before_start",
+    "check_saved_config",
+    "load_resume_checkpoint",
+    "resume_run_id",
+]
+
+SHAPE_KEYS = ("network", "num_classes", "embedding_size")
+"""Config keys that fix the shapes of a checkpoint's tensors; a checkpoint records them
+(``run_config``) so that a resume with another value fails before any tensor is read."""
 
 
 class ResumeCheckpoint(NamedTuple):
@@ -31,7 +54,9 @@ class ResumeMixin:
     Reads ``cfg``, ``env``, ``backbone``, ``criterion``, ``optimizer``, ``grad_scaler``,
     ``total_batch_size``, ``schedule`` and ``lr``; sets ``global_step``,
     ``start_epoch``, ``start_batch``, ``schedule``, ``schedule_batch_size``, ``total_step``,
-    ``lr_scheduler``, ``skips.total``, ``last_checkpoint`` and the RNG state to restore.
+    ``lr_scheduler``, ``skips.total``, ``last_checkpoint``, ``run_id`` (the run continued;
+    when it is already set, only that run's checkpoints are taken) and the RNG state to
+    restore.
     """
 
     def resume(self) -> None:
@@ -45,8 +70,24 @@ class ResumeMixin:
         Checkpoints written by another number of ranks are resharded, and the position in the
         data and the schedule re-derived (:mod:`otface.train.elastic`).
         """
-        ckpt, path, source_world_size = load_resume_checkpoint(self.cfg, self.env)
+        if self.run_id is None:
+            self.run_id = resume_run_id(self.cfg.output, self.env)
+        check_saved_config(self.cfg, self.env.rank, run_id=self.run_id)
+        ckpt, path, source_world_size = load_resume_checkpoint(
+            self.cfg, self.env, run_id=self.run_id
+        )
         cfg = self.cfg
+        if ckpt.get("run_id") is None:
+            if self.run_id is None:  # this run is given one from now on
+                self.run_id = share(new_run_id(), distributed=self.env.distributed)
+            logging.warning(
+                "%s was written before runs had ids: it cannot be checked to belong to this "
+                "run; resuming from it as run %s",
+                path,
+                self.run_id,
+            )
+        else:
+            self.run_id = str(ckpt["run_id"])
         position = resume_position(
             ckpt,
             saved_total_batch_size=int(
@@ -65,8 +106,17 @@ class ResumeMixin:
             self.lr_scheduler = build_lr_scheduler(
                 self.optimizer, warmup_steps=0, total_steps=0, schedule=position.schedule
             )
-        self.backbone.load_state_dict(ckpt["state_dict_backbone"])
-        self.criterion.partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
+        try:
+            self.backbone.load_state_dict(ckpt["state_dict_backbone"])
+            self.criterion.partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
+        except RuntimeError as err:  # a checkpoint that records no run_config
+            first = str(err).strip().splitlines()
+            raise ConfigError(
+                f"{path} does not fit this config's {', '.join(SHAPE_KEYS)} "
+                f"({first[-1].strip() if first else err}); put back the values the run was "
+                "started with, or start a new run with init_backbone = this checkpoint's "
+                "model.pt"
+            ) from None
         self.optimizer.load_state_dict(ckpt["state_optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["state_lr_scheduler"])
         if self.grad_scaler is not None and ckpt.get("state_grad_scaler"):
@@ -110,22 +160,110 @@ class ResumeMixin:
         self._resumed_rng = None
 
 
-def load_resume_checkpoint(cfg, env: DistEnv) -> ResumeCheckpoint:
+def resume_run_id(output: str, env: DistEnv) -> str | None:
+    """The run a resume in ``output`` continues (:func:`otface.train.identity.folder_run_id`),
+    as rank 0 reads it, on every rank."""
+    found = folder_run_id(output) if env.rank == 0 else None
+    return share(found, distributed=env.distributed)
+
+
+def check_before_start(cfg, env: DistEnv) -> str | None:
+    """What a resume can know before it writes anything, on every rank as rank 0 sees it.
+
+    Returns:
+        A one-line message when the run has already finished (its last checkpoint is at the
+        end of the last epoch and ``model.pt`` was written at that step), else ``None``.
+
+    Raises:
+        CheckpointError: ``output`` holds no checkpoint at all.
+        ConfigError: a key of :data:`SHAPE_KEYS` differs from the run's
+            (:func:`check_saved_config`).
+    """
+    problem: tuple[str, str] | None = None
+    finished = None
+    if env.rank == 0:
+        try:
+            finished = _finished(cfg)
+        except (CheckpointError, ConfigError) as err:
+            problem = (type(err).__name__, str(err))
+    problem, finished = share((problem, finished), distributed=env.distributed)
+    if problem is not None:
+        raise (CheckpointError if problem[0] == "CheckpointError" else ConfigError)(problem[1])
+    return finished
+
+
+def _finished(cfg) -> str | None:
+    output = cfg.output
+    paths = (checkpoint_path(output, 0), previous_checkpoint_path(output, 0))
+    if not any(os.path.isfile(p) for p in paths):
+        raise CheckpointError(
+            f"resume = True but {output} holds no checkpoint ({os.path.basename(paths[0])}) "
+            "to resume from; nothing was written. Checkpoints are written when save_all_states "
+            "= True (at the end of each epoch, and every save_every_steps steps)"
+        )
+    run_id = folder_run_id(output)
+    check_saved_config(cfg, 0, run_id=run_id)
+    header = read_header(paths[0])
+    if header is None or int(header["epoch"]) < cfg.num_epoch or header.get("run_id") != run_id:
+        return None
+    model = os.path.join(output, "model.pt")
+    try:
+        record = model_metadata(torch.load(model, map_location="cpu", mmap=True))
+    except Exception:  # noqa: BLE001 - no usable model.pt: the resumed loop writes it
+        return None
+    if record.get("run_id") != run_id or record.get("global_step") != header["global_step"]:
+        return None
+    return (
+        f"run {run_id} in {output} has already finished all its {header['global_step']} "
+        f"steps and written {model}; nothing to train (to train again, start a new run with "
+        "--overwrite or another output)"
+    )
+
+
+def check_saved_config(cfg, rank: int = 0, *, run_id: str | None = None) -> None:
+    """Compare the config with the one this rank's newest checkpoint of run ``run_id`` (else
+    its previous one) was written under, reading no tensor.
+
+    Raises:
+        ConfigError: a key of :data:`SHAPE_KEYS` differs; the message names it, both values,
+            and what to do.
+    """
+    for path in (checkpoint_path(cfg.output, rank), previous_checkpoint_path(cfg.output, rank)):
+        header = read_header(path)
+        if header is None or (run_id and header.get("run_id") not in (None, run_id)):
+            continue
+        saved = header.get("run_config") or {}
+        for key in SHAPE_KEYS:
+            if key in saved and saved[key] != cfg[key]:
+                model = os.path.join(cfg.output, "model.pt")
+                start_from = repr(model) if os.path.isfile(model) else "a model.pt of it"
+                raise ConfigError(
+                    f"key {key!r}: the run in {cfg.output} was trained with {key} = "
+                    f"{saved[key]!r} ({path}) but the config has {cfg[key]!r}; put "
+                    f"{key} = {saved[key]!r} back to resume it, or start a new run in another "
+                    f"output with init_backbone = {start_from} to start from its backbone"
+                )
+        return
+
+
+def load_resume_checkpoint(cfg, env: DistEnv, *, run_id: str | None = None) -> ResumeCheckpoint:
     """This rank's checkpoint in ``cfg.output`` (loaded onto ``env.device``), resharded when
     another number of ranks wrote it, the file it came from, and that number of ranks.
 
     With a process group every rank must call it: the ranks agree on the step through
     collectives (see :meth:`ResumeMixin.resume`).
 
+    Only checkpoints of run ``run_id`` (or written before run ids) are taken.
+
     Raises:
         CheckpointError: no usable checkpoint, or the ranks have no step in common; the
             message names the files or each rank's step.
     """
-    candidates = find_saved_runs(cfg.output) if env.rank == 0 else None
+    candidates = find_saved_runs(cfg.output, run_id=run_id) if env.rank == 0 else None
     if env.distributed:
         candidates = _gather(candidates)[0]
     if not candidates or candidates[0][1] == env.world_size:
-        ckpt, path = _load_agreed_checkpoint(cfg, env)
+        ckpt, path = _load_agreed_checkpoint(cfg, env, run_id)
         return ResumeCheckpoint(ckpt, path, env.world_size)
     source = candidates[0][1]
     state, path, source = load_resharded(
@@ -134,15 +272,16 @@ def load_resume_checkpoint(cfg, env: DistEnv) -> ResumeCheckpoint:
         world_size=env.world_size,
         num_classes=cfg.num_classes,
         candidates=[c for c in candidates if c[1] == source],
+        run_id=run_id,
     )
     return ResumeCheckpoint(state, path, source)
 
 
-def _load_agreed_checkpoint(cfg, env: DistEnv) -> tuple[dict, str]:
+def _load_agreed_checkpoint(cfg, env: DistEnv, run_id: str | None) -> tuple[dict, str]:
     output, rank = cfg.output, env.rank
     ckpt, path, problem = None, None, None
     try:
-        ckpt, path = load_latest_checkpoint(output, rank, map_location=env.device)
+        ckpt, path = load_latest_checkpoint(output, rank, map_location=env.device, run_id=run_id)
     except CheckpointError as err:
         problem = str(err)
     if not env.distributed:
@@ -160,7 +299,7 @@ def _load_agreed_checkpoint(cfg, env: DistEnv) -> tuple[dict, str]:
     if _resume_point(ckpt)[0] != target:
         try:
             ckpt, path = load_latest_checkpoint(
-                output, rank, map_location=env.device, global_step=target
+                output, rank, map_location=env.device, global_step=target, run_id=run_id
             )
         except CheckpointError:
             pass

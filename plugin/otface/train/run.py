@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
+import shlex
 import signal
 import sys
-import time
 from typing import Any, Callable
 
 import torch
@@ -17,6 +15,12 @@ import torch
 from otface.config import ConfigError, load_config
 from otface.data.loader import TooManyBadImages
 from otface.train.checkpoint import CheckpointError, checkpoint_path
+from otface.train.claim import (
+    EXISTING_RUN,
+    OutputClaim,
+    claim_output,
+    settle_interrupted_overwrite,
+)
 from otface.train.distributed import (
     dead_local_peers,
     init_distributed,
@@ -24,14 +28,13 @@ from otface.train.distributed import (
     shutdown_distributed,
 )
 from otface.train.guard import NonFiniteState, TooManySkippedSteps
-from otface.train.log import OutputWriteError, init_logging
+from otface.train.log import OutputWriteError, close_log_file, init_logging
 from otface.train.loop import BackboneFactory, fit, prepare_data
+from otface.train.resume import check_before_start
 from otface.train.signals import RUN, Terminated, in_main_thread, raise_terminated
+from otface.train.workers import DataLoaderWorkerDied
 
-__all__ = ["main"]
-
-
-EXISTING_RUN = ("refuse", "overwrite", "move-aside")
+__all__ = ["main", "resume_command"]
 
 
 def main(
@@ -40,6 +43,7 @@ def main(
     load: Callable[[str], Any] = load_config,
     backbone_factory: BackboneFactory | None = None,
     existing: str = "refuse",
+    resume: bool = False,
 ) -> int:
     """Command-line entry: load the config, join the process group, train. Returns exit code.
 
@@ -49,58 +53,99 @@ def main(
     interrupted by Ctrl-C or SIGTERM.
 
     ``existing``: what a fresh run (``resume = False``) does with an ``output`` folder that
-    already holds a run: ``"refuse"`` (exit 2, naming the choices), ``"overwrite"`` (train
-    there, replacing the old run's files as the new ones are written; its ``model.onnx`` and
-    ``package/``, made from the old model, are removed first) or ``"move-aside"`` (rename the
-    old folder to ``OUTPUT.YYYYmmdd-HHMMSS`` first; one process only).
+    already holds a run (:mod:`otface.train.claim`): ``"refuse"`` (exit 2, naming the
+    choices), ``"overwrite"`` (train there: every file of the old run, its checkpoints, log,
+    TensorBoard events, ``model.pt`` and what was exported from it, is set aside, and deleted
+    after the new run's first step) or ``"move-aside"`` (rename the old folder to
+    ``OUTPUT.YYYYmmdd-HHMMSS`` first; one process only).
+
+    ``resume``: continue the run in ``output`` (``train.py CONFIG --resume``), as the config
+    key ``resume = True`` does; it excludes ``existing``.
+
+    A start that fails or is stopped before its first step leaves ``output`` as it was.
+    Resuming a run that has finished says so and returns 0.
     """
     if existing not in EXISTING_RUN:
         raise ValueError(f"existing must be one of {EXISTING_RUN}, got {existing!r}")
+    if resume and existing != "refuse":
+        raise ValueError(f"resume = True excludes existing = {existing!r}")
     try:
         cfg = load(config_path)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if resume:
+        cfg.resume = True
     RUN.reset()
+    close_log_file()  # an earlier call's log, in this process, is not this run's
     previous_handler = None
     if in_main_thread():
         previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     env = None
+    claim: OutputClaim | None = None
+    trained: list[bool] = []
+
+    def first_step() -> None:
+        trained.append(True)
+        if claim is not None:
+            claim.keep()  # the replaced run's files go now, not before
+
     try:
         env = init_distributed(timeout_s=float(cfg.collective_timeout_s))
         dataset = prepare_data(cfg)  # before anything is written: no empty log on bad data
-        _claim_output(cfg, env, existing)
-        _check_output_writable(cfg.output)
+        if env.rank == 0:  # (the others wait in the next collective)
+            settle_interrupted_overwrite(cfg.output)
+        if cfg.resume:
+            finished = check_before_start(cfg, env)
+            if finished is not None:
+                print(finished)
+                return 0
+        claim = claim_output(cfg, env, existing)
         init_logging(env.rank, cfg.output)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        fit(cfg, env, backbone_factory=backbone_factory, dataset=dataset)
+        fit(
+            cfg,
+            env,
+            backbone_factory=backbone_factory,
+            dataset=dataset,
+            on_first_step=first_step,
+        )
     except ConfigError as err:
+        _undo_start(claim, trained)
         _report_error(str(err))
         return 2
     except (
         CheckpointError,
         TooManySkippedSteps,
         NonFiniteState,
-        OutputWriteError,
         TooManyBadImages,
         OSError,
     ) as err:
+        _undo_start(claim, trained)
         _report_error(str(err))
+        return 1
+    except OutputWriteError as err:  # a full disk under the log or TensorBoard's events
+        _undo_start(claim, trained)
+        _report_error(f"{err}; {_how_to_continue(cfg, config_path, env)}")
+        return 1
+    except DataLoaderWorkerDied as err:
+        _report_error(f"{err}{_at_step()}; {_how_to_continue(cfg, config_path, env)}")
         return 1
     except RuntimeError as err:
         if not _lost_peer(err):
             raise
-        _report_error(_lost_peer_message(err, cfg.output, env))
+        _report_error(_lost_peer_message(err, cfg, config_path, env))
         return 1
     except KeyboardInterrupt as err:
+        _undo_start(claim, trained)
         if isinstance(err, Terminated):
             dead = dead_local_peers()
             if dead:  # torchrun's stop after a rank of this node died, not a person's
-                _report_error(_dead_rank_message(dead, cfg.output, env))
+                _report_error(_dead_rank_message(dead, cfg, config_path, env))
                 return 1
         name = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
-        message = _interrupted_message(cfg.output, name)
+        message = _interrupted_message(cfg, config_path, env, name)
         if isinstance(err, Terminated) and peers_on_other_hosts():
             message += (
                 ". Under torchrun this is either a stop of the job (a person or a scheduler) "
@@ -122,78 +167,51 @@ def main(
     return 0
 
 
-def _dead_rank_message(dead: list[tuple[int, int]], output: str, env) -> str:
+def _undo_start(claim: OutputClaim | None, trained: list[bool]) -> None:
+    """A start that ends before its first step: leave the folder as it was."""
+    if claim is None or trained:
+        return
+    close_log_file()
+    claim.undo()
+
+
+def _dead_rank_message(dead: list[tuple[int, int]], cfg, config_path: str, env) -> str:
     rank = f"rank {env.rank}" if env is not None else "this rank"
     who = ", ".join(f"rank {r} (pid {pid})" for r, pid in dead)
     return (
         f"{rank}{_at_step()}: {who} of this machine died, and torchrun is stopping the job; "
-        f"{_this_runs_checkpoint(output)}"
-        + (
-            "; restart the job with resume = True (on any number of ranks)"
-            if RUN.last_checkpoint is not None
-            else ""
-        )
+        f"{_how_to_continue(cfg, config_path, env)}"
     )
 
 
-_RUN_FILES = ("model.pt", "training.log")
-_STALE = ("model.onnx", "model.onnx.source.json", "package")  # made by otface.export
+def resume_command(config_path: str, env) -> str:
+    """The command that continues this run: the script and config of this one, with
+    ``--resume`` (under ``torchrun``, with this node's number of processes; a resume works on
+    any number of ranks)."""
+    launched = os.path.basename(sys.argv[0]) if sys.argv else ""
+    # train.py, or train_otface.py in an arcface_torch checkout; "train.py" for a library call.
+    script = (
+        sys.argv[0] if launched.startswith("train") and launched.endswith(".py") else "train.py"
+    )
+    args = [script, config_path, "--resume"]
+    if env is None or env.world_size == 1:
+        return shlex.join(["python", *args])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    command = shlex.join(["torchrun", f"--nproc_per_node={per_node}", *args])
+    if per_node != env.world_size:
+        command += " (with the job's other torchrun options)"
+    return command
 
 
-def _claim_output(cfg, env, existing: str) -> None:
-    """A fresh run into a folder that holds another run: refuse, overwrite or move it aside
-    (see :func:`main`)."""
-    output = cfg.output
-    if cfg.resume:
-        return
-    found: list[str] = []
-    # Rank 0 looks, before it writes anything, and tells the others (which would otherwise
-    # see the log it has just started).
-    if env.rank == 0 and os.path.isdir(output):
-        found = [name for name in _RUN_FILES if os.path.exists(os.path.join(output, name))]
-        pattern = r"checkpoint_gpu_\d+\.pt"
-        found += sorted(n for n in os.listdir(output) if re.fullmatch(pattern, n))
-    if env.distributed:
-        shared = [found]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        found = shared[0]
-    if not found:
-        return
-    if existing == "refuse":
-        raise ConfigError(
-            f"key 'output' = {output!r} already holds a run ({', '.join(found)}) and resume = "
-            "False: set resume = True to continue it, choose another output, or run train.py "
-            "with --overwrite (train there, replacing it) or --move-aside (keep it as "
-            f"{os.path.basename(os.path.normpath(output))}.<date>)"
-        )
-    if existing == "move-aside":
-        if env.world_size > 1:
-            raise ConfigError("--move-aside is for one process; with torchrun use --overwrite")
-        aside = f"{os.path.normpath(output)}.{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(output, aside)
-        print(f"moved the previous run in {output} aside to {aside}")
-        return
-    if env.rank == 0:  # overwrite: what was made from the old model must not stay beside the new
-        for name in _STALE:
-            path = os.path.join(output, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.unlink(path)
-
-
-def _check_output_writable(output: str) -> None:
-    try:
-        os.makedirs(output, exist_ok=True)
-        probe = os.path.join(output, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.unlink(probe)
-    except OSError as err:
-        raise ConfigError(
-            f"key 'output' = {output!r}: the folder cannot be written "
-            f"({err.strerror or err}); choose another output folder"
-        ) from None
+def _how_to_continue(cfg, config_path: str, env) -> str:
+    """This run's last checkpoint and the command that resumes from it, or why there is
+    nothing to resume."""
+    if RUN.last_checkpoint is None and cfg.resume:  # stopped before it resumed: nothing changed
+        return f"its checkpoints are as they were; to continue: {resume_command(config_path, env)}"
+    where = _this_runs_checkpoint(cfg.output)
+    if RUN.last_checkpoint is not None:
+        return f"{where}; to continue: {resume_command(config_path, env)}"
+    return where
 
 
 def _report_error(message: str) -> None:
@@ -217,18 +235,18 @@ def _this_runs_checkpoint(output: str) -> str:
     other = checkpoint_path(output, 0)
     if os.path.isfile(other):
         return (
-            f"this run wrote no checkpoint; {other} is an earlier run's, and resume = True "
-            "would continue that run, not this one"
+            f"this run wrote no checkpoint, so it cannot be resumed; {other} is an earlier "
+            "run's, which --resume does not continue"
         )
-    return f"this run wrote no checkpoint in {output}"
+    return f"this run wrote no checkpoint in {output}, so it cannot be resumed"
 
 
 def _at_step() -> str:
     return f" at global step {RUN.global_step}" if RUN.global_step is not None else ""
 
 
-def _interrupted_message(output: str, signal_name: str) -> str:
-    return f"interrupted ({signal_name}){_at_step()}; {_this_runs_checkpoint(output)}"
+def _interrupted_message(cfg, config_path: str, env, signal_name: str) -> str:
+    return f"interrupted ({signal_name}){_at_step()}; {_how_to_continue(cfg, config_path, env)}"
 
 
 # gloo reports a peer that died mid-collective as a plain RuntimeError naming its transport.
@@ -244,16 +262,11 @@ def _lost_peer(err: RuntimeError) -> bool:
     return any(marker in str(err) for marker in _LOST_PEER_MARKERS)
 
 
-def _lost_peer_message(err: RuntimeError, output: str, env) -> str:
+def _lost_peer_message(err: RuntimeError, cfg, config_path: str, env) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     rank = f"rank {env.rank}" if env is not None else "this rank"
-    resume = _this_runs_checkpoint(output)
-    if RUN.last_checkpoint is not None:
-        resume += (
-            "; restart the job with resume = True (on any number of ranks: Partial FC's "
-            "centres are resharded)"
-        )
     return (
         f"{rank}: a collective failed{_at_step()} because another rank of the job died or "
-        f"stopped answering ({type(err).__name__}: {first}); {resume}"
+        f"stopped answering ({type(err).__name__}: {first}); "
+        f"{_how_to_continue(cfg, config_path, env)}"
     )
