@@ -159,6 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("ablations", nargs="+", type=Path)
     ap.add_argument("--data", type=Path, default=None, help="demo folder (default: the cache's)")
     ap.add_argument("--network", default="r18_lite")
+    ap.add_argument(
+        "--setting",
+        default=None,
+        help="report at this setting instead of choosing one on demo_lfw, e.g. 7x7-uniform:0.2 "
+        "(to compare new models at a setting chosen before they existed)",
+    )
     args = ap.parse_args(argv)
     if args.data is None:
         from otface.demo import ensure_demo
@@ -184,6 +190,9 @@ def main(argv=None) -> int:
     )
     key, alpha = best
     print(f"\nchosen on demo_lfw: {key}, alpha {alpha}")
+    if args.setting:
+        key, alpha = args.setting.split(":")[0], float(args.setting.split(":")[1])
+        print(f"reported at the given setting: {key}, alpha {alpha}")
     for data_name, table in scored.items():
         if not table:
             continue
