@@ -15,7 +15,8 @@ flip test), weighted by faceness when the embeddings are, averaged over the face
 summed over the medias of a template, then each patch L2-normalised. They are accumulated while
 the faces are embedded, so memory holds ``templates × patches × channels`` float32 numbers and
 never one set per face: at IJB-C's 23,124 templates with 512 channels, 2.3 GB for the 7×7 map
-and 0.76 GB pooled to 4×4. The result is kept (and cached) as float16.
+and 0.76 GB pooled to 4×4 (``benchmarks/bench_ijb_local.py`` measures it). The result is kept
+(and cached) as float16.
 """
 
 from __future__ import annotations
@@ -97,10 +98,13 @@ class LocalPool:
         self._sum.index_add_(0, self.row[faces_t], pts * self.weight[faces_t, None, None])
 
     def result(self) -> TemplateLocal:
+        """The pooled local features (the pool is spent: a second call is an error)."""
         if self._sum is None:
             raise ValueError("no local features were added")
-        local = torch.nn.functional.normalize(self._sum, dim=-1, eps=1e-12)
-        return TemplateLocal(self.templates, local.to(torch.float16).numpy())
+        # In place: at IJB-C's size the sums are gigabytes, and this is their last use.
+        self._sum.div_(self._sum.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
+        local, self._sum = self._sum.to(torch.float16).numpy(), None
+        return TemplateLocal(self.templates, local)
 
 
 def template_features_with_local(
