@@ -90,8 +90,8 @@ def main(argv=None) -> int:
             size = cache.stat().st_size / 2**20
         print(
             f"{side}x{side}: {1e6 * per_face:.1f} ms per 1,000 faces, "
-            f"{per_face * args.faces:.0f} s for all; peak memory +{grown:,.0f} MiB; pooled {local.local.nbytes / 2**20:,.0f} "
-            f"MiB float16; cache file {size:,.0f} MiB"
+            f"{per_face * args.faces:.0f} s for all; peak memory +{grown:,.0f} MiB; "
+            f"pooled {local.local.nbytes / 2**20:,.0f} MiB float16; cache file {size:,.0f} MiB"
         )
         del pool, local
     return 0
