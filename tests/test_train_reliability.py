@@ -750,6 +750,9 @@ def test_a_fresh_run_into_a_folder_holding_a_run_refuses_or_moves_it_aside(tmp_p
     aside = [p for p in os.listdir(os.path.dirname(out)) if p.startswith("job.")]
     assert len(aside) == 1
     assert os.path.isfile(os.path.join(os.path.dirname(out), aside[0], "model.pt"))
+    moved_log = open(os.path.join(os.path.dirname(out), aside[0], "training.log")).read()
+    last = moved_log.strip().splitlines()[-1]  # the old log says where its run went
+    assert "moved aside" in last and aside[0] in last and f"name {out}" in last
     assert os.path.isfile(os.path.join(out, "model.pt"))
 
 

@@ -177,6 +177,7 @@ def claim_output(cfg, env, existing: str) -> OutputClaim | None:
             raise ConfigError("--move-aside is for one process; with torchrun use --overwrite")
         aside = f"{os.path.normpath(output)}.{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(output, aside)
+        _note_moved_log(output, aside)
         print(f"moved the previous run in {output} aside to {aside}")
     claim = OutputClaim(output, resume=cfg.resume) if env.rank == 0 else None
     if claim is not None and found and existing == "move-aside":
@@ -185,6 +186,21 @@ def claim_output(cfg, env, existing: str) -> OutputClaim | None:
         claim.set_aside()
     _check_output_writable(output)
     return claim
+
+
+def _note_moved_log(output: str, aside: str) -> None:
+    """Ends the moved run's log with where it went: the lines above name the old folder."""
+    log = os.path.join(aside, LOG_NAME)
+    if not os.path.isfile(log):
+        return
+    try:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(
+                f"==== moved aside {time.strftime('%Y-%m-%d %H:%M:%S')}: this run's files are "
+                f"now in {aside}; the paths above name {output}, where a new run started ====\n"
+            )
+    except OSError:  # a read-only or full disk: the move itself has happened
+        pass
 
 
 def settle_interrupted_overwrite(output: str) -> None:
