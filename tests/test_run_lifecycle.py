@@ -284,6 +284,22 @@ def test_a_resume_with_no_checkpoint_writes_nothing(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+def test_a_resume_of_a_finished_run_that_kept_no_checkpoints_says_so(tmp_path, capsys):
+    extra = "config.save_all_states = False\n"
+    path, out = _config(tmp_path, num_image=16, num_epoch=1, extra=extra)
+    assert run.main(path) == 0
+    capsys.readouterr()
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    assert run.main(path, resume=True) == 0
+    said = capsys.readouterr()
+    assert "already finished" in said.out and "kept no checkpoints" in said.out, said
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
+    # A model.pt of another run (the log names this one) is not taken for it.
+    torch.save({"x": torch.zeros(1)}, os.path.join(out, "model.pt"))
+    assert run.main(path, resume=True) == 1
+    assert "holds no checkpoint" in error_line(capsys)
+
+
 def test_a_failed_start_leaves_no_folder_and_the_fix_runs_without_a_flag(tmp_path, capsys):
     path, out = _config(tmp_path, num_image=16, num_epoch=1, extra="config.network = 'r18_lit'\n")
     assert run.main(path) == 2

@@ -196,6 +196,9 @@ def _finished(cfg) -> str | None:
     output = cfg.output
     paths = (checkpoint_path(output, 0), previous_checkpoint_path(output, 0))
     if not any(os.path.isfile(p) for p in paths):
+        done = _finished_without_checkpoints(output)
+        if done is not None:
+            return done
         raise CheckpointError(
             f"resume = True but {output} holds no checkpoint ({os.path.basename(paths[0])}) "
             "to resume from; nothing was written. Checkpoints are written when save_all_states "
@@ -217,6 +220,26 @@ def _finished(cfg) -> str | None:
         f"run {run_id} in {output} has already finished all its {header['global_step']} "
         f"steps and written {model}; nothing to train (to train again, start a new run with "
         "--overwrite or another output)"
+    )
+
+
+def _finished_without_checkpoints(output: str) -> str | None:
+    """The finished-run line for a run that kept no checkpoints (``save_all_states = False``)
+    but wrote its ``model.pt``: the log's run and the model's agree."""
+    run_id = folder_run_id(output)
+    model = os.path.join(output, "model.pt")
+    if run_id is None or not os.path.isfile(model):
+        return None
+    try:
+        record = model_metadata(torch.load(model, map_location="cpu", mmap=True))
+    except Exception:  # noqa: BLE001 - an unreadable model.pt: the plain error is clearer
+        return None
+    if record.get("run_id") != run_id:
+        return None
+    return (
+        f"run {run_id} in {output} has already finished ({record.get('global_step')} steps) "
+        f"and written {model}; it kept no checkpoints (save_all_states = False), so there is "
+        "nothing to resume (to train again, start a new run with --overwrite or another output)"
     )
 
 
