@@ -12,6 +12,11 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
     python benchmarks/bench_step.py --compile default --compile-scope blocks,network
     python benchmarks/bench_step.py --fused-bn-prelu   # + rows with the fused BN + PReLU (CUDA)
     python benchmarks/bench_step.py --cuda-graph       # + rows with the step as a CUDA graph
+    python benchmarks/bench_step.py --head adaface,curricularface   # + rows with other heads
+
+``--head HEAD[,HEAD]`` adds our eager rows again with Partial FC's margin head set as
+``config.head`` does (``name+adaface``, ``name+curricularface``); each is also compared with the
+same row on the combined head. With ``--sync-debug`` the host syncs are listed for each head.
 
 ``--cuda-graph`` adds our rows again with the forward and backward recorded once as a CUDA
 graph and replayed (``name+graph``, as ``config.cuda_graph``: :mod:`otface.train.graph`); the
@@ -74,6 +79,7 @@ from _timing import add_step_arguments, open_device, open_upstream, sync
 
 from otface.backbones import get_model
 from otface.evaluation.cli import positive_int
+from otface.heads import HEADS
 from otface.train.model import COMPILE_SCOPES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -101,8 +107,8 @@ def _rss_mib() -> float:
 
 class Contender(NamedTuple):
     """One of our rows: its label, criterion, Sinkhorn kernel, ``torch.compile`` mode, whether
-    its IResNet blocks run the fused BatchNorm + PReLU, what is compiled, and whether the step
-    is a CUDA graph."""
+    its IResNet blocks run the fused BatchNorm + PReLU, what is compiled, whether the step
+    is a CUDA graph, and Partial FC's margin head."""
 
     label: str
     loss_name: str
@@ -111,6 +117,7 @@ class Contender(NamedTuple):
     fused_bn_prelu: bool = False
     compile_scope: str = "blocks"
     cuda_graph: bool = False
+    head: str = "combined"
 
 
 def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
@@ -128,6 +135,9 @@ def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
             continue
         rows.append(Contender(label, "otface", kernel))
     eager = list(rows)
+    for head in args.head:
+        if head != "combined":
+            rows += [c._replace(label=f"{c.label}+{head}", head=head) for c in eager]
     for mode in args.compile:
         for scope in args.compile_scope:
             tag = mode if scope == "blocks" else f"{mode}/{scope}"
@@ -158,6 +168,7 @@ def bench(
     fused_bn_prelu: bool = False,
     compile_scope: str = "blocks",
     cuda_graph: bool = False,
+    head: str = "combined",
 ):
     run = Step(
         loss_name,
@@ -169,6 +180,7 @@ def bench(
         fused_bn_prelu=fused_bn_prelu,
         compile_scope=compile_scope,
         cuda_graph=cuda_graph,
+        head=head,
     )
     batches = run.batches(args, device, args.warmup + args.steps)
 
@@ -218,6 +230,7 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
                 fused_bn_prelu=c.fused_bn_prelu,
                 compile_scope=c.compile_scope,
                 cuda_graph=c.cuda_graph,
+                head=c.head,
             )
             for c in rows
         }
@@ -287,8 +300,11 @@ _SYNCING_OPS = (
 )
 
 
-def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]]:
-    """``(op, where)`` for every host-syncing op of one ``otface`` step (after a warm-up step)."""
+def sync_report(
+    args, device: torch.device, state: dict, head: str = "combined"
+) -> list[tuple[str, str]]:
+    """``(op, where)`` for every host-syncing op of one ``otface`` step (after a warm-up step)
+    with Partial FC's margin ``head``."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -312,7 +328,7 @@ def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]
                 found.append((name, frames[-1] if frames else "(torch internals)"))
             return func(*args_, **(kwargs or {}))
 
-    run = Step("otface", args, device, state, "auto")
+    run = Step("otface", args, device, state, "auto", head=head)
     for step, (x, labels) in enumerate(run.batches(args, device, 2), start=1):
         with Record() if step == 2 else contextlib.nullcontext():
             run(x, labels, step)
@@ -376,6 +392,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(config.cuda_graph)",
     )
     parser.add_argument(
+        "--head",
+        type=_comma_list(HEADS, "head"),
+        default=["combined"],
+        metavar="HEAD[,HEAD]",
+        help=f"also time our rows with these margin heads ({', '.join(HEADS)}), as config.head "
+        "does; the combined head's rows are always timed",
+    )
+    parser.add_argument(
         "--arcface-torch",
         metavar="PATH",
         help="an arcface_torch checkout: time its own step beside ours, interleaved",
@@ -411,10 +435,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         compare_with_upstream(args, device, state, upstream)
         return
     if args.sync_debug:
-        found = sync_report(args, device, state)
-        print(f"host syncs in one otface step: {len(found)}")
-        for (op, where), count in collections.Counter(found).most_common():
-            print(f"  {count:3d} x {op:22s} {where}")
+        for head in dict.fromkeys(["combined", *args.head]):
+            found = sync_report(args, device, state, head)
+            print(f"host syncs in one otface step, head {head}: {len(found)}")
+            for (op, where), count in collections.Counter(found).most_common():
+                print(f"  {count:3d} x {op:22s} {where}")
         return
     mem_label = "peak MiB (CUDA)" if device.type == "cuda" else "RSS MiB"
     print(
@@ -433,6 +458,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     for crit, secs, *_ in rows[1:]:
         print(f"{crit} overhead: {100 * (secs / base - 1):+.1f}% of the arcface step")
+    by_label = {crit: secs for crit, secs, *_ in rows}
+    for c in specs:
+        if c.head != "combined":
+            same = by_label[c.label[: -len(c.head) - 1]]
+            ratio = by_label[c.label] / same
+            print(f"{c.label} vs the combined head: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
     print("first s: the first step (cuDNN autotuning; compilation for +MODE rows)")
     for note in notes:
         print(note)
