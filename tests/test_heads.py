@@ -1,7 +1,7 @@
 """AdaFace and CurricularFace heads against plain per-element implementations of the papers'
-formulas (Kim et al. 2022, eqs. 9-11; Huang et al. 2020, eqs. 6-9), written here in Python
-floats: alone, inside Partial FC (sampled centres, targets on another shard), and on two gloo
-ranks against one process."""
+formulas (Kim et al., CVPR 2022; Huang et al., CVPR 2020), written here in Python floats:
+alone, inside Partial FC (sampled centres, targets on another shard), on two gloo ranks
+against one process, and through a reshard of their checkpoints."""
 
 import math
 import statistics
@@ -310,3 +310,37 @@ def test_two_gloo_ranks_share_the_statistics_of_the_global_batch(tmp_path):
             torch.testing.assert_close(ranks[0][f"{name}/loss{step}"], loss, rtol=1e-6, atol=1e-6)
         for key, value in single.statistics().items():
             torch.testing.assert_close(ranks[0][name][key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_resharding_carries_the_statistics_beside_the_centres():
+    # Checkpoints of 2 ranks cut for rank 1 of 3: the centres are the rows that rank holds,
+    # the statistics (the same on every rank) come along unchanged, and the result loads
+    # into Partial FC with the head.
+    from otface.partial_fc import shard_range
+    from otface.train.reshard import FC_KEY, gather_fc_rows, with_fc_shard
+
+    def saved(rank):
+        start, count = shard_range(10, rank=rank, world_size=2)
+        weight = torch.arange(start, start + count).float().unsqueeze(1).repeat(1, D)
+        return {
+            FC_KEY: {"weight": weight, "margin_softmax.t": torch.tensor([0.25])},
+            "state_optimizer": {
+                "state": {1: {"momentum_buffer": 2 * weight}},
+                "param_groups": [{"params": [0]}, {"params": [1]}],
+            },
+        }
+
+    states = [saved(0), saved(1)]
+    shard = gather_fc_rows(
+        lambda s: (states[s], f"checkpoint_gpu_{s}.pt"),
+        source_world_size=2,
+        num_classes=10,
+        rank=1,
+        world_size=3,
+    )
+    out = with_fc_shard(states[1], shard, "checkpoint_gpu_1.pt")[FC_KEY]
+    start, count = shard_range(10, rank=1, world_size=3)
+    assert out["weight"][:, 0].tolist() == list(range(start, start + count))
+    pfc = PartialFC(CurricularFaceMargin(S), D, count)
+    pfc.load_state_dict(out)
+    assert pfc.margin_softmax.t.item() == 0.25

@@ -6,7 +6,7 @@ whole global batch, so that every rank computes the same statistics without a co
 its own:
 
 * :class:`AdaFaceMargin` (Kim et al., "AdaFace: Quality Adaptive Margin for Face Recognition",
-  CVPR 2022, eqs. 9-11). With ``ẑ = clip(h · (‖z‖ − μ) / (σ + eps), −1, 1)`` from the detached
+  CVPR 2022). With ``ẑ = clip(h · (‖z‖ − μ) / (σ + eps), −1, 1)`` from the detached
   feature norm ``‖z‖`` (before normalisation, clipped to ``[0.001, 100]``) and the exponential
   moving averages ``μ, σ`` (weight ``t_alpha``) of the batch's norm mean and (unbiased) standard
   deviation, the target logit is ``s · (cos(clip(θ − m·ẑ, eps, π − eps)) − (m + m·ẑ))``
@@ -15,7 +15,7 @@ its own:
   as the authors' code does, so ``acos`` never meets ±1. ``μ, σ`` start at 20 and 100 (the
   authors' values) and are updated with the current batch before its margins are computed.
 * :class:`CurricularFaceMargin` (Huang et al., "CurricularFace: Adaptive Curriculum Learning
-  Loss for Deep Face Recognition", CVPR 2020, eqs. 6-9). The target logit is ``s·cos(θ_y + m)``
+  Loss for Deep Face Recognition", CVPR 2020). The target logit is ``s·cos(θ_y + m)``
   (``s·(cos θ_y − sin(π − m)·m)`` once ``θ_y + m > π``, the authors' fallback), a negative with
   ``cos θ_j > cos(θ_y + m)`` becomes ``s · cos θ_j · (t + cos θ_j)`` and the others stay
   ``s · cos θ_j``. ``t`` starts at 0 and is the moving average (weight ``alpha``) of the batch's

@@ -140,7 +140,10 @@ class PartialFC(nn.Module):
         margin_loss: ``f(cos (N, C_local), labels (N, 1)) -> logits (N, C_local)``, labels
             ``-1`` where the row's class is not in this shard (or not sampled); e.g.
             :class:`otface.margin.CombinedMarginLoss`. Labels are passed as a column, as
-            arcface_torch does, so its margin modules fit too.
+            arcface_torch does, so its margin modules fit too. A head with running statistics
+            (:mod:`otface.heads`) sets ``needs_norms`` or ``needs_target_cos`` and is also
+            given, for the whole global batch, the embedding norms before normalisation
+            (``norms=``, ``(N,)``) or every row's target cosine (``target_cos=``, ``(N,)``).
         embedding_size: ``D``.
         num_classes: total number of classes over all ranks (``>= world_size``).
         sample_rate: fraction of this shard's centres used per step (``(0, 1]``). With
