@@ -17,6 +17,12 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
 ``--head HEAD[,HEAD]`` adds our eager rows again with Partial FC's margin head set as
 ``config.head`` does (``name+adaface``, ``name+curricularface``); each is also compared with the
 same row on the combined head. With ``--sync-debug`` the host syncs are listed for each head.
+``--interleave`` times our rows in interleaved blocks, as ``--arcface-torch`` below, each block
+over the ``arcface`` row's block of the same round: on a machine shared with other jobs the
+paired ratios are steadier than one run per row.
+
+    python benchmarks/bench_step.py --network r18 --batch-size 64 --head adaface,curricularface \
+        --interleave --warmup 1 --blocks 3 --block-steps 2
 
 ``--cuda-graph`` adds our rows again with the forward and backward recorded once as a CUDA
 graph and replayed (``name+graph``, as ``config.cuda_graph``: :mod:`otface.train.graph`); the
@@ -208,16 +214,18 @@ def bench(
     return statistics.median(times), hard, mem, first_s
 
 
-def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None:
-    """Time arcface_torch's step (``mods``: ``_upstream.load_arcface_torch``) beside ours,
-    interleaved, and print the step times and paired ratios."""
+def compare_interleaved(args, device: torch.device, state: dict, mods=None) -> None:
+    """Time our rows in interleaved blocks and print the step times and paired ratios: over
+    arcface_torch's step (``mods``: ``_upstream.load_arcface_torch``), or without it over our
+    ``arcface`` row (``--interleave``, e.g. the heads against the combined one)."""
     from _upstream import UpstreamStep, single_process_group
 
     count = args.warmup + args.blocks * args.block_steps
     rows, notes = contenders(args, device)
     for note in notes:
         print(note)
-    with single_process_group(device):
+    anchor = "upstream" if mods is not None else "arcface"
+    with single_process_group(device) if mods is not None else contextlib.nullcontext():
         ours = {
             c.label: Step(
                 c.loss_name,
@@ -234,15 +242,17 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
             )
             for c in rows
         }
-        centres = ours["arcface"].criterion.partial_fc.weight.detach()
-        upstream = UpstreamStep(mods, bench_config(args), device, state, centres)
-        print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
-        if args.network.startswith("vit") and device.type == "cuda" and not args.fp16:
-            print(
-                "note: upstream's ViT runs under float16 autocast on CUDA whatever --fp16 says, "
-                "ours in float32 without --fp16: the rows are not like for like"
-            )
-        runs = {"upstream": upstream, **ours}
+        runs = dict(ours)
+        if mods is not None:
+            centres = ours["arcface"].criterion.partial_fc.weight.detach()
+            upstream = UpstreamStep(mods, bench_config(args), device, state, centres)
+            print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
+            if args.network.startswith("vit") and device.type == "cuda" and not args.fp16:
+                print(
+                    "note: upstream's ViT runs under float16 autocast on CUDA whatever --fp16 "
+                    "says, ours in float32 without --fp16: the rows are not like for like"
+                )
+            runs = {"upstream": upstream, **ours}
         layouts = {name: run.channels_last for name, run in runs.items()}
         nchw = make_batches(args, device, count, channels_last=False)
         batches = {False: nchw}
@@ -254,7 +264,15 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
         for run in ours.values():
             if hasattr(run.criterion, "remove_hook"):
                 run.criterion.remove_hook()
-    _print_comparison(result, layouts, "upstream")
+    _print_comparison(result, layouts, anchor)
+    for c in rows:
+        if c.head != "combined":  # each head over the same row on the combined head
+            same = c.label[: -len(c.head) - 1]
+            r = spread([a / b for a, b in zip(result.block_s[c.label], result.block_s[same])])
+            print(
+                f"{c.label} vs {same} (combined head): {r.median:.3f} [{r.q1:.3f}-{r.q3:.3f}] "
+                f"({r.lo:.3f}-{r.hi:.3f}), median [IQR] (min-max) of {r.n} paired blocks"
+            )
     for label, run in ours.items():
         if run.graph is not None and not run.graph.replaying:
             print(f"{label}: the CUDA graph was not recorded ({run.graph.failed}); timed eagerly")
@@ -405,17 +423,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="an arcface_torch checkout: time its own step beside ours, interleaved",
     )
     parser.add_argument(
-        "--blocks", type=positive_int, default=10, help="with --arcface-torch: rounds of blocks"
+        "--interleave",
+        action="store_true",
+        help="time our rows in interleaved blocks as --arcface-torch does, each over our "
+        "arcface row of the same round (a fairer comparison on a busy machine)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=positive_int,
+        default=10,
+        help="with --arcface-torch or --interleave: rounds of blocks",
     )
     parser.add_argument(
         "--block-steps",
         type=positive_int,
         default=5,
-        help="with --arcface-torch: steps per contender in each block",
+        help="with --arcface-torch or --interleave: steps per contender in each block",
     )
     args = parser.parse_args(argv)
-    if args.arcface_torch and args.sync_debug:
-        parser.error("--sync-debug and --arcface-torch are separate runs; give one")
+    if (args.arcface_torch or args.interleave) and args.sync_debug:
+        parser.error("--sync-debug and --arcface-torch / --interleave are separate runs; give one")
     upstream = open_upstream(parser, args.arcface_torch)
     device, name = open_device(args.device, args.threads)
     torch.manual_seed(0)
@@ -427,12 +454,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         + (
             f"{args.blocks} rounds of {args.block_steps}-step blocks per contender in rotating "
             f"order, after {args.warmup} warm-up steps each"
-            if args.arcface_torch
+            if args.arcface_torch or args.interleave
             else f"median of {args.steps} steps after {args.warmup}"
         )
     )
-    if args.arcface_torch:
-        compare_with_upstream(args, device, state, upstream)
+    if args.arcface_torch or args.interleave:
+        compare_interleaved(args, device, state, upstream)
         return
     if args.sync_debug:
         for head in dict.fromkeys(["combined", *args.head]):
