@@ -96,6 +96,13 @@ def test_head_defaults_are_the_papers_and_sections_merge(tmp_path):
     assert dict(cfg.curricularface) == {"m": 0.5, "alpha": 0.01}
 
 
+def test_a_head_with_statistics_is_not_recorded_as_a_cuda_graph(tmp_path):
+    # The recording's warm-up passes would update the running statistics as extra steps.
+    body = "config.head = 'curricularface'\nconfig.cuda_graph = 'on'\n"
+    with pytest.raises(ConfigError, match="'cuda_graph' = 'on' cannot be used: key 'head'"):
+        load_config(write_job(tmp_path, "job", extra=body))
+
+
 def test_choice_error_lists_choices(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(write_job(tmp_path, "job", extra="config.optimizer = 'adam'\n"))
