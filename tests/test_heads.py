@@ -261,6 +261,23 @@ def test_partial_fc_with_sampled_centres_equals_the_paper_over_two_steps(name):
         assert set(pfc.state_dict()) == {"weight", "margin_softmax.t"}
 
 
+@pytest.mark.parametrize("name", ["adaface", "curricularface"])
+def test_partial_fc_heads_are_finite_at_cos_one_under_half_precision_input(name):
+    # Embeddings on their class centres (cos θ ≈ 1, and ≈ -1 for the negated row), given in
+    # bfloat16 under an outer autocast: the margin runs on float32 cosines, no NaN from acos.
+    head = AdaFaceMargin(S) if name == "adaface" else CurricularFaceMargin(S)
+    pfc = PartialFC(head, D, NUM_CLASSES, seed=1)
+    labels = torch.tensor([0, 1, 2, 3])
+    centres = pfc.weight.detach()[labels] * 1000
+    emb = torch.cat([centres[:3], -centres[3:]]).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pfc(emb, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(pfc.weight.grad).all()
+    assert all(torch.isfinite(v).all() for v in pfc.statistics().values())
+
+
 # ---------------------------------------------------------------------- two ranks over gloo
 
 
