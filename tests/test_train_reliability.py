@@ -20,7 +20,12 @@ from otface.config import ConfigError, load_config
 from otface.data.rec_writer import write_rec
 from otface.loss import OTFaceCriterion
 from otface.train import loop, run
-from otface.train.checkpoint import checkpoint_path, previous_checkpoint_path, save_checkpoint
+from otface.train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    previous_checkpoint_path,
+    save_checkpoint,
+)
 from otface.train.distributed import DistEnv, shutdown_distributed
 from otface.train.guard import TooManySkippedSteps
 from otface.train.signals import Terminated
@@ -342,6 +347,15 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     assert f"global step {prev_step}," in caplog.text
     assert trainer.global_step == 24
     assert not list((tmp_path / "work_dirs" / "job").glob(".checkpoint_gpu_0.pt.*.tmp"))
+
+
+def test_resuming_with_another_head_names_the_head(tmp_path):
+    path, _ = _config(tmp_path, num_epoch=1)
+    loop.fit(load_config(path), _env())
+    cfg = load_config(path)
+    cfg.resume, cfg.head, cfg.num_epoch = True, "adaface", 2
+    with pytest.raises(CheckpointError, match="head = 'adaface'.*margin_softmax.batch_mean"):
+        loop.Trainer(cfg, _env()).resume()
 
 
 def _resume_worker(rank, world_size, port, path, result_dir):

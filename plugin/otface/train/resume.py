@@ -66,6 +66,7 @@ class ResumeMixin:
                 self.optimizer, warmup_steps=0, total_steps=0, schedule=position.schedule
             )
         self.backbone.load_state_dict(ckpt["state_dict_backbone"])
+        _check_head_state(ckpt["state_dict_softmax_fc"], self.criterion.partial_fc, cfg, path)
         self.criterion.partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
         self.optimizer.load_state_dict(ckpt["state_optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["state_lr_scheduler"])
@@ -108,6 +109,18 @@ class ResumeMixin:
         """Put back the RNG state of the resumed checkpoint; call just before the first step."""
         restore_rng_state(self._resumed_rng)
         self._resumed_rng = None
+
+
+def _check_head_state(saved: dict, partial_fc, cfg, path: str) -> None:
+    """The checkpoint's Partial FC entries are those of this run's margin head (the class
+    centres, plus AdaFace's or CurricularFace's running statistics), else a one-line error."""
+    expected = set(partial_fc.state_dict())
+    if set(saved) != expected:
+        raise CheckpointError(
+            f"{path}: key 'state_dict_softmax_fc' holds {sorted(saved)}, but Partial FC with "
+            f"head = {cfg.get('head', 'combined')!r} has {sorted(expected)}: resume with the "
+            "head the run was trained with"
+        )
 
 
 def load_resume_checkpoint(cfg, env: DistEnv) -> ResumeCheckpoint:
