@@ -19,9 +19,15 @@ from otface.train.loop import GRAD_CLIP_NORM, compile_backbone
 __all__ = ["Step", "bench_config", "make_batches"]
 
 
-def bench_config(args, loss_name: str = "arcface"):
+def bench_config(args, loss_name: str = "arcface", head: str = "combined"):
     cfg = base_config()
-    cfg.update(network=args.network, num_classes=args.num_classes, fp16=args.fp16, loss=loss_name)
+    cfg.update(
+        network=args.network,
+        num_classes=args.num_classes,
+        fp16=args.fp16,
+        loss=loss_name,
+        head=head,
+    )
     return cfg
 
 
@@ -41,8 +47,9 @@ class Step:
         fused_bn_prelu: bool = False,
         compile_scope: str = "blocks",
         cuda_graph: bool = False,
+        head: str = "combined",
     ):
-        cfg = bench_config(args, loss_name)
+        cfg = bench_config(args, loss_name, head)
         cfg.otface.kernel = kernel
         # as_trainer: the trainer's learning rate and gradient clipping (as arcface_torch's
         # step, for the comparison with it); otherwise the plain step of the overhead table.

@@ -12,6 +12,17 @@ memory (CUDA allocator peak, or the process's resident set size on CPU).
     python benchmarks/bench_step.py --compile default --compile-scope blocks,network
     python benchmarks/bench_step.py --fused-bn-prelu   # + rows with the fused BN + PReLU (CUDA)
     python benchmarks/bench_step.py --cuda-graph       # + rows with the step as a CUDA graph
+    python benchmarks/bench_step.py --head adaface,curricularface   # + rows with other heads
+
+``--head HEAD[,HEAD]`` adds our eager rows again with Partial FC's margin head set as
+``config.head`` does (``name+adaface``, ``name+curricularface``); each is also compared with the
+same row on the combined head. With ``--sync-debug`` the host syncs are listed for each head.
+``--interleave`` times our rows in interleaved blocks, as ``--arcface-torch`` below, each block
+over the ``arcface`` row's block of the same round: on a machine shared with other jobs the
+paired ratios are steadier than one run per row.
+
+    python benchmarks/bench_step.py --network r18 --batch-size 64 --head adaface,curricularface \
+        --interleave --warmup 1 --blocks 3 --block-steps 2
 
 ``--cuda-graph`` adds our rows again with the forward and backward recorded once as a CUDA
 graph and replayed (``name+graph``, as ``config.cuda_graph``: :mod:`otface.train.graph`); the
@@ -74,6 +85,7 @@ from _timing import add_step_arguments, open_device, open_upstream, sync
 
 from otface.backbones import get_model
 from otface.evaluation.cli import positive_int
+from otface.heads import HEADS
 from otface.train.model import COMPILE_SCOPES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -101,8 +113,8 @@ def _rss_mib() -> float:
 
 class Contender(NamedTuple):
     """One of our rows: its label, criterion, Sinkhorn kernel, ``torch.compile`` mode, whether
-    its IResNet blocks run the fused BatchNorm + PReLU, what is compiled, and whether the step
-    is a CUDA graph."""
+    its IResNet blocks run the fused BatchNorm + PReLU, what is compiled, whether the step
+    is a CUDA graph, and Partial FC's margin head."""
 
     label: str
     loss_name: str
@@ -111,6 +123,7 @@ class Contender(NamedTuple):
     fused_bn_prelu: bool = False
     compile_scope: str = "blocks"
     cuda_graph: bool = False
+    head: str = "combined"
 
 
 def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
@@ -128,6 +141,9 @@ def contenders(args, device: torch.device) -> tuple[list[Contender], list[str]]:
             continue
         rows.append(Contender(label, "otface", kernel))
     eager = list(rows)
+    for head in args.head:
+        if head != "combined":
+            rows += [c._replace(label=f"{c.label}+{head}", head=head) for c in eager]
     for mode in args.compile:
         for scope in args.compile_scope:
             tag = mode if scope == "blocks" else f"{mode}/{scope}"
@@ -158,6 +174,7 @@ def bench(
     fused_bn_prelu: bool = False,
     compile_scope: str = "blocks",
     cuda_graph: bool = False,
+    head: str = "combined",
 ):
     run = Step(
         loss_name,
@@ -169,6 +186,7 @@ def bench(
         fused_bn_prelu=fused_bn_prelu,
         compile_scope=compile_scope,
         cuda_graph=cuda_graph,
+        head=head,
     )
     batches = run.batches(args, device, args.warmup + args.steps)
 
@@ -196,16 +214,18 @@ def bench(
     return statistics.median(times), hard, mem, first_s
 
 
-def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None:
-    """Time arcface_torch's step (``mods``: ``_upstream.load_arcface_torch``) beside ours,
-    interleaved, and print the step times and paired ratios."""
+def compare_interleaved(args, device: torch.device, state: dict, mods=None) -> None:
+    """Time our rows in interleaved blocks and print the step times and paired ratios: over
+    arcface_torch's step (``mods``: ``_upstream.load_arcface_torch``), or without it over our
+    ``arcface`` row (``--interleave``, e.g. the heads against the combined one)."""
     from _upstream import UpstreamStep, single_process_group
 
     count = args.warmup + args.blocks * args.block_steps
     rows, notes = contenders(args, device)
     for note in notes:
         print(note)
-    with single_process_group(device):
+    anchor = "upstream" if mods is not None else "arcface"
+    with single_process_group(device) if mods is not None else contextlib.nullcontext():
         ours = {
             c.label: Step(
                 c.loss_name,
@@ -218,18 +238,21 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
                 fused_bn_prelu=c.fused_bn_prelu,
                 compile_scope=c.compile_scope,
                 cuda_graph=c.cuda_graph,
+                head=c.head,
             )
             for c in rows
         }
-        centres = ours["arcface"].criterion.partial_fc.weight.detach()
-        upstream = UpstreamStep(mods, bench_config(args), device, state, centres)
-        print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
-        if args.network.startswith("vit") and device.type == "cuda" and not args.fp16:
-            print(
-                "note: upstream's ViT runs under float16 autocast on CUDA whatever --fp16 says, "
-                "ours in float32 without --fp16: the rows are not like for like"
-            )
-        runs = {"upstream": upstream, **ours}
+        runs = dict(ours)
+        if mods is not None:
+            centres = ours["arcface"].criterion.partial_fc.weight.detach()
+            upstream = UpstreamStep(mods, bench_config(args), device, state, centres)
+            print(f"upstream: arcface_torch from {mods.root}; {upstream.note}, same class centres")
+            if args.network.startswith("vit") and device.type == "cuda" and not args.fp16:
+                print(
+                    "note: upstream's ViT runs under float16 autocast on CUDA whatever --fp16 "
+                    "says, ours in float32 without --fp16: the rows are not like for like"
+                )
+            runs = {"upstream": upstream, **ours}
         layouts = {name: run.channels_last for name, run in runs.items()}
         nchw = make_batches(args, device, count, channels_last=False)
         batches = {False: nchw}
@@ -241,7 +264,15 @@ def compare_with_upstream(args, device: torch.device, state: dict, mods) -> None
         for run in ours.values():
             if hasattr(run.criterion, "remove_hook"):
                 run.criterion.remove_hook()
-    _print_comparison(result, layouts, "upstream")
+    _print_comparison(result, layouts, anchor)
+    for c in rows:
+        if c.head != "combined":  # each head over the same row on the combined head
+            same = c.label[: -len(c.head) - 1]
+            r = spread([a / b for a, b in zip(result.block_s[c.label], result.block_s[same])])
+            print(
+                f"{c.label} vs {same} (combined head): {r.median:.3f} [{r.q1:.3f}-{r.q3:.3f}] "
+                f"({r.lo:.3f}-{r.hi:.3f}), median [IQR] (min-max) of {r.n} paired blocks"
+            )
     for label, run in ours.items():
         if run.graph is not None and not run.graph.replaying:
             print(f"{label}: the CUDA graph was not recorded ({run.graph.failed}); timed eagerly")
@@ -287,8 +318,11 @@ _SYNCING_OPS = (
 )
 
 
-def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]]:
-    """``(op, where)`` for every host-syncing op of one ``otface`` step (after a warm-up step)."""
+def sync_report(
+    args, device: torch.device, state: dict, head: str = "combined"
+) -> list[tuple[str, str]]:
+    """``(op, where)`` for every host-syncing op of one ``otface`` step (after a warm-up step)
+    with Partial FC's margin ``head``."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -312,7 +346,7 @@ def sync_report(args, device: torch.device, state: dict) -> list[tuple[str, str]
                 found.append((name, frames[-1] if frames else "(torch internals)"))
             return func(*args_, **(kwargs or {}))
 
-    run = Step("otface", args, device, state, "auto")
+    run = Step("otface", args, device, state, "auto", head=head)
     for step, (x, labels) in enumerate(run.batches(args, device, 2), start=1):
         with Record() if step == 2 else contextlib.nullcontext():
             run(x, labels, step)
@@ -376,22 +410,39 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(config.cuda_graph)",
     )
     parser.add_argument(
+        "--head",
+        type=_comma_list(HEADS, "head"),
+        default=["combined"],
+        metavar="HEAD[,HEAD]",
+        help=f"also time our rows with these margin heads ({', '.join(HEADS)}), as config.head "
+        "does; the combined head's rows are always timed",
+    )
+    parser.add_argument(
         "--arcface-torch",
         metavar="PATH",
         help="an arcface_torch checkout: time its own step beside ours, interleaved",
     )
     parser.add_argument(
-        "--blocks", type=positive_int, default=10, help="with --arcface-torch: rounds of blocks"
+        "--interleave",
+        action="store_true",
+        help="time our rows in interleaved blocks as --arcface-torch does, each over our "
+        "arcface row of the same round (a fairer comparison on a busy machine)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=positive_int,
+        default=10,
+        help="with --arcface-torch or --interleave: rounds of blocks",
     )
     parser.add_argument(
         "--block-steps",
         type=positive_int,
         default=5,
-        help="with --arcface-torch: steps per contender in each block",
+        help="with --arcface-torch or --interleave: steps per contender in each block",
     )
     args = parser.parse_args(argv)
-    if args.arcface_torch and args.sync_debug:
-        parser.error("--sync-debug and --arcface-torch are separate runs; give one")
+    if (args.arcface_torch or args.interleave) and args.sync_debug:
+        parser.error("--sync-debug and --arcface-torch / --interleave are separate runs; give one")
     upstream = open_upstream(parser, args.arcface_torch)
     device, name = open_device(args.device, args.threads)
     torch.manual_seed(0)
@@ -403,18 +454,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         + (
             f"{args.blocks} rounds of {args.block_steps}-step blocks per contender in rotating "
             f"order, after {args.warmup} warm-up steps each"
-            if args.arcface_torch
+            if args.arcface_torch or args.interleave
             else f"median of {args.steps} steps after {args.warmup}"
         )
     )
-    if args.arcface_torch:
-        compare_with_upstream(args, device, state, upstream)
+    if args.arcface_torch or args.interleave:
+        compare_interleaved(args, device, state, upstream)
         return
     if args.sync_debug:
-        found = sync_report(args, device, state)
-        print(f"host syncs in one otface step: {len(found)}")
-        for (op, where), count in collections.Counter(found).most_common():
-            print(f"  {count:3d} x {op:22s} {where}")
+        for head in dict.fromkeys(["combined", *args.head]):
+            found = sync_report(args, device, state, head)
+            print(f"host syncs in one otface step, head {head}: {len(found)}")
+            for (op, where), count in collections.Counter(found).most_common():
+                print(f"  {count:3d} x {op:22s} {where}")
         return
     mem_label = "peak MiB (CUDA)" if device.type == "cuda" else "RSS MiB"
     print(
@@ -433,6 +485,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     for crit, secs, *_ in rows[1:]:
         print(f"{crit} overhead: {100 * (secs / base - 1):+.1f}% of the arcface step")
+    by_label = {crit: secs for crit, secs, *_ in rows}
+    for c in specs:
+        if c.head != "combined":
+            same = by_label[c.label[: -len(c.head) - 1]]
+            ratio = by_label[c.label] / same
+            print(f"{c.label} vs the combined head: {ratio:.3f} ({100 * (ratio - 1):+.1f}%)")
     print("first s: the first step (cuDNN autotuning; compilation for +MODE rows)")
     for note in notes:
         print(note)

@@ -14,6 +14,17 @@ config.margin_list = (1.0, 0.5, 0.0)
 # ours: False keeps arcface_torch's straight-through gradient for the ArcFace angle margin;
 # True differentiates cos(theta + m) exactly.
 config.margin_exact_grad = False
+# ours: the margin head of Partial FC's softmax (docs/heads.md). "combined": arcface_torch's
+# margin_list above; "adaface": AdaFace (Kim et al., CVPR 2022), margins scaled by the feature
+# norm's z-score; "curricularface": CurricularFace (Huang et al., CVPR 2020), hard negatives
+# re-weighted by t. Scale 64 for all three; margin_list and margin_exact_grad apply to
+# "combined" only. The heads' running statistics are global across ranks and checkpointed.
+config.head = "combined"
+# AdaFace: margin m, concentration h of the norm's z-score, EMA weight t_alpha of the norm's
+# batch mean and std (the paper's defaults).
+config.adaface = edict(m=0.4, h=0.333, t_alpha=0.01)
+# CurricularFace: additive angular margin m (radians), EMA weight alpha of t (the paper's).
+config.curricularface = edict(m=0.5, alpha=0.01)
 config.network = "r50"
 config.resume = False
 config.save_all_states = False

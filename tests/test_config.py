@@ -43,6 +43,9 @@ def test_job_overlays_base_and_merges_sections(tmp_path):
         ("config.lamda_ot = 1.0\n", ["'lamda_ot'", "otface.lambda_ot"]),
         ("config.batchsize = 64\n", ["'batchsize'", "batch_size"]),
         ("config.otface = edict(epsilom=0.1)\n", ["otface.epsilom", "otface.epsilon"]),
+        ("config.adaface = edict(t_alfa=0.1)\n", ["adaface.t_alfa", "adaface.t_alpha"]),
+        ("config.curricularface = edict(alfa=0.1)\n", ["alfa", "curricularface.alpha"]),
+        ("config.haed = 'adaface'\n", ["'haed'", "head"]),
     ],
 )
 def test_misspelt_key_names_closest(tmp_path, body, must_name):
@@ -66,12 +69,38 @@ def test_misspelt_key_names_closest(tmp_path, body, must_name):
         ("config.sampler = edict(k=3)\n", "sampler.k"),
         ("config.dali = True\n", "dali"),
         ("config.otface = 3\n", "otface"),
+        ("config.head = 'arcface'\n", "head"),
+        ("config.head = 'AdaFace'\n", "head"),
+        ("config.adaface = edict(m=-0.1)\n", "adaface.m"),
+        ("config.adaface = edict(h=0)\n", "adaface.h"),
+        ("config.adaface = edict(t_alpha=0.0)\n", "adaface.t_alpha"),
+        ("config.adaface = edict(t_alpha='0.01')\n", "adaface.t_alpha"),
+        ("config.curricularface = edict(m=3.5)\n", "curricularface.m"),
+        ("config.curricularface = edict(alpha=1.01)\n", "curricularface.alpha"),
+        (
+            "config.head = 'adaface'\nconfig.interclass_filtering_threshold = 0.3\n",
+            "interclass_filtering_threshold",
+        ),
     ],
 )
 def test_bad_value_names_key(tmp_path, body, key):
     with pytest.raises(ConfigError) as info:
         load_config(write_job(tmp_path, "job", extra=body))
     assert f"'{key}'" in str(info.value)
+
+
+def test_head_defaults_are_the_papers_and_sections_merge(tmp_path):
+    cfg = load_config(write_job(tmp_path, "job", extra="config.adaface = edict(m=0.5)\n"))
+    assert cfg.head == "combined"
+    assert dict(cfg.adaface) == {"m": 0.5, "h": 0.333, "t_alpha": 0.01}
+    assert dict(cfg.curricularface) == {"m": 0.5, "alpha": 0.01}
+
+
+def test_a_head_with_statistics_is_not_recorded_as_a_cuda_graph(tmp_path):
+    # The recording's warm-up passes would update the running statistics as extra steps.
+    body = "config.head = 'curricularface'\nconfig.cuda_graph = 'on'\n"
+    with pytest.raises(ConfigError, match="'cuda_graph' = 'on' cannot be used: key 'head'"):
+        load_config(write_job(tmp_path, "job", extra=body))
 
 
 def test_choice_error_lists_choices(tmp_path):

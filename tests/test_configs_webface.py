@@ -33,6 +33,12 @@ TWINS = [
     for name in JOBS
     if name.endswith("_otface") and f"{name[: -len('_otface')]}_arcface" in JOBS
 ]
+# Configs with another margin head (config.head) and their *_otface twins: NAME_otface is NAME
+# plus the OT term, as X_otface is X_arcface plus it.
+HEADS = ("adaface", "curricularface")
+HEAD_JOBS = [name for name in JOBS if name.endswith(tuple(f"_{h}" for h in HEADS))]
+
+
 # The keys a twin may set differently from its ArcFace config (output: work_dirs/<own name>).
 TWIN_KEYS = {"loss", "sampler", "otface", "output"}
 
@@ -109,6 +115,12 @@ def test_a_run_reads_in_at_most_two_files(name):
     assert len(parents) <= 1 and not any(_parents(parent) for parent in parents)
     if name.endswith("_arcface"):
         assert parents == []
+    elif name in HEAD_JOBS or name[: -len("_otface")] in HEAD_JOBS:
+        # Another head: its ArcFace config with the head set (and the OT term for a twin;
+        # demo_adaface_otface takes demo_otface, which stands alone).
+        stem = name.replace("_adaface", "").replace("_curricularface", "")
+        demo_twin = stem == "demo_otface"
+        assert parents == [stem if demo_twin else f"{stem.removesuffix('_otface')}_arcface"]
     elif name.endswith("_otface") and name.startswith(("wf", "ms1mv3", "glint360k")):
         assert parents == [f"{name[: -len('_otface')]}_arcface"]
 
@@ -138,6 +150,23 @@ def test_twin_is_its_arcface_config_plus_the_ot_term(name):
         assert arcface.loss == "arcface" and arcface.sampler.type == "uniform"
         assert twin.sampler == reference.sampler and twin.otface == reference.otface
         assert (twin.otface.layer, twin.otface.mode) == ("auto", "spatial")
+
+
+@pytest.mark.parametrize("name", HEAD_JOBS)
+def test_head_config_is_its_arcface_config_with_another_head(name):
+    head = name.rsplit("_", 1)[1]
+    stem = name[: -len(head) - 1]
+    cfg, arcface = _load(name), _load(f"{stem}_arcface")
+    twin = _load(f"{name}_otface")
+    assert cfg.head == head and arcface.head == "combined"
+    differ = {key for key in cfg if cfg[key] != arcface[key]}
+    # margin_list: the combined head's, unused by this one.
+    assert differ <= {"head", "margin_list", "output"}, differ
+    assert cfg[head] == load_config(os.path.join(CONFIGS, "base"))[head]  # the papers' values
+    differ = {key for key in twin if twin[key] != cfg[key]}
+    assert differ <= TWIN_KEYS and twin.loss == "otface" and twin.sampler.type == "pk", differ
+    reference = _load(f"{stem}_otface")
+    assert (twin.otface, twin.sampler) == (reference.otface, reference.sampler)
 
 
 @pytest.mark.parametrize("name", WEBFACE)

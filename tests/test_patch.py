@@ -119,6 +119,10 @@ def test_apply_check_revert_restores_tree_exactly(tree, capsys):
     assert "train_otface.py" in shipped
     assert {"configs/ms1mv3_r100_otface.py", "configs/ms1mv3_r50_otface.py"} <= set(shipped)
     assert "configs/glint360k_r100_otface.py" in shipped
+    assert {
+        "configs/ms1mv3_r100_adaface_otface.py",
+        "configs/ms1mv3_r100_curricularface.py",
+    } <= set(shipped)
     assert (tree / MANIFEST).is_file()
     assert main(["check", str(tree)]) == 0
     res = check_overlay(tree)
@@ -205,6 +209,14 @@ def test_tree_config_layers_ours_theirs_job(tree, tmp_path):
     with pytest.warns(UserWarning, match="my_key"):
         cfg = load_tree_config(str(job), tree=tree)
     assert "my_key" not in cfg
+    # The margin heads: keys their base lacks, checked as ours.
+    (tree / "configs" / "base.py").write_text(_FAKE_BASE)
+    job.write_text(job_source({"head": "curricularface", "curricularface": {"m": 0.4}}))
+    cfg = load_tree_config(str(job), tree=tree)
+    assert cfg.head == "curricularface" and dict(cfg.curricularface) == {"m": 0.4, "alpha": 0.01}
+    job.write_text(job_source({"head": "adaface", "adaface": {"t_alfa": 0.1}}))
+    with pytest.raises(ConfigError, match="adaface.t_alpha"):
+        load_tree_config(str(job), tree=tree)
 
 
 def test_auto_layer_for_their_networks():
@@ -246,7 +258,7 @@ def test_train_otface_in_fake_tree_uses_their_get_model(tree, tmp_path):
     apply_overlay(tree)
     out = tmp_path / "out"
     (tree / "configs" / "tiny.py").write_text(
-        job_source({**_TINY_JOB, "network": "fake_tiny", "output": str(out)})
+        job_source({**_TINY_JOB, "network": "fake_tiny", "output": str(out), "head": "adaface"})
     )
     proc = _run_train(tree, "configs/tiny", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -257,6 +269,7 @@ def test_train_otface_in_fake_tree_uses_their_get_model(tree, tmp_path):
     assert "Global Step: 3" in log  # 24 images // batch 8
     # OT term active on the fake's bn2 map: lines report a non-zero n_hard
     assert any("n_hard 8" in line for line in log.splitlines())
+    assert "head_norm_mean" in log and "head_norm_std" in log  # the AdaFace head's statistics
     (tree / "configs" / "bad.py").write_text(
         job_source({**_TINY_JOB, "network": "nope", "output": str(tmp_path / "out_bad")})
     )

@@ -20,7 +20,12 @@ from otface.config import ConfigError, load_config
 from otface.data.rec_writer import write_rec
 from otface.loss import OTFaceCriterion
 from otface.train import loop, run
-from otface.train.checkpoint import checkpoint_path, previous_checkpoint_path, save_checkpoint
+from otface.train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    previous_checkpoint_path,
+    save_checkpoint,
+)
 from otface.train.distributed import DistEnv, shutdown_distributed
 from otface.train.guard import TooManySkippedSteps
 from otface.train.identity import log_run_id
@@ -90,9 +95,15 @@ def _cpu_grad_scaler():
     return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=100)
 
 
-@pytest.mark.parametrize("scaler", [False, True])
-def test_nan_batch_leaves_every_tensor_of_the_model_as_before(tmp_path, scaler):
-    path, _ = _config(tmp_path, extra="config.sampler = edict(type='uniform')\n")
+@pytest.mark.parametrize(
+    "scaler, head",
+    [(False, "combined"), (True, "combined"), (True, "adaface"), (False, "curricularface")],
+)
+def test_nan_batch_leaves_every_tensor_of_the_model_as_before(tmp_path, scaler, head):
+    # The criterion's state includes a margin head's running statistics (AdaFace's norm mean
+    # and std, CurricularFace's t), which the NaN batch's forward has already updated.
+    extra = f"config.sampler = edict(type='uniform')\nconfig.head = {head!r}\n"
+    path, _ = _config(tmp_path, extra=extra)
     cfg = load_config(path)
     loop.seed_everything(cfg.seed)
     trainer = loop.Trainer(cfg, _env())
@@ -120,14 +131,17 @@ def test_nan_batch_leaves_every_tensor_of_the_model_as_before(tmp_path, scaler):
         assert trainer.grad_scaler.get_scale() == 2.0**9
 
 
-def test_optimiser_step_reads_the_device_once_with_a_grad_scaler(tmp_path):
+@pytest.mark.parametrize("head", ["combined", "adaface", "curricularface"])
+def test_optimiser_step_reads_the_device_once_with_a_grad_scaler(tmp_path, head):
     # fp16 training: the step's only host read is its skip decision; the scaler's Inf flag
-    # joins it on the device instead of being read again by scaler.step().
+    # joins it on the device instead of being read again by scaler.step(). A margin head's
+    # running statistics add none.
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    path, _ = _config(tmp_path, extra="config.sampler = edict(type='uniform')\n")
+    extra = f"config.sampler = edict(type='uniform')\nconfig.head = {head!r}\n"
+    path, _ = _config(tmp_path, extra=extra)
     trainer = loop.Trainer(load_config(path), _env())
     trainer.grad_scaler = _cpu_grad_scaler()
     reads = []
@@ -145,6 +159,7 @@ def test_optimiser_step_reads_the_device_once_with_a_grad_scaler(tmp_path):
         trainer.train_step(img, torch.arange(8))
     in_step = [r for r in reads if "optim.py:optimizer_step" in r]
     assert len(in_step) == 1
+    assert not any(f.startswith("heads.py") or "_head_inputs" in f for r in reads for f in r)
     assert not any("grad_scaler.py:step" in frame for r in reads for frame in r)
 
 
@@ -204,14 +219,16 @@ def _losses(monkeypatch, record, stop_at=None):
     return Stop
 
 
-@pytest.mark.slow
-def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypatch):
+def _kill_and_resume(tmp_path, monkeypatch, extra=""):
+    """A 12-step run, and the same run killed in step 8 and resumed from its step-5
+    checkpoint: both trainers at their end and the losses (uninterrupted, first part,
+    resumed)."""
     rec = _write_rec(tmp_path / "rec")
-    kw = dict(rec=rec, num_classes=8, num_image=32, num_epoch=3, save_every=5)
+    kw = dict(rec=rec, num_classes=8, num_image=32, num_epoch=3, save_every=5, extra=extra)
     path, _ = _config(tmp_path, name="whole", **kw)
     whole: list = []
     _losses(monkeypatch, whole)
-    loop.fit(load_config(path), _env())
+    whole_trainer = loop.fit(load_config(path), _env())
     assert len(whole) == 12
 
     path, _ = _config(tmp_path, name="killed", **kw)
@@ -223,11 +240,33 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypa
     _losses(monkeypatch, resumed)
     cfg = load_config(path)
     cfg.resume = True
-    loop.fit(cfg, _env())
+    resumed_trainer = loop.fit(cfg, _env())
     assert [s for s, _ in resumed] == list(range(6, 13))
+    return whole_trainer, resumed_trainer, whole, first, resumed
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, monkeypatch):
+    _, _, whole, first, resumed = _kill_and_resume(tmp_path, monkeypatch)
     # Loss for loss, bit for bit: batch order, flips, dropout and Partial FC all repeat.
     assert resumed == whole[5:]
     assert first == whole[:7]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["adaface", "curricularface"])
+def test_resumed_head_statistics_repeat_the_uninterrupted_run(tmp_path, monkeypatch, head):
+    whole_trainer, resumed_trainer, whole, first, resumed = _kill_and_resume(
+        tmp_path, monkeypatch, extra=f"config.head = {head!r}\n"
+    )
+    assert resumed == whole[5:] and first == whole[:7]
+    stats = [t.criterion.partial_fc.statistics() for t in (whole_trainer, resumed_trainer)]
+    assert stats[0].keys() == stats[1].keys() and len(stats[0]) >= 1
+    for name, value in stats[0].items():
+        assert torch.equal(value, stats[1][name]), name
+    # They moved from their initial values (AdaFace 20 and 100, CurricularFace 0).
+    initial = {"head_norm_mean": 20.0, "head_norm_std": 100.0, "head_t": 0.0}
+    assert all(float(v) != initial[k] for k, v in stats[0].items())
 
 
 @pytest.mark.slow
@@ -309,6 +348,15 @@ def test_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     assert f"global step {prev_step}," in caplog.text
     assert trainer.global_step == 24
     assert not list((tmp_path / "work_dirs" / "job").glob(".checkpoint_gpu_0.pt.*.tmp"))
+
+
+def test_resuming_with_another_head_names_the_head(tmp_path):
+    path, _ = _config(tmp_path, num_epoch=1)
+    loop.fit(load_config(path), _env())
+    cfg = load_config(path)
+    cfg.resume, cfg.head, cfg.num_epoch = True, "adaface", 2
+    with pytest.raises(CheckpointError, match="head = 'adaface'.*margin_softmax.batch_mean"):
+        loop.Trainer(cfg, _env()).resume()
 
 
 def _resume_worker(rank, world_size, port, path, result_dir):

@@ -74,6 +74,12 @@ _SCHEMA: dict[str, _Spec] = {
         (tuple, list), check=_margin_list_ok, need="(m1, m2, m3) with m1 > 0, m2 >= 0, m3 >= 0"
     ),
     "margin_exact_grad": _BOOL,
+    "head": _Spec((str,), choices=("combined", "adaface", "curricularface")),
+    "adaface.m": _num("in [0, pi) (radians)", lambda v: 0 <= v < math.pi),
+    "adaface.h": _POS,
+    "adaface.t_alpha": _num("in (0, 1]", lambda v: 0 < v <= 1),
+    "curricularface.m": _num("in [0, pi) (radians)", lambda v: 0 <= v < math.pi),
+    "curricularface.alpha": _num("in (0, 1]", lambda v: 0 < v <= 1),
     "network": _STR,
     "resume": _BOOL,
     "save_all_states": _BOOL,
@@ -341,6 +347,12 @@ def validate_config(cfg: dict, *, source: str = "config") -> None:
             f"{cfg['fused_bn_prelu']!r} exclude each other: torch.compile fuses BatchNorm + PReLU "
             "itself and does not trace the fused op's kernels; set one of them off"
         )
+    if cfg["head"] != "combined" and cfg["interclass_filtering_threshold"] > 0:
+        raise ConfigError(
+            f"{source}: key 'interclass_filtering_threshold' = "
+            f"{cfg['interclass_filtering_threshold']!r} belongs to head 'combined' "
+            f"(arcface_torch's margins); head = {cfg['head']!r} does not filter: set it to 0.0"
+        )
     if cfg["cuda_graph"] == "on":
         why = cuda_graph_config_conflict(cfg)
         if why:
@@ -386,6 +398,11 @@ def cuda_graph_config_conflict(cfg) -> str:
         return (
             f"key 'freeze_steps' = {cfg['freeze_steps']} (the recorded step would keep "
             "updating the frozen parameters' gradients; freezing is applied eagerly)"
+        )
+    if cfg.get("head", "combined") != "combined":
+        return (
+            f"key 'head' = {cfg['head']!r} keeps running statistics that the recording's "
+            "warm-up passes would update as extra steps"
         )
     if cfg["sample_rate"] < 1:
         return (

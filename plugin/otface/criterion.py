@@ -36,9 +36,14 @@ class LossOutput(NamedTuple):
 
 
 def build_margin_loss(cfg) -> nn.Module:
-    """arcface_torch's combined margin (scale 64) from ``cfg.margin_list``."""
+    """The margin head of ``cfg.head`` (scale 64): arcface_torch's combined margin from
+    ``cfg.margin_list`` (``"combined"``), or AdaFace or CurricularFace (:mod:`otface.heads`)."""
+    from otface.heads import build_head
     from otface.margin import CombinedMarginLoss
 
+    head = build_head(cfg, scale=64.0)
+    if head is not None:
+        return head
     m1, m2, m3 = cfg.margin_list
     return CombinedMarginLoss(
         64.0,
@@ -65,7 +70,8 @@ def build_partial_fc(cfg, *, rank: int, world_size: int) -> nn.Module:
 
 
 class MarginCriterion(nn.Module):
-    """Partial-FC margin softmax (ArcFace, CosFace or combined margins), as arcface_torch."""
+    """Partial-FC margin softmax (ArcFace, CosFace or combined margins, as arcface_torch;
+    AdaFace or CurricularFace by ``cfg.head``)."""
 
     def __init__(self, cfg, *, rank: int, world_size: int) -> None:
         super().__init__()
@@ -79,7 +85,9 @@ class MarginCriterion(nn.Module):
         self, embeddings: torch.Tensor, labels: torch.Tensor, *, step: int | None
     ) -> LossOutput:
         loss = self.partial_fc(embeddings, labels, step=step)
-        return LossOutput(loss, {"loss_margin": loss.detach()})
+        # The head's running statistics (AdaFace: head_norm_mean, head_norm_std; CurricularFace:
+        # head_t), after this batch's update; none for the combined margin.
+        return LossOutput(loss, {"loss_margin": loss.detach(), **self.partial_fc.statistics()})
 
 
 @LOSSES.register("arcface")

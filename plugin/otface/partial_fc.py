@@ -140,7 +140,10 @@ class PartialFC(nn.Module):
         margin_loss: ``f(cos (N, C_local), labels (N, 1)) -> logits (N, C_local)``, labels
             ``-1`` where the row's class is not in this shard (or not sampled); e.g.
             :class:`otface.margin.CombinedMarginLoss`. Labels are passed as a column, as
-            arcface_torch does, so its margin modules fit too.
+            arcface_torch does, so its margin modules fit too. A head with running statistics
+            (:mod:`otface.heads`) sets ``needs_norms`` or ``needs_target_cos`` and is also
+            given, for the whole global batch, the embedding norms before normalisation
+            (``norms=``, ``(N,)``) or every row's target cosine (``target_cos=``, ``(N,)``).
         embedding_size: ``D``.
         num_classes: total number of classes over all ranks (``>= world_size``).
         sample_rate: fraction of this shard's centres used per step (``(0, 1]``). With
@@ -316,5 +319,29 @@ class PartialFC(nn.Module):
         with self._autocast(device):
             cos = linear(normalize(embeddings.to(weight.dtype)), normalize(weight))
         cos = cos.to(weight.dtype).clamp(-1.0, 1.0)
-        logits = self.margin_softmax(cos, local.view(-1, 1))
+        logits = self.margin_softmax(
+            cos, local.view(-1, 1), **self._head_inputs(embeddings, cos, local)
+        )
         return dist_softmax_cross_entropy(logits, local)
+
+    def _head_inputs(
+        self, embeddings: torch.Tensor, cos: torch.Tensor, local: torch.Tensor
+    ) -> dict:
+        """What a head with running statistics (:mod:`otface.heads`) needs beyond the cosines,
+        for the whole global batch: the embedding norms before normalisation (every rank has
+        every embedding), or every row's target cosine (one all-reduce: each row's class is
+        held by one rank, the others add 0). No gradient, no host read."""
+        extra = {}
+        if getattr(self.margin_softmax, "needs_norms", False):
+            extra["norms"] = embeddings.detach().to(cos.dtype).norm(dim=1)
+        if getattr(self.margin_softmax, "needs_target_cos", False):
+            held = local != -1
+            picked = cos.detach().gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1)
+            extra["target_cos"] = all_reduce_(torch.where(held, picked, torch.zeros_like(picked)))
+        return extra
+
+    def statistics(self) -> dict:
+        """The head's running statistics (AdaFace's norm mean and std, CurricularFace's t) as
+        detached device scalars for the log; empty for the combined margin."""
+        stats = getattr(self.margin_softmax, "statistics", None)
+        return stats() if callable(stats) else {}

@@ -96,13 +96,17 @@ def overlay_dir() -> Path:
 
 
 # Job configs shared with this project's own train.py: the same files go into the checkout.
-# Each *_otface.py twin imports its *_arcface.py (``from configs.NAME import config``), which
-# goes with it.
+# Each *_otface.py twin imports its *_arcface.py (or, for another margin head, its *_adaface.py /
+# *_curricularface.py) (``from configs.NAME import config``), which goes with it.
 OVERLAY_CONFIGS = (
     "glint360k_r100_arcface.py",
     "glint360k_r100_otface.py",
     "ms1mv3_r100_arcface.py",
     "ms1mv3_r100_otface.py",
+    "ms1mv3_r100_adaface.py",
+    "ms1mv3_r100_adaface_otface.py",
+    "ms1mv3_r100_curricularface.py",
+    "ms1mv3_r100_curricularface_otface.py",
     "ms1mv3_r50_arcface.py",
     "ms1mv3_r50_otface.py",
 )

@@ -54,15 +54,17 @@ def first_nonfinite(tensors) -> str | None:
 
 
 class BufferSnapshot:
-    """A copy of a module's floating-point and integer buffers, refreshed in place.
+    """A copy of modules' floating-point and integer buffers, refreshed in place.
 
     ``take()`` copies every buffer into pre-allocated storage (one fused multi-tensor copy where
     torch has it; no allocation after the first call, no host sync); ``restore()`` copies
     them back. Parameters are not included: a skipped optimiser step does not change them.
+    The trainer passes the backbone (BatchNorm statistics) and Partial FC (a margin head's
+    running statistics).
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        self._buffers = [b for b in module.buffers() if b is not None]
+    def __init__(self, *modules: nn.Module) -> None:
+        self._buffers = [b for module in modules for b in module.buffers() if b is not None]
         self._saved = [torch.empty_like(b) for b in self._buffers]
         self._floats = [b for b in self._buffers if b.is_floating_point()]
 
@@ -76,7 +78,7 @@ class BufferSnapshot:
         _copy_all(self._buffers, self._saved)
 
     def finite(self) -> torch.Tensor | None:
-        """A device bool: every floating-point buffer (BatchNorm's running statistics) holds
+        """A device bool: every floating-point buffer (BatchNorm's and the head's statistics) holds
         only finite values; None without such buffers. No host read: x * 0 is 0 for a finite
         x and NaN for Inf or NaN, whatever the magnitude, and one fused norm sums them."""
         if not self._floats:

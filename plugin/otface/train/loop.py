@@ -168,9 +168,9 @@ class Trainer(StepMixin, ResumeMixin):
         )
         self.global_step = 0
         self.skips = SkipCounter(max_consecutive=cfg.get("max_consecutive_skips", 100))
-        # BatchNorm statistics change in the forward, before a non-finite loss can be seen:
-        # a skipped step restores them from this snapshot.
-        self._buffers = BufferSnapshot(self.backbone)
+        # BatchNorm statistics (and a margin head's running statistics) change in the forward,
+        # before a non-finite loss can be seen: a skipped step restores them from this snapshot.
+        self._buffers = BufferSnapshot(self.backbone, self.criterion.partial_fc)
         self.start_epoch = 0
         self.start_batch = 0
         self.last_checkpoint: str | None = None

@@ -108,6 +108,7 @@ class ResumeMixin:
             )
         try:
             self.backbone.load_state_dict(ckpt["state_dict_backbone"])
+            _check_head_state(ckpt["state_dict_softmax_fc"], self.criterion.partial_fc, cfg, path)
             self.criterion.partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
         except RuntimeError as err:  # a checkpoint that records no run_config
             first = str(err).strip().splitlines()
@@ -267,6 +268,18 @@ def check_saved_config(cfg, rank: int = 0, *, run_id: str | None = None) -> None
                     f"output with init_backbone = {start_from} to start from its backbone"
                 )
         return
+
+
+def _check_head_state(saved: dict, partial_fc, cfg, path: str) -> None:
+    """The checkpoint's Partial FC entries are those of this run's margin head (the class
+    centres, plus AdaFace's or CurricularFace's running statistics), else a one-line error."""
+    expected = set(partial_fc.state_dict())
+    if set(saved) != expected:
+        raise CheckpointError(
+            f"{path}: key 'state_dict_softmax_fc' holds {sorted(saved)}, but Partial FC with "
+            f"head = {cfg.get('head', 'combined')!r} has {sorted(expected)}: resume with the "
+            "head the run was trained with"
+        )
 
 
 def load_resume_checkpoint(cfg, env: DistEnv, *, run_id: str | None = None) -> ResumeCheckpoint:

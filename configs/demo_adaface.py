@@ -1,0 +1,19 @@
+"""AdaFace (Kim et al., CVPR 2022) on the embedded demo faces.
+
+demo_arcface.py with Partial FC's margin head set to "adaface".
+
+The demo data is a synthetic stand-in for real faces; numbers measured on it say nothing about
+real benchmarks. `python train.py configs/demo_adaface`.
+"""
+
+import copy
+
+from easydict import EasyDict as edict
+
+from configs.demo_arcface import config as _arcface
+
+# A deep copy: the imported config object is left as it is.
+config = copy.deepcopy(_arcface)
+# Partial FC's margin head (docs/heads.md); margin_list is not used by it.
+config.head = "adaface"
+config.adaface = edict(m=0.4, h=0.333, t_alpha=0.01)  # the paper's defaults
