@@ -106,9 +106,9 @@ class ResumeMixin:
             self.lr_scheduler = build_lr_scheduler(
                 self.optimizer, warmup_steps=0, total_steps=0, schedule=position.schedule
             )
+        _check_head_state(ckpt["state_dict_softmax_fc"], self.criterion.partial_fc, cfg, path)
         try:
             self.backbone.load_state_dict(ckpt["state_dict_backbone"])
-            _check_head_state(ckpt["state_dict_softmax_fc"], self.criterion.partial_fc, cfg, path)
             self.criterion.partial_fc.load_state_dict(ckpt["state_dict_softmax_fc"])
         except RuntimeError as err:  # a checkpoint that records no run_config
             first = str(err).strip().splitlines()
