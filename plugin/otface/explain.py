@@ -26,8 +26,8 @@ from otface.evaluation.rerank import (
     LocalEmbedder,
     RerankOptions,
     combine_scores,
-    ot_similarity,
     rerank_top_k,
+    solve_with,
 )
 
 __all__ = [
@@ -88,15 +88,7 @@ def explain_pair(
         raise ValueError(f"the local features are not a square grid ({local.shape[1]} points)")
     e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     cosine = float(e[0] @ e[1])
-    res = ot_similarity(
-        torch.from_numpy(local[:1]),
-        torch.from_numpy(local[1:]),
-        weights=options.weights,
-        eps=options.eps,
-        max_iter=options.max_iter,
-        tol=options.tol,
-        relaxation=options.relaxation,
-    )
+    res = solve_with(torch.from_numpy(local[:1]), torch.from_numpy(local[1:]), options)
     plan = res.plan[0].double().numpy()
     s_ot = float(res.score[0])
     order = np.argsort(-plan, axis=None)[:n_flows]
@@ -204,15 +196,8 @@ def explain_search(
     s_ot = np.full(len(gallery), np.nan)
 
     def rescore(_, cols, cos):
-        res = ot_similarity(
-            torch.from_numpy(np.repeat(local[:1], len(cols), axis=0)),
-            torch.from_numpy(local[1:][cols]),
-            weights=options.weights,
-            eps=options.eps,
-            max_iter=options.max_iter,
-            tol=options.tol,
-            relaxation=options.relaxation,
-        )
+        probe = torch.from_numpy(np.repeat(local[:1], len(cols), axis=0))
+        res = solve_with(probe, torch.from_numpy(local[1:][cols]), options)
         s_ot[cols] = res.score.double().numpy()
         return combine_scores(cos, s_ot[cols], options.alpha)
 

@@ -250,23 +250,25 @@ def feature_cache_key(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def read_feature_cache(cache_file: Path, n_faces: int) -> Optional[np.ndarray]:
-    """The cached ``(n_faces, D)`` features, or None (with a warning when the file exists but
-    is unusable)."""
+def read_feature_cache(
+    cache_file: Path, n_rows: int, *, ndim: int = 2, kind: str = "feature", rows: str = "faces"
+) -> Optional[np.ndarray]:
+    """The cached array of ``n_rows`` rows and ``ndim`` dimensions (by default ``(n_faces, D)``
+    features), or None, with a warning when the file exists but is unusable."""
     if not cache_file.is_file():
         return None
     try:
-        feats = np.load(cache_file)
+        array = np.load(cache_file)
     except (OSError, ValueError, EOFError) as exc:  # truncated or not an .npy file
-        logger.warning("ignoring unreadable feature cache %s: %s", cache_file, exc)
+        logger.warning("ignoring unreadable %s cache %s: %s", kind, cache_file, exc)
         return None
-    if feats.ndim != 2 or len(feats) != n_faces:
+    if array.ndim != ndim or len(array) != n_rows:
         logger.warning(
-            "ignoring feature cache %s: shape %s, %d faces", cache_file, feats.shape, n_faces
+            "ignoring %s cache %s: shape %s, %d %s", kind, cache_file, array.shape, n_rows, rows
         )
         return None
-    logger.info("IJB features read from cache %s", cache_file)
-    return feats
+    logger.info("IJB %ss read from cache %s", kind, cache_file)
+    return array
 
 
 def write_feature_cache(cache_file: Path, array: np.ndarray) -> None:

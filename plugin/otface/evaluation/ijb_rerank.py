@@ -42,8 +42,7 @@ from otface.evaluation.ijb import (
 )
 from otface.evaluation.ijb_1n import IdentificationResult, identification_result, template_rows
 from otface.evaluation.ijb_meta import IJBMeta, read_ijb_meta
-from otface.evaluation.rerank import RerankOptions, combine_scores, ot_similarity, rerank_top_k
-from otface.progress import Progress
+from otface.evaluation.rerank import RerankOptions, combine_scores, rerank_top_k, solve_rows
 
 __all__ = [
     "TemplateLocal",
@@ -132,7 +131,7 @@ def template_features_with_local(
             stage1_embedder, data_dir, target, options=options, cache_file=cache_file
         )
         local = None
-        if local_cache_file is not None and Path(local_cache_file).is_file():
+        if local_cache_file is not None:
             local = _read_local_cache(Path(local_cache_file), meta)
         if local is None:
             local = _extract_local(local_embedder, meta, options, local_cache_file)[1]
@@ -141,7 +140,7 @@ def template_features_with_local(
     n = len(meta.image_names)
     feats = read_feature_cache(Path(cache_file), n) if cache_file is not None else None
     local = None
-    if local_cache_file is not None and Path(local_cache_file).is_file():
+    if local_cache_file is not None:
         local = _read_local_cache(Path(local_cache_file), meta)
     if feats is None or local is None:
         feats, local = _extract_local(local_embedder, meta, options, local_cache_file)
@@ -172,21 +171,8 @@ def _extract_local(
 
 def _read_local_cache(path: Path, meta: IJBMeta) -> Optional[TemplateLocal]:
     templates = np.unique(np.asarray(meta.templates))
-    try:
-        local = np.load(path)
-    except (OSError, ValueError, EOFError) as exc:
-        logger.warning("ignoring unreadable local feature cache %s: %s", path, exc)
-        return None
-    if local.ndim != 3 or len(local) != len(templates):
-        logger.warning(
-            "ignoring local feature cache %s: shape %s, %d templates",
-            path,
-            local.shape,
-            len(templates),
-        )
-        return None
-    logger.info("IJB local features read from cache %s", path)
-    return TemplateLocal(templates, local)
+    local = read_feature_cache(path, len(templates), ndim=3, kind="local feature", rows="templates")
+    return None if local is None else TemplateLocal(templates, local)
 
 
 def template_ot_scores(
@@ -202,26 +188,10 @@ def template_ot_scores(
     """``s_OT`` ``(M,)`` float64 of the template pairs ``(rows_a[i], rows_b[i])`` (rows of
     ``local``), solved ``chunk_size`` pairs per batch; also the number of plans whose marginal
     error stayed above ``options.tol``."""
-    out = np.empty(len(rows_a), np.float64)
-    unconverged = 0
-    with Progress(len(rows_a), label) as progress:
-        for start in range(0, len(rows_a), chunk_size):
-            sl = slice(start, start + chunk_size)
-            u = torch.from_numpy(local.local[rows_a[sl]]).to(device, torch.float32)
-            v = torch.from_numpy(local.local[rows_b[sl]]).to(device, torch.float32)
-            res = ot_similarity(
-                u,
-                v,
-                weights=options.weights,
-                eps=options.eps,
-                max_iter=options.max_iter,
-                tol=options.tol,
-                relaxation=options.relaxation,
-            )
-            out[sl] = res.score.double().cpu().numpy()
-            unconverged += int((res.marginal_error > options.tol).sum())
-            progress.update(start + len(u))
-    return out, unconverged
+    score, error = solve_rows(
+        local.local, rows_a, rows_b, options, device=device, chunk_size=chunk_size, label=label
+    )
+    return score, int((error > options.tol).sum())
 
 
 def rerank_verification(

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
-import torch
 
 from otface.evaluation.bin_io import PairSet
 from otface.evaluation.metrics import (
@@ -22,7 +21,7 @@ from otface.evaluation.metrics import (
     pair_distances,
     subset_accuracy,
 )
-from otface.evaluation.rerank import RerankOptions, ot_similarity
+from otface.evaluation.rerank import RerankOptions, solve_rows
 from otface.evaluation.verification import VerificationResult, distinct_rows, evaluate_embeddings
 from otface.progress import Progress
 
@@ -98,7 +97,9 @@ def pair_scores(
             progress.update(start + len(chunk))
     s_ot, err = None, None
     if options is not None:
-        s_ot, err = _solve_pairs(np.concatenate(local), inverse, options)
+        s_ot, err = solve_rows(
+            np.concatenate(local), inverse[0::2], inverse[1::2], options, chunk_size=_OT_CHUNK
+        )
     return PairScores(
         np.concatenate(embeddings)[inverse],
         np.concatenate(flipped)[inverse] if flip else None,
@@ -106,25 +107,6 @@ def pair_scores(
         s_ot,
         err,
     )
-
-
-def _solve_pairs(local_all: np.ndarray, inverse: np.ndarray, options: RerankOptions):
-    rows_a, rows_b = inverse[0::2], inverse[1::2]
-    s_ot, err = [np.zeros(0)], [np.zeros(0)]
-    for start in range(0, len(rows_a), _OT_CHUNK):
-        sl = slice(start, start + _OT_CHUNK)
-        res = ot_similarity(
-            torch.from_numpy(local_all[rows_a[sl]]),
-            torch.from_numpy(local_all[rows_b[sl]]),
-            weights=options.weights,
-            eps=options.eps,
-            max_iter=options.max_iter,
-            tol=options.tol,
-            relaxation=options.relaxation,
-        )
-        s_ot.append(res.score.double().numpy())
-        err.append(res.marginal_error.double().numpy())
-    return np.concatenate(s_ot), np.concatenate(err)
 
 
 def _distances(scores: PairScores, alpha: float) -> Tuple[np.ndarray, Optional[np.ndarray]]:

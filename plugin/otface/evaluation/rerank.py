@@ -41,6 +41,8 @@ __all__ = [
     "open_local_embedder",
     "patch_weights",
     "ot_similarity",
+    "solve_with",
+    "solve_rows",
     "combine_scores",
     "rerank_top_k",
 ]
@@ -294,6 +296,47 @@ def ot_similarity(
         score = (res.plan * (1.0 - cost)).sum(dim=(1, 2))
     # The error the solver's stop test measured for each problem (below tol where it stopped).
     return OTScores(score, res.plan, a, b, res.problem_errors)
+
+
+def solve_with(u: torch.Tensor, v: torch.Tensor, options: RerankOptions) -> OTScores:
+    """:func:`ot_similarity` with the marginals and solver budget of ``options``."""
+    return ot_similarity(
+        u,
+        v,
+        weights=options.weights,
+        eps=options.eps,
+        max_iter=options.max_iter,
+        tol=options.tol,
+        relaxation=options.relaxation,
+    )
+
+
+def solve_rows(
+    local: np.ndarray,
+    rows_a: np.ndarray,
+    rows_b: np.ndarray,
+    options: RerankOptions,
+    *,
+    device="cpu",
+    chunk_size: int = 2048,
+    label: str = "OT re-scoring",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``s_OT`` and marginal error ``(M,)`` float64 of the pairs ``(local[rows_a[i]],
+    local[rows_b[i]])``, solved ``chunk_size`` pairs per batch on ``device``."""
+    from otface.progress import Progress
+
+    score = np.empty(len(rows_a), np.float64)
+    error = np.empty(len(rows_a), np.float64)
+    with Progress(len(rows_a), label) as progress:
+        for start in range(0, len(rows_a), chunk_size):
+            sl = slice(start, start + chunk_size)
+            u = torch.from_numpy(local[rows_a[sl]]).to(device, torch.float32)
+            v = torch.from_numpy(local[rows_b[sl]]).to(device, torch.float32)
+            res = solve_with(u, v, options)
+            score[sl] = res.score.double().cpu().numpy()
+            error[sl] = res.marginal_error.double().cpu().numpy()
+            progress.update(start + len(u))
+    return score, error
 
 
 def combine_scores(cos: np.ndarray, s_ot: np.ndarray, alpha: float) -> np.ndarray:

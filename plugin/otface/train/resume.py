@@ -211,10 +211,7 @@ def _finished(cfg) -> str | None:
     if header is None or int(header["epoch"]) < cfg.num_epoch or header.get("run_id") != run_id:
         return None
     model = os.path.join(output, "model.pt")
-    try:
-        record = model_metadata(torch.load(model, map_location="cpu", mmap=True))
-    except Exception:  # noqa: BLE001 - no usable model.pt: the resumed loop writes it
-        return None
+    record = _model_record(model)  # none usable: the resumed loop writes it
     if record.get("run_id") != run_id or record.get("global_step") != header["global_step"]:
         return None
     return (
@@ -224,18 +221,24 @@ def _finished(cfg) -> str | None:
     )
 
 
+def _model_record(model: str) -> dict:
+    """``model.pt``'s run record (:func:`otface.train.identity.model_metadata`); empty when the
+    file is missing or unreadable."""
+    if not os.path.isfile(model):
+        return {}
+    try:
+        return model_metadata(torch.load(model, map_location="cpu", mmap=True)) or {}
+    except Exception:  # noqa: BLE001 - any unreadable model.pt counts as none
+        return {}
+
+
 def _finished_without_checkpoints(output: str) -> str | None:
     """The finished-run line for a run that kept no checkpoints (``save_all_states = False``)
     but wrote its ``model.pt``: the log's run and the model's agree."""
     run_id = folder_run_id(output)
     model = os.path.join(output, "model.pt")
-    if run_id is None or not os.path.isfile(model):
-        return None
-    try:
-        record = model_metadata(torch.load(model, map_location="cpu", mmap=True))
-    except Exception:  # noqa: BLE001 - an unreadable model.pt: the plain error is clearer
-        return None
-    if record.get("run_id") != run_id:
+    record = _model_record(model)
+    if run_id is None or record.get("run_id") != run_id:
         return None
     return (
         f"run {run_id} in {output} has already finished ({record.get('global_step')} steps) "
