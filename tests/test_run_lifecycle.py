@@ -490,6 +490,14 @@ def test_a_dead_worker_is_named_with_its_signal_and_cause():
     message = str(dead_worker_error(err, None, num_workers=4))
     assert message == "DataLoader worker pid 13 was killed by SIGSEGV"
     assert dead_worker_error(RuntimeError("CUDA out of memory"), loader, num_workers=2) is None
+    # Killed while the main process fetched a batch's shared memory from it: the socket's error
+    # names no worker, the exit codes do.
+    err = ConnectionResetError(104, "Connection reset by peer")
+    message = str(dead_worker_error(err, loader, num_workers=2))
+    assert message.startswith("DataLoader worker pid 12 was killed by SIGKILL: most likely")
+    alive = SimpleNamespace(_iterator=SimpleNamespace(_workers=workers[:1]))
+    assert dead_worker_error(err, alive, num_workers=2) is None
+    assert dead_worker_error(EOFError(), None, num_workers=2) is None
 
 
 def test_an_overwrite_killed_before_its_first_step_gives_the_old_run_back(tmp_path, capsys):

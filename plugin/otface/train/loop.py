@@ -432,7 +432,7 @@ def fit(
                 model_path(cfg.output),
             )
         finished = True
-    except RuntimeError as err:
+    except (RuntimeError, ConnectionError, EOFError) as err:
         died = dead_worker_error(err, loader, num_workers=int(cfg.get("num_workers", 0)))
         if died is None:
             raise

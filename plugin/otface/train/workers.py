@@ -2,13 +2,17 @@
 
 torch reports a worker killed under it as a ``RuntimeError`` ("DataLoader worker (pid(s) N)
 exited unexpectedly", or "... is killed by signal: Killed"), after a traceback of the queue it
-was reading. The kernel's out-of-memory killer does this to workers on real machines.
+was reading. A worker killed while the main process fetches a batch's shared memory from it
+surfaces instead as the socket's ``ConnectionResetError`` (or ``EOFError``), which names no
+worker: the workers' exit codes do. The kernel's out-of-memory killer does this to workers on
+real machines.
 """
 
 from __future__ import annotations
 
 import re
 import signal
+import time
 from typing import Any
 
 __all__ = ["DataLoaderWorkerDied", "dead_worker_error"]
@@ -29,6 +33,17 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def _ended_workers(workers: list, wait_s: float = 2.0) -> list[int]:
+    """The pids of the workers that have ended. A killed worker's socket closes as the process
+    exits, a moment before its exit code can be read: wait for it up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ended = [w.pid for w in workers if w.exitcode is not None]
+        if ended or not workers or time.monotonic() >= deadline:
+            return ended
+        time.sleep(0.05)
+
+
 def dead_worker_error(
     err: BaseException, loader: Any, *, num_workers: int
 ) -> DataLoaderWorkerDied | None:
@@ -38,11 +53,16 @@ def dead_worker_error(
     the worker processes, whose exit codes say how they ended.
     """
     text = str(err)
-    match = _PIDS_RE.search(text)
-    if match is None:
-        return None
-    pids = [int(p) for p in match[1].replace(",", " ").split()]
     workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    match = _PIDS_RE.search(text)
+    if match is not None:
+        pids = [int(p) for p in match[1].replace(",", " ").split()]
+    elif isinstance(err, (ConnectionError, EOFError)):
+        pids = _ended_workers(workers)
+        if not pids:
+            return None
+    else:
+        return None
     codes = {w.pid: w.exitcode for w in workers if w.pid in pids}
     how = []
     for pid in pids:
