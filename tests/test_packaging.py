@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pkgutil
 import re
@@ -160,16 +161,22 @@ def test_a_wheel_installs_offline_with_its_declared_dependencies(tmp_path):
         cwd=tmp_path,
     )
     (wheel,) = dist.glob("otface-*.whl")
-    venv.create(tmp_path / "fresh", with_pip=True)
-    py = str(tmp_path / "fresh" / "bin" / "python")
+    fresh = tmp_path / "fresh"
+    py = str(fresh / "bin" / "python")
+    if importlib.util.find_spec("uv") is not None:
+        # uv (the installer `make` uses, pinned in the project venv): the same resolution of
+        # the declared ranges as pip's, from the same wheels, in a fraction of pip's time.
+        cache = tmp_path / "uv-cache"
+        uv = [sys.executable, "-m", "uv"]
+        subprocess.run([*uv, "venv", "-q", "--python", sys.executable, str(fresh)], check=True)
+        install = [*uv, "pip", "install", "-q", "--offline", "--no-index", "--python", py]
+        install += ["--find-links", str(wheelhouse), "--cache-dir", str(cache)]
+    else:
+        venv.create(fresh, with_pip=True)
+        install = [py, "-m", "pip", "install", "-q", "--no-compile"]
 
     def pip(*args):
-        subprocess.run(
-            [py, "-m", "pip", "install", "-q", "--no-compile", *args],
-            check=True,
-            env=env,
-            cwd=tmp_path,
-        )
+        subprocess.run([*install, *args], check=True, env=env, cwd=tmp_path)
 
     # An installed torch satisfying the range (here the lock's CPU build) stays as it is.
     torch_pin = _pins(LOCK.read_text().splitlines())["torch"]
@@ -197,6 +204,7 @@ def test_a_wheel_installs_offline_with_its_declared_dependencies(tmp_path):
     )
     assert help_out.returncode == 0, help_out.stderr[-3000:]
     assert "usage" in help_out.stdout.lower()
+    shutil.rmtree(tmp_path / "uv-cache", ignore_errors=True)  # 1.5 GB of unpacked wheels
 
 
 def test_without_onnxruntime_the_error_names_both_extras(monkeypatch, tmp_path):
