@@ -12,7 +12,7 @@ import torch
 
 from otface.config import ConfigError, cuda_graph_config_conflict
 from otface.criterion import LossOutput
-from otface.train.grad_share import gradient_shares
+from otface.train.grad_share import GradientShareProbe
 from otface.train.graph import StepGraph, forward_backward
 from otface.train.optim import optimizer_step
 from otface.train.prefetch import to_training_layout
@@ -117,23 +117,28 @@ class StepMixin:
         with no_sync() if (no_sync is not None and not update) else contextlib.nullcontext():
             embeddings = self.model(img)
             out = self.criterion(embeddings, labels, step=self.global_step)
-            shares = {}
             logged = (
                 self.global_step % self.cfg.frequent == 0
                 or self.global_step == self.log_start_step + 1
             )
+            probe = None
             if out.terms is not None and logged:
                 # On log steps only: the OT term's gradient beside the margin loss's.
-                shares = gradient_shares(
-                    out.terms,
-                    list(self.backbone.parameters()),
-                    scale=self.grad_scaler.scale if self.grad_scaler is not None else None,
-                )
+                scaler = self.grad_scaler
+
+                def scale(t: torch.Tensor) -> torch.Tensor:  # as the backward below scales
+                    t = t / acc if acc > 1 else t
+                    return scaler.scale(t) if scaler is not None else t
+
+                probe = GradientShareProbe(out.terms, list(self.backbone.parameters()), scale=scale)
             loss = out.loss / acc if acc > 1 else out.loss
-            if self.grad_scaler is not None:
-                self.grad_scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            try:
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            finally:
+                shares = probe.finish() if probe is not None else {}
         self._synced_once = self._synced_once or update
         return LossOutput(out.loss, {**out.metrics, **shares})
 
