@@ -159,6 +159,21 @@ def _shares_of_a_step(crit, net, x, labels, scale=1.0):
     return probe.finish()
 
 
+def _term_gradients(cfg, net, state, x, labels, name):
+    """One term backpropagated on its own on fresh copies: its gradients on the parameters
+    (zeros where it does not reach) and on the hooked feature map."""
+    torch.manual_seed(0)
+    ref_net = copy.deepcopy(net)
+    ref_net.zero_grad()
+    ref_crit = LOSSES.build("otface", cfg, backbone=ref_net, rank=0, world_size=1)
+    ref_crit.load_state_dict(state)
+    ref = ref_crit(ref_net(x), labels, step=1)
+    ref.terms["features"].retain_grad()
+    ref.terms[name].backward()
+    params = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ref_net.parameters()]
+    return params, ref.terms["features"].grad
+
+
 @pytest.mark.parametrize("scale", [1.0, 1024.0 / 3])  # 1/3: accumulation; 1024: fp16 scaler
 def test_gradient_shares_against_gradients_taken_one_term_at_a_time(scale):
     cfg = _defaults()
@@ -169,31 +184,20 @@ def test_gradient_shares_against_gradients_taken_one_term_at_a_time(scale):
     x, labels = torch.randn(8, 3, 16, 16), torch.arange(8) // 2
     state = copy.deepcopy(crit.state_dict())
     shares = _shares_of_a_step(crit, net, x, labels, scale)
-    # The reference: each term backpropagated on its own into .grad of fresh copies.
-    norms, layer = {}, {}
-    for name in ("margin", "ot"):
-        torch.manual_seed(0)
-        ref_net = copy.deepcopy(net)
-        ref_net.zero_grad()
-        ref_crit = LOSSES.build("otface", cfg, backbone=ref_net, rank=0, world_size=1)
-        ref_crit.load_state_dict(state)
-        ref = ref_crit(ref_net(x), labels, step=1)
-        ref.terms["features"].retain_grad()
-        ref.terms[name].backward()
-        norms[name] = torch.cat(
-            [p.grad.flatten() for p in ref_net.parameters() if p.grad is not None]
-        ).norm()
-        layer[name] = ref.terms["features"].grad.norm()
+    # The reference: each term backpropagated on its own.
+    margin, margin_layer = _term_gradients(cfg, net, state, x, labels, "margin")
+    ot, ot_layer = _term_gradients(cfg, net, state, x, labels, "ot")
+    flat = {name: torch.cat([g.flatten() for g in grads]) for name, grads in
+            (("margin", margin), ("ot", ot))}  # fmt: skip
     assert shares["ot_grad_share"].item() == pytest.approx(
-        (norms["ot"] / norms["margin"]).item(), rel=1e-4
+        (flat["ot"].norm() / flat["margin"].norm()).item(), rel=1e-4
     )
     assert shares["ot_grad_share_layer"].item() == pytest.approx(
-        (layer["ot"] / layer["margin"]).item(), rel=1e-4
+        (ot_layer.norm() / margin_layer.norm()).item(), rel=1e-4
     )
     assert 0 < shares["ot_grad_share"].item()
     # The step's own gradients are those of the whole loss, untouched by the probe.
-    margin_grads, ot_grads = _term_grads(cfg, net, state, x, labels)
-    whole = scale * torch.cat([(q + r).flatten() for q, r in zip(margin_grads, ot_grads)])
+    whole = scale * (flat["margin"] + flat["ot"])
     got = torch.cat([p.grad.flatten() for p in net.parameters()])
     assert (got - whole).abs().max() <= 1e-5 * whole.abs().max()
     # lambda scales the share linearly.
@@ -204,22 +208,6 @@ def test_gradient_shares_against_gradients_taken_one_term_at_a_time(scale):
     assert six["ot_grad_share"].item() == pytest.approx(
         2 * shares["ot_grad_share"].item(), rel=1e-4
     )
-
-
-def _term_grads(cfg, net, state, x, labels):
-    """Each term's parameter gradients (zeros where a term does not reach), on a fresh copy."""
-    grads = []
-    for name in ("margin", "ot"):
-        torch.manual_seed(0)
-        ref_net = copy.deepcopy(net)
-        ref_net.zero_grad()
-        ref_crit = LOSSES.build("otface", cfg, backbone=ref_net, rank=0, world_size=1)
-        ref_crit.load_state_dict(state)
-        ref_crit(ref_net(x), labels, step=1).terms[name].backward()
-        grads.append(
-            [p.grad if p.grad is not None else torch.zeros_like(p) for p in ref_net.parameters()]
-        )
-    return grads
 
 
 @pytest.mark.slow
