@@ -33,17 +33,15 @@ demo: $(STAMP)
 
 # `make test` leaves out the tests marked slow; `make test-slow` runs just those. CI runs both.
 # Tests run in TEST_WORKERS processes (pytest-xdist), each with one OpenMP thread unless
-# OMP_NUM_THREADS says otherwise. The slow tests spend much of their time waiting (processes
-# starting, ranks meeting, signals, files appearing): they run in twice as many processes.
+# OMP_NUM_THREADS says otherwise.
 TEST_WORKERS ?= 2
-SLOW_TEST_WORKERS ?= $(if $(filter auto logical,$(TEST_WORKERS)),$(TEST_WORKERS),$(shell echo $$(( $(TEST_WORKERS) * 2 ))))
-PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests --dist worksteal
+PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal
 
 test: $(STAMP)
-	$(PYTEST) -n $(TEST_WORKERS) -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP) $(WHEELS_STAMP)
-	$(PYTEST) -n $(SLOW_TEST_WORKERS) -m slow
+	$(PYTEST) -m slow
 
 venv: $(STAMP)
 
