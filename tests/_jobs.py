@@ -9,9 +9,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_RUN", "configs_folder", "job_source", "write_job"]
+__all__ = ["TINY_DEMO", "TINY_RUN", "configs_folder", "job_source", "write_job"]
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.py"
+
+# The demo data's parts at a few identities each (otface.demo.generate_demo's sizes).
+TINY_DEMO = dict(
+    train_identities=3,
+    images_per_identity=2,
+    val_identities=4,
+    val_images_per_identity=3,
+    val_pairs=20,
+    hard_identities=4,
+    hard_images_per_identity=4,
+    hard_pairs=20,
+    ijb_identities=4,
+    ijb_images_per_identity=5,
+    ijb_impostor_pairs=10,
+)
 
 # A short run on the CPU: r18_lite on synthetic faces, 8 images a step, a log line every 2 steps,
 # no verification, no DataLoader workers. Tests add the sizes and whatever they look at.

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _jobs import TINY_DEMO as TINY
 
 import otface.demo.generate as demo
 from otface.data.recordio import IndexedRecordReader, unpack_payload
@@ -22,19 +23,6 @@ TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
      [70.7299, 92.2041]]
 )  # fmt: skip
-TINY = dict(
-    train_identities=3,
-    images_per_identity=2,
-    val_identities=4,
-    val_images_per_identity=3,
-    val_pairs=20,
-    hard_identities=4,
-    hard_images_per_identity=4,
-    hard_pairs=20,
-    ijb_identities=4,
-    ijb_images_per_identity=5,
-    ijb_impostor_pairs=10,
-)
 
 
 @pytest.fixture(scope="module")

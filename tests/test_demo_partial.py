@@ -9,25 +9,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _jobs import TINY_DEMO
 
 import otface.demo.generate as demo
 import otface.demo.pairs as pairs
 import otface.demo.photos as photos
 from otface.data.recordio import IndexedRecordReader, unpack_payload
 
-SMALL = dict(
-    train_identities=3,
-    images_per_identity=4,
-    val_identities=4,
-    val_images_per_identity=3,
-    val_pairs=20,
-    hard_identities=4,
-    hard_images_per_identity=4,
-    hard_pairs=20,
-    ijb_identities=4,
-    ijb_images_per_identity=4,
-    ijb_impostor_pairs=10,
-)
+# The tiny demo with 4 training images and 4 IJB images per identity.
+SMALL = {**TINY_DEMO, "images_per_identity": 4, "ijb_images_per_identity": 4}
 
 
 def _files(root: Path) -> dict[str, bytes]:

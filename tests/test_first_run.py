@@ -14,26 +14,12 @@ import subprocess
 import sys
 
 import pytest
-from _jobs import write_job
+from _jobs import TINY_DEMO, write_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The demo's parts at a fraction of their shipped sizes: 32 training identities of 4 faces.
-SMALL_DEMO = dict(
-    train_identities=32,
-    images_per_identity=4,
-    val_identities=6,
-    val_images_per_identity=4,
-    val_pairs=40,
-    hard_identities=4,
-    hard_images_per_identity=4,
-    hard_pairs=20,
-    ijb_identities=4,
-    ijb_images_per_identity=5,
-    ijb_impostor_pairs=10,
-    partial_identities=4,
-    partial_pairs=20,
-)
+# The tiny demo with enough training faces for 4 steps of 32: 32 identities of 4.
+SMALL_DEMO = {**TINY_DEMO, "train_identities": 32, "images_per_identity": 4}
 # train.py, run as the command line runs it, after the generator's sizes are narrowed.
 LAUNCH = (
     "import functools, runpy, sys\n"
