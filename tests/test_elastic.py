@@ -107,7 +107,8 @@ def _resume_worker(rank, world_size, port, path, output, result_dir):
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    """A 2-rank run stopped after its save at step 9; returns (config path, output folder)."""
+    """A 2-rank run stopped after its save at step 9; returns (config path, output folder).
+    Every test that takes it is marked slow, so that only the slow tier trains it."""
     tmp_path = tmp_path_factory.mktemp("elastic")
     path, out = _config(tmp_path, **KW)
     spawn_ranks(_train_worker, path, world_size=2)
@@ -235,6 +236,7 @@ def test_rederived_position_repeats_at_most_one_global_batch(kind, old, new):
         assert pos.schedule.end_step() == ckpt["global_step"] + len(after) - pos.epoch_step
 
 
+@pytest.mark.slow
 def test_merge_then_split_round_trips_bit_for_bit(two_rank_run, tmp_path):
     _, out = two_rank_run
     full_path = full_state.merge(out, str(tmp_path / "full.pt"))
@@ -262,6 +264,7 @@ def test_merge_then_split_round_trips_bit_for_bit(two_rank_run, tmp_path):
     assert [s["world_size"] for s in split3] == [3, 3, 3]
 
 
+@pytest.mark.slow
 def test_full_state_errors_name_the_file(two_rank_run, tmp_path, capsys):
     _, out = two_rank_run
     empty = tmp_path / "empty"
