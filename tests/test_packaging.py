@@ -175,36 +175,48 @@ def test_a_wheel_installs_offline_with_its_declared_dependencies(tmp_path):
         venv.create(fresh, with_pip=True)
         install = [py, "-m", "pip", "install", "-q", "--no-compile"]
 
-    def pip(*args):
+    def install_into_fresh(*args):
         subprocess.run([*install, *args], check=True, env=env, cwd=tmp_path)
 
-    # An installed torch satisfying the range (here the lock's CPU build) stays as it is.
-    torch_pin = _pins(LOCK.read_text().splitlines())["torch"]
-    pip(f"torch=={torch_pin}")
-    pip(str(wheel))
-    script = (
-        "import importlib, json, sys, torch\n"
-        f"names = {_public_modules()!r}\n"
-        "for name in names:\n"
-        "    importlib.import_module(name)\n"
-        "import otface.train, otface.evaluation, otface.export\n"
-        "print(json.dumps({'torch': torch.__version__, 'file': __import__('otface').__file__,"
-        " 'onnxruntime': importlib.util.find_spec('onnxruntime') is not None}))\n"
-    )
-    out = subprocess.run([py, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
+    try:
+        # An installed torch satisfying the range (here the lock's CPU build) stays as it is.
+        torch_pin = _pins(LOCK.read_text().splitlines())["torch"]
+        install_into_fresh(f"torch=={torch_pin}")
+        install_into_fresh(str(wheel))
+        script = (
+            "import importlib, json, sys, torch\n"
+            f"names = {_public_modules()!r}\n"
+            "for name in names:\n"
+            "    importlib.import_module(name)\n"
+            "import otface.train, otface.evaluation, otface.export\n"
+            "print(json.dumps({'torch': torch.__version__, 'file': __import__('otface').__file__,"
+            " 'onnxruntime': importlib.util.find_spec('onnxruntime') is not None}))\n"
+        )
+        out = subprocess.run(
+            [py, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        import json
 
-    facts = json.loads(out.stdout.strip().splitlines()[-1])
-    assert facts["torch"] == torch_pin
-    assert "site-packages" in facts["file"], "imported from the wheel, not the checkout"
-    assert not facts["onnxruntime"], "onnxruntime comes with an extra ([cpu] or [gpu]), not bare"
-    help_out = subprocess.run(
-        [py, "-m", "otface.demo", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
-    assert help_out.returncode == 0, help_out.stderr[-3000:]
-    assert "usage" in help_out.stdout.lower()
-    shutil.rmtree(tmp_path / "uv-cache", ignore_errors=True)  # 1.5 GB of unpacked wheels
+        facts = json.loads(out.stdout.strip().splitlines()[-1])
+        assert facts["torch"] == torch_pin
+        assert "site-packages" in facts["file"], "imported from the wheel, not the checkout"
+        assert not facts["onnxruntime"], (
+            "onnxruntime comes with an extra ([cpu] or [gpu]), not bare"
+        )
+        help_out = subprocess.run(
+            [py, "-m", "otface.demo", "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert help_out.returncode == 0, help_out.stderr[-3000:]
+        assert "usage" in help_out.stdout.lower()
+    finally:
+        # The unpacked wheels (uv's cache) and the fresh venv: over 2 GB, passed or failed.
+        shutil.rmtree(tmp_path / "uv-cache", ignore_errors=True)
+        shutil.rmtree(fresh, ignore_errors=True)
 
 
 def test_without_onnxruntime_the_error_names_both_extras(monkeypatch, tmp_path):
