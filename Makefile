@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with only Python: `make demo` and `make test`.
 # Each first builds the project virtual environment .venv from the lock file (once; again when
-# the lock or pyproject.toml changes): exactly the versions CI tested, the CPU build of torch
+# the lock, pyproject.toml or this Makefile changes): exactly the versions CI tested, the CPU build of torch
 # among them, then this package in editable mode. GPU machines: follow the README's pip route,
 # which resolves pyproject.toml's ranges and keeps your CUDA build of torch.
 
@@ -48,7 +48,7 @@ test-slow: $(STAMP) $(WHEELS_STAMP)
 
 venv: $(STAMP)
 
-$(STAMP): $(LOCK) pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	@echo "setting up $(VENV) from $(LOCK) (the first time takes a minute or two)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)

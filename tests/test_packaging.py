@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pkgutil
 import re
@@ -196,8 +197,6 @@ def test_a_wheel_installs_offline_with_its_declared_dependencies(tmp_path):
             [py, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        import json
-
         facts = json.loads(out.stdout.strip().splitlines()[-1])
         assert facts["torch"] == torch_pin
         assert "site-packages" in facts["file"], "imported from the wheel, not the checkout"
