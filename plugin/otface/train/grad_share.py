@@ -82,7 +82,7 @@ class GradientShareProbe:
         return hook
 
     def remove(self) -> None:
-        """Removes the hooks (idempotent; :meth:`finish` calls it)."""
+        """Removes the hooks (idempotent): after a backward that failed, or by :meth:`finish`."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

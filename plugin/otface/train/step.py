@@ -121,24 +121,24 @@ class StepMixin:
                 self.global_step % self.cfg.frequent == 0
                 or self.global_step == self.log_start_step + 1
             )
+            scaler = self.grad_scaler
+
+            def scale(t: torch.Tensor) -> torch.Tensor:
+                """What the backward differentiates: the share of the accumulated step, scaled
+                for fp16."""
+                t = t / acc if acc > 1 else t
+                return scaler.scale(t) if scaler is not None else t
+
             probe = None
             if out.terms is not None and logged:
                 # On log steps only: the OT term's gradient beside the margin loss's.
-                scaler = self.grad_scaler
-
-                def scale(t: torch.Tensor) -> torch.Tensor:  # as the backward below scales
-                    t = t / acc if acc > 1 else t
-                    return scaler.scale(t) if scaler is not None else t
-
                 probe = GradientShareProbe(out.terms, list(self.backbone.parameters()), scale=scale)
-            loss = out.loss / acc if acc > 1 else out.loss
             try:
-                if self.grad_scaler is not None:
-                    self.grad_scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                scale(out.loss).backward()
             finally:
-                shares = probe.finish() if probe is not None else {}
+                if probe is not None:
+                    probe.remove()
+            shares = probe.finish() if probe is not None else {}
         self._synced_once = self._synced_once or update
         return LossOutput(out.loss, {**out.metrics, **shares})
 
